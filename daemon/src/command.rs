@@ -1,0 +1,236 @@
+//! The closed set of requests the tokio side may make of the poll loop, and
+//! the plain-Rust answers it gets back.
+//!
+//! The poll-loop thread owns every socket, dispatcher and buffer. Other
+//! threads reach them only by pushing a [`Command`] and waking the poller;
+//! each command carries a `oneshot` sender for its reply. Nothing here is a
+//! protobuf type: the gRPC layer converts at its edge.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, mpsc},
+    time::SystemTime,
+};
+
+use polling::Poller;
+use tokio::sync::oneshot;
+
+use crate::plugin_host::{LoadedPlugin, PluginLoadError};
+
+/// Reply channel of a command.
+pub type Reply<T> = oneshot::Sender<Result<T, CommandError>>;
+
+/// A request to the poll loop.
+#[derive(Debug)]
+pub enum Command {
+    /// Bind a listener served by a plugin.
+    StartListener { address: SocketAddr, plugin: String, config: BTreeMap<String, String>, reply: Reply<ListenerInfo> },
+    /// Stop accepting; optionally close the listener's channels gracefully.
+    StopListener { id: u64, close_channels: bool, reply: Reply<ListenerInfo> },
+    /// Every listener.
+    ListListeners { reply: Reply<Vec<ListenerInfo>> },
+    /// Channels with id greater than `after`, at most `limit`, optionally of
+    /// one listener.
+    ListChannels { listener_id: Option<u64>, after: u64, limit: usize, reply: Reply<Vec<ChannelInfo>> },
+    /// One channel.
+    GetChannel { id: u64, reply: Reply<ChannelInfo> },
+    /// Graceful close: flush queued output, then close.
+    CloseChannel { id: u64, reply: Reply<ChannelInfo> },
+    /// Counters of live channels matching `filter`, and of channels that
+    /// closed after closed-channel sequence number `closed_after`.
+    Stats { filter: StatsFilter, closed_after: u64, reply: Reply<StatsSnapshot> },
+    /// Add a plugin already loaded (and validated) off the loop thread.
+    AddPlugin { plugin: Box<LoadedPlugin>, reply: Reply<PluginInfo> },
+    /// Every plugin.
+    ListPlugins { reply: Reply<Vec<PluginInfo>> },
+    /// Loop counters.
+    LoopStats { reply: Reply<LoopStats> },
+    /// Stop accepting and close every channel gracefully; the loop exits
+    /// once the map is empty or `deadline` passes.
+    Drain { deadline: std::time::Instant, reply: Reply<()> },
+    /// Exit the loop now.
+    Shutdown,
+}
+
+/// Why a command failed. The gRPC layer maps each variant to one status code.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("no listener {0}")]
+    NoListener(u64),
+    #[error("no channel {0}")]
+    NoChannel(u64),
+    #[error("no plugin named {0:?} is loaded")]
+    NoPlugin(String),
+    #[error("{address} is already in use")]
+    AddressInUse { address: SocketAddr },
+    #[error("cannot bind {address}: {source}")]
+    Bind { address: SocketAddr, source: std::io::Error },
+    #[error("plugin {plugin} refused the listener config: {message}")]
+    PluginRefused { plugin: String, message: String },
+    #[error("plugin {name} is already loaded (version {version}, from {path})")]
+    PluginExists { name: String, version: String, path: String },
+    #[error(transparent)]
+    PluginLoad(#[from] PluginLoadError),
+    #[error("listener {0} is already stopped")]
+    ListenerStopped(u64),
+    #[error("the daemon is draining")]
+    Draining,
+    #[error("the poll loop has stopped")]
+    LoopGone,
+}
+
+/// What the loop knows of a listener.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    pub id: u64,
+    pub address: SocketAddr,
+    pub plugin: String,
+    pub listening: bool,
+    pub channel_count: u64,
+    pub config: BTreeMap<String, String>,
+    /// Id of the listening channel; 0 once stopped.
+    pub channel_id: u64,
+    pub created_at: SystemTime,
+}
+
+/// How a channel came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    Listening,
+    Accepted,
+    Outbound,
+}
+
+/// Where a channel is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelState {
+    Connecting,
+    Open,
+    /// Flushing queued output (then lingering for the peer's close) before
+    /// the socket closes.
+    Closing,
+    Closed,
+}
+
+/// Per-channel counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub reads: u64,
+    pub writes: u64,
+}
+
+/// What the loop knows of a channel.
+#[derive(Debug, Clone)]
+pub struct ChannelInfo {
+    pub id: u64,
+    pub listener_id: u64,
+    pub parent_id: u64,
+    pub plugin: String,
+    pub kind: ChannelKind,
+    pub peer_address: Option<SocketAddr>,
+    pub local_address: Option<SocketAddr>,
+    pub state: ChannelState,
+    pub created_at: SystemTime,
+    pub counters: Counters,
+    pub pending_output: u64,
+}
+
+/// Which channels a stats request is about.
+#[derive(Debug, Clone, Default)]
+pub struct StatsFilter {
+    pub listener_id: Option<u64>,
+    /// Empty means every channel.
+    pub channel_ids: Vec<u64>,
+}
+
+impl StatsFilter {
+    pub(crate) fn matches(&self, channel_id: u64, listener_id: u64) -> bool {
+        self.listener_id.is_none_or(|id| id == listener_id)
+            && (self.channel_ids.is_empty() || self.channel_ids.contains(&channel_id))
+    }
+}
+
+/// One channel's counters at a moment.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelStats {
+    pub channel_id: u64,
+    pub listener_id: u64,
+    pub counters: Counters,
+    pub pending_output: u64,
+    pub closed: bool,
+}
+
+/// Reply to [`Command::Stats`].
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    pub channels: Vec<ChannelStats>,
+    /// Sequence number of the newest closed-channel record: pass it as
+    /// `closed_after` next time.
+    pub closed_seq: u64,
+    /// Closed-channel records that were already discarded (the caller asked
+    /// too rarely); their channels cannot be reported.
+    pub closed_missed: u64,
+}
+
+/// What the loop knows of a plugin.
+#[derive(Debug, Clone)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+    pub abi_version: (u32, u32),
+    pub sdk_version: String,
+    pub path: String,
+    pub listener_ids: Vec<u64>,
+    pub live_channels: u64,
+    pub panics: u64,
+    pub loaded_at: SystemTime,
+}
+
+/// Counters of the poll loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoopStats {
+    pub passes: u64,
+    pub events: u64,
+    pub handler_calls: u64,
+    pub interest_queries: u64,
+    pub interest_changes: u64,
+    pub channels: u64,
+    pub panics: u64,
+    pub accepts: u64,
+    pub commands: u64,
+}
+
+/// The tokio side's way into the poll loop: a command queue and the waker.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    poller: Arc<Poller>,
+}
+
+impl EngineHandle {
+    pub(crate) fn new(commands: mpsc::Sender<Command>, poller: Arc<Poller>) -> EngineHandle {
+        EngineHandle { commands, poller }
+    }
+
+    /// Pushes a command and wakes the loop.
+    pub fn send(&self, command: Command) -> Result<(), CommandError> {
+        self.commands.send(command).map_err(|_| CommandError::LoopGone)?;
+        self.poller.notify().map_err(|_| CommandError::LoopGone)
+    }
+
+    /// Sends the command built around a reply channel and awaits the reply.
+    pub async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(make(reply))?;
+        answer.await.map_err(|_| CommandError::LoopGone)?
+    }
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,118 @@
+//! Engine answers to protobuf messages: the one place they are converted.
+
+use std::collections::HashMap;
+
+use asyncore_proto::{timestamp, v1};
+
+use crate::command::{
+    ChannelInfo, ChannelKind, ChannelState, ListenerInfo, LoopStats, PluginInfo, StatsSnapshot,
+};
+
+pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
+    v1::Listener {
+        id: info.id,
+        address: info.address.to_string(),
+        plugin: info.plugin,
+        state: if info.listening { v1::ListenerState::Listening } else { v1::ListenerState::Stopped } as i32,
+        channel_count: info.channel_count,
+        config: info.config.into_iter().collect(),
+        channel_id: info.channel_id,
+        created_at: Some(timestamp(info.created_at)),
+    }
+}
+
+pub(super) fn channel(info: ChannelInfo) -> v1::Channel {
+    let kind = match info.kind {
+        ChannelKind::Listening => v1::ChannelKind::Listening,
+        ChannelKind::Accepted => v1::ChannelKind::Accepted,
+        ChannelKind::Outbound => v1::ChannelKind::Outbound,
+    };
+    let state = match info.state {
+        ChannelState::Connecting => v1::ChannelState::Connecting,
+        ChannelState::Open => v1::ChannelState::Open,
+        ChannelState::Closing => v1::ChannelState::Closing,
+        ChannelState::Closed => v1::ChannelState::Closed,
+    };
+    v1::Channel {
+        id: info.id,
+        listener_id: info.listener_id,
+        plugin: info.plugin,
+        kind: kind as i32,
+        peer_address: info.peer_address.map(|a| a.to_string()).unwrap_or_default(),
+        local_address: info.local_address.map(|a| a.to_string()).unwrap_or_default(),
+        state: state as i32,
+        created_at: Some(timestamp(info.created_at)),
+        bytes_in: info.counters.bytes_in,
+        bytes_out: info.counters.bytes_out,
+        reads: info.counters.reads,
+        writes: info.counters.writes,
+        pending_output: info.pending_output,
+        parent_id: info.parent_id,
+    }
+}
+
+pub(super) fn plugin(info: PluginInfo) -> v1::Plugin {
+    v1::Plugin {
+        name: info.name,
+        version: info.version,
+        abi_version: format!("{}.{}", info.abi_version.0, info.abi_version.1),
+        path: info.path,
+        listener_ids: info.listener_ids,
+        live_channels: info.live_channels,
+        panics: info.panics,
+        sdk_version: info.sdk_version,
+        loaded_at: Some(timestamp(info.loaded_at)),
+    }
+}
+
+pub(super) fn loop_stats(stats: LoopStats) -> v1::LoopStats {
+    v1::LoopStats {
+        passes: stats.passes,
+        events: stats.events,
+        handler_calls: stats.handler_calls,
+        interest_queries: stats.interest_queries,
+        interest_changes: stats.interest_changes,
+        channels: stats.channels,
+        panics: stats.panics,
+        accepts: stats.accepts,
+        commands: stats.commands,
+    }
+}
+
+/// One `WatchStats` message. `previous` holds each live channel's byte
+/// counts at the last message, for the rates; closed channels leave it.
+pub(super) fn stats_update(
+    seq: u64,
+    seconds: f64,
+    snapshot: &StatsSnapshot,
+    previous: &mut HashMap<u64, (u64, u64)>,
+) -> v1::StatsUpdate {
+    let rate = |now: u64, before: u64| {
+        if seconds > 0.0 { now.saturating_sub(before) as f64 / seconds } else { 0.0 }
+    };
+    let channels = snapshot
+        .channels
+        .iter()
+        .map(|s| {
+            let (in_before, out_before) = previous.get(&s.channel_id).copied().unwrap_or((0, 0));
+            if s.closed {
+                previous.remove(&s.channel_id);
+            } else {
+                previous.insert(s.channel_id, (s.counters.bytes_in, s.counters.bytes_out));
+            }
+            v1::ChannelStats {
+                channel_id: s.channel_id,
+                listener_id: s.listener_id,
+                bytes_in: s.counters.bytes_in,
+                bytes_out: s.counters.bytes_out,
+                reads: s.counters.reads,
+                writes: s.counters.writes,
+                pending_output: s.pending_output,
+                bytes_in_rate: rate(s.counters.bytes_in, in_before),
+                bytes_out_rate: rate(s.counters.bytes_out, out_before),
+                closed: s.closed,
+            }
+        })
+        .collect();
+    v1::StatsUpdate { seq, at: Some(timestamp(std::time::SystemTime::now())), interval_seconds: seconds, channels }
+}

@@ -1,0 +1,88 @@
+//! `asyncored`: parses flags, starts the daemon, waits for a signal.
+//!
+//! SIGTERM drains gracefully (listeners stop, channels flush and close);
+//! SIGINT stops at once.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use asyncored::{Config, Daemon};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// An asyncore-style poll loop hosting dispatcher plugins, managed over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "asyncored", version)]
+struct Flags {
+    /// Address of the gRPC control API [default: 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR")]
+    control: Option<SocketAddr>,
+    /// Load every plugin library in DIR at start (repeatable) [default: the
+    /// directory of this binary].
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// TOML config file; flags override it. Without it the daemon serves the
+    /// echo plugin on 127.0.0.1:7007.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let flags = Flags::parse();
+    match run(flags) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("asyncored: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(flags: Flags) -> anyhow::Result<()> {
+    let mut config = match &flags.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::builtin_default(),
+    };
+    if let Some(control) = flags.control {
+        config.control = control;
+    }
+    if !flags.plugin_dirs.is_empty() {
+        config.plugin_dirs = flags.plugin_dirs;
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("grpc")
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        let daemon = Daemon::start(config).await?;
+        // Scripts and tests wait for this line: everything is bound.
+        println!("asyncored ready: control {}", daemon.control_addr());
+        let mut phase = daemon.lifecycle().subscribe();
+        tokio::select! {
+            _ = terminate.recv() => {
+                tracing::info!("SIGTERM: draining");
+                daemon.drain().await;
+            }
+            _ = interrupt.recv() => {
+                tracing::info!("SIGINT: stopping");
+                daemon.shutdown().await;
+            }
+            _ = phase.wait_for(|p| *p == asyncored::Phase::Stopped) => {
+                anyhow::bail!("the poll loop stopped");
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,279 @@
+//! Loading plugin libraries and calling into them.
+//!
+//! This module owns every `unsafe` call into plugin code. Loading happens off
+//! the poll thread (copying and `dlopen` can take milliseconds); the loaded
+//! plugin is then handed to the loop, which alone calls its dispatchers.
+//!
+//! What stays mapped: a library whose code has run is never `dlclose`d. A
+//! Rust cdylib that touched a `thread_local!` with a destructor on the
+//! long-lived poll thread cannot be unloaded safely (rust-lang/rust#59629,
+//! #52138), so its image stays mapped for the life of the process.
+
+use std::{
+    ffi::c_void,
+    fmt, io,
+    mem::ManuallyDrop,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::SystemTime,
+};
+
+use asyncore_sdk::ffi::{self, AbiTag, DispatcherHandle, HostCtx, KeyValue, PluginDescriptor, StrRef};
+
+use crate::poll_loop::{CallCtx, HOST_VTABLE};
+
+/// Why a library could not be loaded as a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginLoadError {
+    #[error("plugin {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("plugin {path}: not a loadable library: {message}")]
+    NotALibrary { path: PathBuf, message: String },
+    #[error("plugin {path}: not an asyncored plugin (no {symbol} symbol)")]
+    NotAPlugin { path: PathBuf, symbol: &'static str },
+    #[error("plugin {path}: abi version {found_major}.{found_minor}, expected {}.{}", ffi::ABI_MAJOR, ffi::ABI_MINOR)]
+    AbiMismatch { path: PathBuf, found_major: u32, found_minor: u32 },
+    #[error("plugin {path}: built with panic = \"abort\"; a panic would kill the daemon, so it is refused")]
+    PanicAbort { path: PathBuf },
+    #[error("plugin {path}: refused the host's abi version {}.{}", ffi::ABI_MAJOR, ffi::ABI_MINOR)]
+    InitRefused { path: PathBuf },
+    #[error("plugin {name}: on_load failed: {message}")]
+    OnLoad { name: String, message: String },
+}
+
+/// A plugin library, loaded and validated.
+pub struct LoadedPlugin {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) sdk_version: String,
+    pub(crate) abi: (u32, u32),
+    pub(crate) path: PathBuf,
+    pub(crate) loaded_at: SystemTime,
+    descriptor: *const PluginDescriptor,
+    // Never dropped: see the module docs.
+    _library: ManuallyDrop<libloading::Library>,
+}
+
+// SAFETY: the descriptor points into the library's immutable static data,
+// which stays mapped for the life of the process; plugin calls are made from
+// one thread at a time (the loader, then only the poll loop).
+unsafe impl Send for LoadedPlugin {}
+
+impl fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counter making private copies unique within the process.
+static NEXT_COPY: AtomicU64 = AtomicU64::new(1);
+
+/// Loads `path` as a plugin: copies it to a private file, opens the copy,
+/// checks the ABI, and runs the plugin's `init` and `on_load`.
+///
+/// # Errors
+///
+/// [`PluginLoadError`] naming the path and what is wrong with it.
+pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
+    let io_err = |source| PluginLoadError::Io { path: path.to_owned(), source };
+    let path = std::fs::canonicalize(path).map_err(io_err)?;
+    if !path.is_file() {
+        return Err(io_err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+    }
+
+    // dlopen of a path that is already open returns the old image, even after
+    // the file was rebuilt in place; a private copy (a new inode) gives each
+    // load its own image and makes rebuilding the original harmless.
+    let private_dir = std::env::temp_dir().join(format!("asyncored-{}", std::process::id()));
+    std::fs::create_dir_all(&private_dir).map_err(io_err)?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
+    let private = private_dir.join(format!(
+        "{stem}-{}.so",
+        NEXT_COPY.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::copy(&path, &private).map_err(io_err)?;
+
+    // SAFETY: loading runs the library's initialisers. Plugins are trusted
+    // code (like Envoy's dynamic modules): the daemon loads only what its
+    // operator names.
+    let opened = unsafe { libloading::Library::new(&private) };
+    // The mapping survives the unlink; removing the copy now leaves nothing
+    // behind whatever happens next.
+    let _ = std::fs::remove_file(&private);
+    let library = opened.map_err(|e| PluginLoadError::NotALibrary {
+        path: path.clone(),
+        message: dl_message(&e),
+    })?;
+
+    // SAFETY: the tag's layout is frozen forever; any library exporting the
+    // symbol exports this struct.
+    let tag = unsafe { library.get::<*const AbiTag>(ffi::ABI_TAG_SYMBOL.as_bytes()) }
+        .map_err(|_| PluginLoadError::NotAPlugin { path: path.clone(), symbol: ffi::ABI_TAG_SYMBOL })?;
+    // SAFETY: a static symbol's address is the address of its data.
+    let tag: AbiTag = unsafe { std::ptr::read(*tag as *const AbiTag) };
+    if tag.magic != ffi::ABI_MAGIC {
+        return Err(PluginLoadError::NotAPlugin { path, symbol: ffi::ABI_TAG_SYMBOL });
+    }
+    if tag.major != ffi::ABI_MAJOR {
+        return Err(PluginLoadError::AbiMismatch { path, found_major: tag.major, found_minor: tag.minor });
+    }
+    // SAFETY: the ABI tag promised this entry point with this signature.
+    let entry = unsafe { library.get::<ffi::EntryFn>(ffi::ENTRY_SYMBOL.as_bytes()) }
+        .map_err(|_| PluginLoadError::NotAPlugin { path: path.clone(), symbol: ffi::ENTRY_SYMBOL })?;
+    // SAFETY: as above; the entry returns a pointer to a static descriptor.
+    let descriptor = unsafe { entry() };
+    // SAFETY: the descriptor is static data of the library, which stays
+    // mapped.
+    let desc = unsafe { &*descriptor };
+    if desc.abi_major != ffi::ABI_MAJOR || (desc.size as usize) < size_of::<PluginDescriptor>() {
+        return Err(PluginLoadError::AbiMismatch { path, found_major: desc.abi_major, found_minor: desc.abi_minor });
+    }
+    if desc.panic_unwind != 1 {
+        return Err(PluginLoadError::PanicAbort { path });
+    }
+    // SAFETY: the strings are static data of the library.
+    let (name, version, sdk_version) = unsafe {
+        (desc.name.to_string_lossy(), desc.version.to_string_lossy(), desc.sdk_version.to_string_lossy())
+    };
+
+    // From here on plugin code runs, so the library is never unloaded.
+    let library = ManuallyDrop::new(library);
+    // The plugin's name, for its log records; lives as long as its code.
+    let log_name: &'static &'static str = Box::leak(Box::new(&*Box::leak(name.clone().into_boxed_str())));
+    let host_data = (log_name as *const &'static str).cast_mut().cast::<c_void>();
+    // SAFETY: HOST_VTABLE is static; host_data points to a leaked
+    // &'static str we get back in `log`.
+    let status = unsafe { (desc.init)(&HOST_VTABLE, host_data) };
+    if status != ffi::status::OK {
+        return Err(PluginLoadError::InitRefused { path });
+    }
+    let mut ctx = CallCtx::detached();
+    // SAFETY: ctx lives across the call.
+    let status = unsafe { (desc.on_load)(ctx.as_ffi()) };
+    if status != ffi::status::OK {
+        let message = ctx.take_report().unwrap_or_else(|| "refused without a message".to_string());
+        return Err(PluginLoadError::OnLoad { name, message });
+    }
+
+    Ok(LoadedPlugin {
+        name,
+        version,
+        sdk_version,
+        abi: (tag.major, tag.minor),
+        path,
+        loaded_at: SystemTime::now(),
+        descriptor,
+        _library: library,
+    })
+}
+
+fn dl_message(error: &libloading::Error) -> String {
+    // libloading wraps dlerror's text; keep just that part.
+    let text = error.to_string();
+    let text = text.split_once(": ").map_or(text.as_str(), |(_, rest)| rest);
+    text.rsplit_once(": ").map_or(text, |(_, tail)| tail).to_string()
+}
+
+/// Extracts the `&'static str` plugin name given to `init` as `host_data`.
+///
+/// # Safety
+///
+/// `host_data` must be a pointer given to `init` by [`load`].
+pub(crate) unsafe fn plugin_name<'a>(host_data: *mut c_void) -> &'a str {
+    // SAFETY: load passed a pointer to a leaked &'static str.
+    unsafe { *host_data.cast::<&str>() }
+}
+
+impl LoadedPlugin {
+    /// Asks the plugin for the listening dispatcher of a new listener.
+    ///
+    /// On refusal or panic, returns the plugin's message.
+    pub(crate) fn listen(&self, ctx: &mut CallCtx, config: &[(String, String)]) -> Result<Dispatcher, String> {
+        let entries: Vec<KeyValue> = config
+            .iter()
+            .map(|(k, v)| KeyValue { key: StrRef::new(k), value: StrRef::new(v) })
+            .collect();
+        let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
+        // SAFETY: the descriptor is live static data; entries and out live
+        // across the call.
+        let status = unsafe { ((*self.descriptor).listen)(ctx.as_ffi(), entries.as_ptr(), entries.len(), &mut out) };
+        if status == ffi::status::OK && !out.instance.is_null() {
+            Ok(Dispatcher(out))
+        } else {
+            Err(ctx.take_report().unwrap_or_else(|| "refused without a message".to_string()))
+        }
+    }
+}
+
+/// A dispatcher instance living in a plugin. Copyable handle: the channel
+/// table holds the one that owns it and calls [`Dispatcher::release`] once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dispatcher(DispatcherHandle);
+
+/// A plugin callback panicked; its message was reported through the call's
+/// context.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Panicked;
+
+impl Dispatcher {
+    /// Takes ownership of a handle a plugin passed to the host.
+    pub(crate) fn from_ffi(handle: DispatcherHandle) -> Dispatcher {
+        Dispatcher(handle)
+    }
+
+    fn vtable(&self) -> &ffi::DispatcherVtable {
+        // SAFETY: vtables are static data of a library that stays mapped.
+        unsafe { &*self.0.vtable }
+    }
+
+    /// `readable()` and `writable()` as interest bits.
+    pub(crate) fn interest(self, ctx: &mut CallCtx) -> Result<(bool, bool), Panicked> {
+        // SAFETY: the instance is live until release; ctx lives across the call.
+        let bits = unsafe { (self.vtable().interest)(self.0.instance, ctx.as_ffi()) };
+        if bits & ffi::interest::PANICKED != 0 {
+            return Err(Panicked);
+        }
+        Ok((bits & ffi::interest::READABLE != 0, bits & ffi::interest::WRITABLE != 0))
+    }
+
+    /// Calls the `handle_*` method for `event`.
+    pub(crate) fn handle_event(self, ctx: &mut CallCtx, event: u32, arg: i64) -> Result<(), Panicked> {
+        // SAFETY: as for interest.
+        let status = unsafe { (self.vtable().handle_event)(self.0.instance, ctx.as_ffi(), event, arg) };
+        if status == ffi::status::PANICKED { Err(Panicked) } else { Ok(()) }
+    }
+
+    /// Calls `handle_accepted`; `ctx` is the new channel.
+    pub(crate) fn handle_accepted(self, ctx: &mut CallCtx) -> Result<Option<Dispatcher>, Panicked> {
+        let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
+        // SAFETY: as for interest; out lives across the call.
+        let status = unsafe { (self.vtable().handle_accepted)(self.0.instance, ctx.as_ffi(), &mut out) };
+        match status {
+            ffi::status::OK if !out.instance.is_null() => Ok(Some(Dispatcher(out))),
+            ffi::status::PANICKED => Err(Panicked),
+            _ => Ok(None),
+        }
+    }
+
+    /// Frees the instance. Called exactly once, never during one of its own
+    /// callbacks.
+    pub(crate) fn release(self) {
+        // SAFETY: the channel table releases each handle once.
+        unsafe { (self.vtable().drop)(self.0.instance) }
+    }
+}
+
+/// Casts the context pointer a plugin passed back.
+///
+/// # Safety
+///
+/// `ctx` must be a pointer made by [`CallCtx::as_ffi`] during a call that is
+/// still running.
+pub(crate) unsafe fn call_ctx<'a>(ctx: *mut HostCtx) -> &'a mut CallCtx {
+    // SAFETY: guaranteed by the caller.
+    unsafe { &mut *ctx.cast::<CallCtx>() }
+}

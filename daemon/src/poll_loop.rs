@@ -1,0 +1,1122 @@
+//! The asyncore engine: a level-triggered poll loop over a channel map.
+//!
+//! One [`Engine`] runs on one thread (`poll-loop` in the daemon) and owns
+//! every socket, dispatcher, output queue and timer. A pass of the loop:
+//!
+//! 1. serves the commands queued by other threads,
+//! 2. fires due timers,
+//! 3. re-asks `readable()`/`writable()` of the *dirty* channels only (those
+//!    whose handler ran, or that a command or another channel touched) and
+//!    updates their registration with the poller when the answer changed,
+//! 4. waits,
+//! 5. calls the handlers of the channels that are ready.
+//!
+//! So a pass costs what is ready or changed, never what is merely open: ten
+//! thousand idle channels cost nothing. Python's asyncore instead rebuilds
+//! its whole poll set every pass.
+
+mod channel;
+mod host_abi;
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, VecDeque},
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant, SystemTime},
+};
+
+use asyncore_sdk::ffi::{self, HostCtx};
+use polling::{Event, Events, PollMode, Poller};
+use socket2::{Domain, Protocol, Socket as RawSocket, Type};
+use tracing::{debug, error, info, warn};
+
+pub(crate) use self::host_abi::HOST_VTABLE;
+use self::channel::{Channel, OutBuf, Phase, READ, Socket, WRITE};
+use crate::{
+    command::{
+        ChannelInfo, ChannelKind, ChannelStats, Command, CommandError, EngineHandle, ListenerInfo, LoopStats,
+        PluginInfo, Reply, StatsFilter, StatsSnapshot,
+    },
+    plugin_host::{Dispatcher, LoadedPlugin},
+};
+
+/// Connections accepted per listener per pass, so that one busy listener
+/// cannot starve the channels already open.
+const ACCEPTS_PER_PASS: usize = 64;
+/// How long a listener that ran out of descriptors stops accepting. A
+/// level-triggered listener with no descriptor left would otherwise wake the
+/// loop hundreds of thousands of times a second.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How long a closing channel waits for its peer's close after its output
+/// was flushed.
+const LINGER: Duration = Duration::from_secs(2);
+/// Closed-channel records kept for stats watchers.
+const CLOSED_LOG: usize = 65_536;
+
+/// The context of one call into a plugin: which channel it is about, and
+/// what the plugin reported. Plugins get a pointer to it and pass it back to
+/// the host functions in [`host_abi`].
+pub(crate) struct CallCtx {
+    core: *mut Core,
+    slot: Option<usize>,
+    report: Option<String>,
+}
+
+impl CallCtx {
+    /// A context for calls that concern no channel (`on_load`).
+    pub(crate) fn detached() -> CallCtx {
+        CallCtx { core: std::ptr::null_mut(), slot: None, report: None }
+    }
+
+    pub(crate) fn as_ffi(&mut self) -> *mut HostCtx {
+        (self as *mut CallCtx).cast()
+    }
+
+    pub(crate) fn take_report(&mut self) -> Option<String> {
+        self.report.take()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// A paused listener resumes accepting.
+    ResumeAccept,
+    /// A lingering channel has waited long enough for its peer.
+    EndLinger,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    at: Instant,
+    channel_id: u64,
+    kind: TimerKind,
+}
+
+struct PluginEntry {
+    loaded: LoadedPlugin,
+    panics: u64,
+    live_channels: u64,
+}
+
+struct Listener {
+    id: u64,
+    address: SocketAddr,
+    plugin: usize,
+    config: BTreeMap<String, String>,
+    /// Id of the listening channel; 0 once stopped.
+    channel_id: u64,
+    channel_count: u64,
+    created_at: SystemTime,
+}
+
+struct Drain {
+    deadline: Instant,
+    reply: Reply<()>,
+}
+
+/// Everything the loop owns except the poller's event buffer and the
+/// command queue. Host functions called by plugins reach it through
+/// [`CallCtx`].
+pub(crate) struct Core {
+    poller: Arc<Poller>,
+    channels: Vec<Option<Channel>>,
+    free_slots: Vec<usize>,
+    /// Channel id to slot, in id order (for paginated listing).
+    ids: BTreeMap<u64, usize>,
+    dirty: Vec<usize>,
+    listeners: BTreeMap<u64, Listener>,
+    plugins: Vec<PluginEntry>,
+    timers: BinaryHeap<Reverse<Timer>>,
+    closed: VecDeque<(u64, ChannelStats)>,
+    closed_seq: u64,
+    next_channel_id: u64,
+    next_listener_id: u64,
+    stats: LoopStats,
+    drain: Option<Drain>,
+    exit: bool,
+}
+
+/// The asyncore loop, usable on its own (`Engine::run_loop`, asyncore's
+/// `loop(timeout, count)`) or driven by the daemon's `poll-loop` thread.
+pub struct Engine {
+    core: Core,
+    events: Events,
+    commands: mpsc::Receiver<Command>,
+    handle: EngineHandle,
+}
+
+impl Engine {
+    /// An engine with an empty channel map.
+    ///
+    /// # Errors
+    ///
+    /// If the poller (epoll) cannot be created.
+    pub fn new() -> io::Result<Engine> {
+        let poller = Arc::new(Poller::new()?);
+        let (tx, rx) = mpsc::channel();
+        Ok(Engine {
+            core: Core {
+                poller: poller.clone(),
+                channels: Vec::new(),
+                free_slots: Vec::new(),
+                ids: BTreeMap::new(),
+                dirty: Vec::new(),
+                listeners: BTreeMap::new(),
+                plugins: Vec::new(),
+                timers: BinaryHeap::new(),
+                closed: VecDeque::new(),
+                closed_seq: 0,
+                next_channel_id: 1,
+                next_listener_id: 1,
+                stats: LoopStats::default(),
+                drain: None,
+                exit: false,
+            },
+            events: Events::new(),
+            commands: rx,
+            handle: EngineHandle::new(tx, poller),
+        })
+    }
+
+    /// A handle other threads use to send commands to this engine.
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// Adds a loaded plugin.
+    ///
+    /// # Errors
+    ///
+    /// [`CommandError::PluginExists`] if a plugin of that name is loaded.
+    pub fn add_plugin(&mut self, plugin: LoadedPlugin) -> Result<PluginInfo, CommandError> {
+        self.core.add_plugin(plugin)
+    }
+
+    /// Binds a listener served by `plugin`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Command::StartListener`].
+    pub fn start_listener(
+        &mut self,
+        address: SocketAddr,
+        plugin: &str,
+        config: BTreeMap<String, String>,
+    ) -> Result<ListenerInfo, CommandError> {
+        self.core.start_listener(address, plugin, config)
+    }
+
+    /// Number of channels in the map.
+    pub fn n_channels(&self) -> usize {
+        self.core.ids.len()
+    }
+
+    /// The loop's counters.
+    pub fn loop_stats(&self) -> LoopStats {
+        self.core.loop_stats()
+    }
+
+    /// asyncore's `loop(timeout, count)`: runs passes until the channel map
+    /// is empty, or `count` passes when given.
+    ///
+    /// # Errors
+    ///
+    /// If waiting on the poller fails.
+    pub fn run_loop(&mut self, timeout: Option<Duration>, count: Option<u64>) -> io::Result<()> {
+        let mut passes = 0;
+        while !self.core.ids.is_empty() && count.is_none_or(|c| passes < c) {
+            self.pass(timeout)?;
+            passes += 1;
+        }
+        Ok(())
+    }
+
+    /// Runs passes until a [`Command::Shutdown`] or the end of a drain.
+    ///
+    /// # Errors
+    ///
+    /// If waiting on the poller fails.
+    pub fn run(&mut self) -> io::Result<()> {
+        while !self.core.exit {
+            self.pass(None)?;
+        }
+        Ok(())
+    }
+
+    /// One pass: commands, timers, interest of dirty channels, wait,
+    /// handlers.
+    ///
+    /// # Errors
+    ///
+    /// If waiting on the poller fails.
+    pub fn pass(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        while let Ok(command) = self.commands.try_recv() {
+            self.core.stats.commands += 1;
+            self.core.serve(command);
+        }
+        let now = Instant::now();
+        self.core.fire_timers(now);
+        self.core.refresh_dirty();
+        self.core.check_drain(now);
+        if self.core.exit {
+            return Ok(());
+        }
+
+        let next_timer = self.core.timers.peek().map(|t| t.0.at.saturating_duration_since(now));
+        let wait = match (timeout, next_timer) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.events.clear();
+        match self.core.poller.wait(&mut self.events, wait) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        self.core.stats.passes += 1;
+        for event in self.events.iter() {
+            self.core.stats.events += 1;
+            self.core.dispatch(event);
+        }
+        Ok(())
+    }
+}
+
+impl Core {
+    // ----- commands -------------------------------------------------------
+
+    fn serve(&mut self, command: Command) {
+        match command {
+            Command::StartListener { address, plugin, config, reply } => {
+                let answer = if self.drain.is_some() {
+                    Err(CommandError::Draining)
+                } else {
+                    self.start_listener(address, &plugin, config)
+                };
+                let _ = reply.send(answer);
+            }
+            Command::StopListener { id, close_channels, reply } => {
+                let _ = reply.send(self.stop_listener(id, close_channels));
+            }
+            Command::ListListeners { reply } => {
+                let _ = reply.send(Ok(self.listeners.values().map(|l| self.listener_info(l)).collect()));
+            }
+            Command::ListChannels { listener_id, after, limit, reply } => {
+                let list = self
+                    .ids
+                    .range(after.saturating_add(1)..)
+                    .filter_map(|(_, &slot)| self.channels[slot].as_ref())
+                    .filter(|ch| listener_id.is_none_or(|l| ch.listener_id == l))
+                    .take(limit)
+                    .map(|ch| ch.info(&self.plugins[ch.plugin].loaded.name))
+                    .collect();
+                let _ = reply.send(Ok(list));
+            }
+            Command::GetChannel { id, reply } => {
+                let _ = reply.send(self.channel_info(id));
+            }
+            Command::CloseChannel { id, reply } => {
+                let answer = match self.ids.get(&id) {
+                    Some(&slot) => {
+                        self.begin_close(slot);
+                        self.channel_info(id)
+                    }
+                    None => Err(CommandError::NoChannel(id)),
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Stats { filter, closed_after, reply } => {
+                let _ = reply.send(Ok(self.stats_snapshot(&filter, closed_after)));
+            }
+            Command::AddPlugin { plugin, reply } => {
+                let _ = reply.send(self.add_plugin(*plugin));
+            }
+            Command::ListPlugins { reply } => {
+                let list = (0..self.plugins.len()).map(|i| self.plugin_info(i)).collect();
+                let _ = reply.send(Ok(list));
+            }
+            Command::LoopStats { reply } => {
+                let _ = reply.send(Ok(self.loop_stats()));
+            }
+            Command::Drain { deadline, reply } => self.start_drain(deadline, reply),
+            Command::Shutdown => self.exit = true,
+        }
+    }
+
+    fn loop_stats(&self) -> LoopStats {
+        LoopStats { channels: self.ids.len() as u64, ..self.stats }
+    }
+
+    fn add_plugin(&mut self, plugin: LoadedPlugin) -> Result<PluginInfo, CommandError> {
+        if let Some(existing) = self.plugins.iter().find(|p| p.loaded.name == plugin.name) {
+            return Err(CommandError::PluginExists {
+                name: plugin.name.clone(),
+                version: existing.loaded.version.clone(),
+                path: existing.loaded.path.display().to_string(),
+            });
+        }
+        info!(plugin = %plugin.name, version = %plugin.version, path = %plugin.path.display(), "plugin loaded");
+        self.plugins.push(PluginEntry { loaded: plugin, panics: 0, live_channels: 0 });
+        Ok(self.plugin_info(self.plugins.len() - 1))
+    }
+
+    fn plugin_info(&self, index: usize) -> PluginInfo {
+        let entry = &self.plugins[index];
+        PluginInfo {
+            name: entry.loaded.name.clone(),
+            version: entry.loaded.version.clone(),
+            abi_version: entry.loaded.abi,
+            sdk_version: entry.loaded.sdk_version.clone(),
+            path: entry.loaded.path.display().to_string(),
+            listener_ids: self.listeners.values().filter(|l| l.plugin == index && l.channel_id != 0).map(|l| l.id).collect(),
+            live_channels: entry.live_channels,
+            panics: entry.panics,
+            loaded_at: entry.loaded.loaded_at,
+        }
+    }
+
+    fn start_listener(
+        &mut self,
+        address: SocketAddr,
+        plugin_name: &str,
+        config: BTreeMap<String, String>,
+    ) -> Result<ListenerInfo, CommandError> {
+        let plugin = self
+            .plugins
+            .iter()
+            .position(|p| p.loaded.name == plugin_name)
+            .ok_or_else(|| CommandError::NoPlugin(plugin_name.to_string()))?;
+        let listener = bind(address)?;
+        let local = listener.local_addr().ok();
+
+        let pairs: Vec<(String, String)> = config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut ctx = CallCtx { core: self, slot: None, report: None };
+        let dispatcher = self.plugins[plugin].loaded.listen(&mut ctx, &pairs).map_err(|message| {
+            CommandError::PluginRefused { plugin: plugin_name.to_string(), message }
+        })?;
+
+        let id = self.next_listener_id;
+        self.next_listener_id += 1;
+        let address = local.unwrap_or(address);
+        let slot = self.insert(Channel {
+            id: 0,
+            kind: ChannelKind::Listening,
+            listener_id: id,
+            parent_id: 0,
+            plugin,
+            socket: Socket::Listener(listener),
+            dispatcher: Some(dispatcher),
+            phase: Phase::Open,
+            out: OutBuf::default(),
+            registered: 0,
+            read_eof: false,
+            close_pending: false,
+            close_event_pending: false,
+            failed: None,
+            dirty: false,
+            paused_until: None,
+            counters: Default::default(),
+            created_at: SystemTime::now(),
+            peer: None,
+            local,
+        });
+        let channel_id = self.channel(slot).id;
+        self.listeners.insert(
+            id,
+            Listener { id, address, plugin, config, channel_id, channel_count: 0, created_at: SystemTime::now() },
+        );
+        info!(listener = id, %address, plugin = plugin_name, "listener started");
+        Ok(self.listener_info(&self.listeners[&id]))
+    }
+
+    fn stop_listener(&mut self, id: u64, close_channels: bool) -> Result<ListenerInfo, CommandError> {
+        let listener = self.listeners.get_mut(&id).ok_or(CommandError::NoListener(id))?;
+        let channel_id = std::mem::take(&mut listener.channel_id);
+        if let Some(&slot) = self.ids.get(&channel_id) {
+            self.finalize(slot);
+            info!(listener = id, "listener stopped");
+        }
+        if close_channels {
+            let slots: Vec<usize> = self
+                .ids
+                .values()
+                .copied()
+                .filter(|&slot| self.channels[slot].as_ref().is_some_and(|ch| ch.listener_id == id))
+                .collect();
+            for slot in slots {
+                self.begin_close(slot);
+            }
+        }
+        Ok(self.listener_info(&self.listeners[&id]))
+    }
+
+    fn listener_info(&self, listener: &Listener) -> ListenerInfo {
+        ListenerInfo {
+            id: listener.id,
+            address: listener.address,
+            plugin: self.plugins[listener.plugin].loaded.name.clone(),
+            listening: listener.channel_id != 0,
+            channel_count: listener.channel_count,
+            config: listener.config.clone(),
+            channel_id: listener.channel_id,
+            created_at: listener.created_at,
+        }
+    }
+
+    fn channel_info(&self, id: u64) -> Result<ChannelInfo, CommandError> {
+        let slot = *self.ids.get(&id).ok_or(CommandError::NoChannel(id))?;
+        let ch = self.channel_ref(slot);
+        Ok(ch.info(&self.plugins[ch.plugin].loaded.name))
+    }
+
+    fn stats_snapshot(&self, filter: &StatsFilter, closed_after: u64) -> StatsSnapshot {
+        let mut channels: Vec<ChannelStats> = self
+            .ids
+            .values()
+            .filter_map(|&slot| self.channels[slot].as_ref())
+            .filter(|ch| ch.kind != ChannelKind::Listening && filter.matches(ch.id, ch.listener_id))
+            .map(|ch| ch.stats(false))
+            .collect();
+        let oldest = self.closed.front().map_or(self.closed_seq + 1, |(seq, _)| *seq);
+        let closed_missed = oldest.saturating_sub(closed_after.saturating_add(1));
+        channels.extend(
+            self.closed
+                .iter()
+                .filter(|(seq, s)| *seq > closed_after && filter.matches(s.channel_id, s.listener_id))
+                .map(|(_, s)| *s),
+        );
+        StatsSnapshot { channels, closed_seq: self.closed_seq, closed_missed }
+    }
+
+    fn start_drain(&mut self, deadline: Instant, reply: Reply<()>) {
+        info!(channels = self.ids.len(), "draining: listeners stopped, channels closing");
+        let ids: Vec<u64> = self.listeners.keys().copied().collect();
+        for id in ids {
+            let _ = self.stop_listener(id, true);
+        }
+        self.drain = Some(Drain { deadline, reply });
+    }
+
+    fn check_drain(&mut self, now: Instant) {
+        let Some(drain) = &self.drain else { return };
+        if !self.ids.is_empty() && now < drain.deadline {
+            return;
+        }
+        if !self.ids.is_empty() {
+            warn!(channels = self.ids.len(), "drain deadline passed; closing the rest now");
+            let slots: Vec<usize> = self.ids.values().copied().collect();
+            for slot in slots {
+                self.finalize(slot);
+            }
+        }
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.reply.send(Ok(()));
+        }
+        self.exit = true;
+    }
+
+    // ----- the channel map ------------------------------------------------
+
+    fn insert(&mut self, mut channel: Channel) -> usize {
+        channel.id = self.next_channel_id;
+        self.next_channel_id += 1;
+        channel.dirty = true;
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.channels[slot] = Some(channel);
+                slot
+            }
+            None => {
+                self.channels.push(Some(channel));
+                self.channels.len() - 1
+            }
+        };
+        let id = self.channel(slot).id;
+        self.ids.insert(id, slot);
+        self.dirty.push(slot);
+        slot
+    }
+
+    fn channel(&mut self, slot: usize) -> &mut Channel {
+        self.channels[slot].as_mut().expect("slot of a live channel")
+    }
+
+    fn channel_ref(&self, slot: usize) -> &Channel {
+        self.channels[slot].as_ref().expect("slot of a live channel")
+    }
+
+    fn mark_dirty(&mut self, slot: usize) {
+        if let Some(ch) = self.channels[slot].as_mut()
+            && !ch.dirty
+        {
+            ch.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Adds a dispatcher created by a plugin (accepted or outbound) to the
+    /// counts of its plugin and listener.
+    fn count_dispatcher(&mut self, plugin: usize, listener_id: u64, delta: i64) {
+        let entry = &mut self.plugins[plugin];
+        entry.live_channels = entry.live_channels.saturating_add_signed(delta);
+        if let Some(listener) = self.listeners.get_mut(&listener_id) {
+            listener.channel_count = listener.channel_count.saturating_add_signed(delta);
+        }
+    }
+
+    /// Graceful close: no more callbacks, flush the queue, then close.
+    fn begin_close(&mut self, slot: usize) {
+        let ch = self.channel(slot);
+        match ch.phase {
+            Phase::Closing | Phase::Lingering => return,
+            Phase::Connecting | Phase::Open => {}
+        }
+        if ch.kind == ChannelKind::Listening {
+            let listener_id = ch.listener_id;
+            if let Some(listener) = self.listeners.get_mut(&listener_id) {
+                listener.channel_id = 0;
+            }
+            self.finalize(slot);
+            return;
+        }
+        ch.phase = Phase::Closing;
+        if let Some(dispatcher) = ch.dispatcher.take() {
+            dispatcher.release();
+        }
+        self.mark_dirty(slot);
+    }
+
+    /// Removes the channel now: deregisters, frees the dispatcher, closes
+    /// the socket, records the final figures.
+    fn finalize(&mut self, slot: usize) {
+        let Some(mut ch) = self.channels[slot].take() else { return };
+        if ch.registered != 0 {
+            let _ = self.poller.delete(ch.socket.as_fd());
+        }
+        if let Some(dispatcher) = ch.dispatcher.take() {
+            dispatcher.release();
+        }
+        if ch.kind != ChannelKind::Listening {
+            self.count_dispatcher(ch.plugin, ch.listener_id, -1);
+            self.closed_seq += 1;
+            if self.closed.len() == CLOSED_LOG {
+                self.closed.pop_front();
+            }
+            self.closed.push_back((self.closed_seq, ch.stats(true)));
+        } else if let Some(listener) = self.listeners.get_mut(&ch.listener_id)
+            && listener.channel_id == ch.id
+        {
+            listener.channel_id = 0;
+        }
+        debug!(channel = ch.id, bytes_in = ch.counters.bytes_in, bytes_out = ch.counters.bytes_out, "channel closed");
+        self.ids.remove(&ch.id);
+        // The slot is reused only after this pass's events were all
+        // dispatched: refresh_dirty, which frees most slots, runs before the
+        // wait, and events naming a freed slot find it empty.
+        self.free_slots.push(slot);
+    }
+
+    // ----- calling plugins ------------------------------------------------
+
+    /// Calls `f` with the channel's dispatcher and a call context, and deals
+    /// with a panic. Returns `None` if there is no dispatcher or it
+    /// panicked.
+    fn call<R>(
+        &mut self,
+        slot: usize,
+        f: impl FnOnce(Dispatcher, &mut CallCtx) -> Result<R, crate::plugin_host::Panicked>,
+    ) -> Option<R> {
+        let dispatcher = self.channels[slot].as_ref()?.dispatcher?;
+        let mut ctx = CallCtx { core: self, slot: Some(slot), report: None };
+        // No reference into `self` is alive during the call: the plugin
+        // reaches the core only through ctx's pointer.
+        let result = f(dispatcher, &mut ctx);
+        let report = ctx.report.take();
+        match result {
+            Ok(r) => {
+                self.settle(slot);
+                Some(r)
+            }
+            Err(_) => {
+                self.poisoned(slot, report);
+                None
+            }
+        }
+    }
+
+    /// A callback panicked: count and log it, drop the dispatcher, close its
+    /// channel gracefully.
+    fn poisoned(&mut self, slot: usize, report: Option<String>) {
+        let ch = self.channel(slot);
+        let (channel_id, plugin) = (ch.id, ch.plugin);
+        let message = report.unwrap_or_else(|| "panicked".to_string());
+        self.stats.panics += 1;
+        self.plugins[plugin].panics += 1;
+        error!(plugin = %self.plugins[plugin].loaded.name, channel = channel_id, "{message}; closing the channel");
+        self.begin_close(slot);
+    }
+
+    fn handle_event(&mut self, slot: usize, event: u32, arg: i64) {
+        self.stats.handler_calls += 1;
+        self.call(slot, |d, ctx| d.handle_event(ctx, event, arg));
+        self.mark_dirty(slot);
+    }
+
+    /// After a callback (or a flush): act on what the plugin asked for or
+    /// what the socket reported meanwhile. A socket error is reported with
+    /// `handle_error` and closes the channel at once; a close asked by the
+    /// plugin starts a graceful close; a peer close seen by `recv` gets its
+    /// `handle_close`, once.
+    fn settle(&mut self, slot: usize) {
+        let Some(ch) = self.channels[slot].as_mut() else { return };
+        if let Some(error) = ch.failed.take() {
+            let errno = error.raw_os_error().unwrap_or(EIO);
+            debug!(channel = ch.id, %error, "socket error");
+            if ch.dispatcher.is_some() && matches!(ch.phase, Phase::Open | Phase::Connecting) {
+                ch.close_pending = false;
+                ch.close_event_pending = false;
+                ch.phase = Phase::Open;
+                self.stats.handler_calls += 1;
+                // Any further close or error asked from inside handle_error
+                // is moot: the channel goes now.
+                if let Some(dispatcher) = self.channel(slot).dispatcher {
+                    let mut ctx = CallCtx { core: self, slot: Some(slot), report: None };
+                    let result = dispatcher.handle_event(&mut ctx, ffi::event::ERROR, i64::from(errno));
+                    let report = ctx.report.take();
+                    if result.is_err() {
+                        self.poisoned(slot, report);
+                    }
+                }
+            }
+            self.finalize(slot);
+            return;
+        }
+        if std::mem::take(&mut ch.close_pending) {
+            ch.close_event_pending = false;
+            self.begin_close(slot);
+            return;
+        }
+        if std::mem::take(&mut ch.close_event_pending) && ch.phase == Phase::Open && ch.dispatcher.is_some() {
+            self.handle_event(slot, ffi::event::CLOSE, 0);
+        }
+    }
+
+    // ----- interest ---------------------------------------------------------
+
+    fn refresh_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            if let Some(ch) = self.channels[slot].as_mut() {
+                ch.dirty = false;
+                self.refresh(slot);
+            }
+        }
+        // Keep the allocation for the next pass, unless refresh made new
+        // dirty entries.
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+            self.dirty.clear();
+        }
+    }
+
+    fn refresh(&mut self, slot: usize) {
+        let ch = self.channel(slot);
+        let want = match (ch.kind, ch.phase) {
+            (ChannelKind::Listening, _) => {
+                if ch.paused_until.is_some() {
+                    0
+                } else {
+                    self.stats.interest_queries += 1;
+                    match self.call(slot, |d, ctx| d.interest(ctx)) {
+                        Some((true, _)) if self.channels[slot].is_some() => READ,
+                        Some(_) if self.channels[slot].is_some() => 0,
+                        _ => return,
+                    }
+                }
+            }
+            (_, Phase::Connecting) => WRITE,
+            (_, Phase::Open) => {
+                self.stats.interest_queries += 1;
+                let answer = self.call(slot, |d, ctx| d.interest(ctx));
+                // The call may have closed the channel (a panic, a close()
+                // from readable()): then decide from its new phase.
+                match self.channels[slot].as_ref() {
+                    Some(ch) if ch.phase == Phase::Open => {
+                        let (readable, writable) = answer.unwrap_or((false, false));
+                        let mut bits = 0;
+                        if readable && !ch.read_eof && ch.dispatcher.is_some() {
+                            bits |= READ;
+                        }
+                        if writable || !ch.out.is_empty() {
+                            bits |= WRITE;
+                        }
+                        bits
+                    }
+                    Some(_) => return self.refresh(slot),
+                    None => return,
+                }
+            }
+            (_, Phase::Closing) => {
+                if !ch.out.is_empty() {
+                    WRITE
+                } else if ch.read_eof {
+                    self.finalize(slot);
+                    return;
+                } else {
+                    // Flushed: shut down writing (the peer sees EOF after
+                    // every byte), then linger for the peer's close.
+                    let shut = ch.stream().map(|s| s.shutdown(std::net::Shutdown::Write));
+                    if !matches!(shut, Some(Ok(()))) {
+                        self.finalize(slot);
+                        return;
+                    }
+                    ch.phase = Phase::Lingering;
+                    let channel_id = ch.id;
+                    self.timers.push(Reverse(Timer {
+                        at: Instant::now() + LINGER,
+                        channel_id,
+                        kind: TimerKind::EndLinger,
+                    }));
+                    READ
+                }
+            }
+            (_, Phase::Lingering) => READ,
+        };
+        self.set_interest(slot, want);
+    }
+
+    fn set_interest(&mut self, slot: usize, want: u8) {
+        let ch = self.channels[slot].as_mut().expect("slot of a live channel");
+        if ch.registered == want {
+            return;
+        }
+        self.stats.interest_changes += 1;
+        let mut event = Event::new(slot, want & READ != 0, want & WRITE != 0);
+        if want & READ != 0 && ch.kind != ChannelKind::Listening {
+            event = event.with_priority();
+        }
+        let result = if want == 0 {
+            // epoll cannot mask hang-ups: a socket that wants nothing is
+            // removed, or a closed peer would wake every pass.
+            self.poller.delete(ch.socket.as_fd())
+        } else if ch.registered == 0 {
+            // SAFETY: the socket is deleted from the poller in finalize (or
+            // above, when its interest becomes empty) before it is dropped.
+            unsafe { self.poller.add_with_mode(&ch.socket.as_fd(), event, PollMode::Level) }
+        } else {
+            self.poller.modify_with_mode(ch.socket.as_fd(), event, PollMode::Level)
+        };
+        match result {
+            Ok(()) => ch.registered = want,
+            Err(e) => {
+                error!(channel = ch.id, error = %e, "cannot register with the poller; closing");
+                ch.failed = Some(e);
+                self.settle(slot);
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse(timer)) = self.timers.peek().copied() {
+            if timer.at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(&slot) = self.ids.get(&timer.channel_id) else { continue };
+            match timer.kind {
+                TimerKind::ResumeAccept => {
+                    self.channel(slot).paused_until = None;
+                    self.mark_dirty(slot);
+                }
+                TimerKind::EndLinger => {
+                    if self.channel(slot).phase == Phase::Lingering {
+                        self.finalize(slot);
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- events -----------------------------------------------------------
+
+    fn dispatch(&mut self, event: Event) {
+        let slot = event.key;
+        let Some(ch) = self.channels.get(slot).and_then(Option::as_ref) else { return };
+        match ch.socket {
+            Socket::Listener(_) => self.accept(slot),
+            Socket::Stream(_) => self.stream_event(slot, event),
+        }
+    }
+
+    fn accept(&mut self, listener_slot: usize) {
+        for _ in 0..ACCEPTS_PER_PASS {
+            let Some(ch) = self.channels[listener_slot].as_mut() else { return };
+            let Socket::Listener(listener) = &ch.socket else { return };
+            let (listener_id, plugin) = (ch.listener_id, ch.plugin);
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    self.stats.accepts += 1;
+                    self.accepted(listener_slot, listener_id, plugin, stream, peer);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_transient_accept_error(&e) => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays in the
+                    // backlog; stop asking for a while instead of spinning.
+                    warn!(listener = listener_id, error = %e, "accept failed; pausing this listener for 100 ms");
+                    let ch = self.channel(listener_slot);
+                    ch.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    let channel_id = ch.id;
+                    self.timers.push(Reverse(Timer {
+                        at: Instant::now() + ACCEPT_PAUSE,
+                        channel_id,
+                        kind: TimerKind::ResumeAccept,
+                    }));
+                    self.mark_dirty(listener_slot);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accepted(&mut self, listener_slot: usize, listener_id: u64, plugin: usize, stream: TcpStream, peer: SocketAddr) {
+        if let Err(e) = stream.set_nonblocking(true) {
+            warn!(listener = listener_id, error = %e, "cannot make an accepted socket non-blocking; dropping it");
+            return;
+        }
+        // Nagle's algorithm stalls request/response protocols by up to 40 ms
+        // per message; handlers write whole messages anyway.
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
+        let slot = self.insert(Channel {
+            id: 0,
+            kind: ChannelKind::Accepted,
+            listener_id,
+            parent_id: 0,
+            plugin,
+            socket: Socket::Stream(stream),
+            dispatcher: None,
+            phase: Phase::Open,
+            out: OutBuf::default(),
+            registered: 0,
+            read_eof: false,
+            close_pending: false,
+            close_event_pending: false,
+            failed: None,
+            dirty: true,
+            paused_until: None,
+            counters: Default::default(),
+            created_at: SystemTime::now(),
+            peer: Some(peer),
+            local,
+        });
+        self.count_dispatcher(plugin, listener_id, 1);
+
+        let Some(listening) = self.channel_ref(listener_slot).dispatcher else { return };
+        self.stats.handler_calls += 1;
+        let mut ctx = CallCtx { core: self, slot: Some(slot), report: None };
+        let answer = listening.handle_accepted(&mut ctx);
+        let report = ctx.report.take();
+        match answer {
+            Ok(Some(dispatcher)) => {
+                self.channel(slot).dispatcher = Some(dispatcher);
+                debug!(channel = self.channel_ref(slot).id, listener = listener_id, %peer, "accepted");
+                self.settle(slot);
+            }
+            Ok(None) => self.begin_close(slot),
+            Err(_) => {
+                self.begin_close(slot);
+                self.poisoned(listener_slot, report);
+            }
+        }
+    }
+
+    fn stream_event(&mut self, slot: usize, event: Event) {
+        let phase = self.channel_ref(slot).phase;
+        match phase {
+            Phase::Lingering => return self.linger_read(slot),
+            Phase::Connecting => {
+                if !self.connect_finished(slot) {
+                    return;
+                }
+            }
+            Phase::Open | Phase::Closing => {}
+        }
+
+        let registered = self.channel_ref(slot).registered;
+        if event.is_priority() && registered & READ != 0 && self.is_open(slot) {
+            self.handle_event(slot, ffi::event::EXPT, 0);
+            self.discard_urgent(slot);
+        }
+        if event.readable && registered & READ != 0 && self.is_open(slot) {
+            self.handle_event(slot, ffi::event::READ, 0);
+        } else if event.is_interrupt() && registered & READ == 0 && self.is_open(slot) {
+            // A hang-up while we were not reading (backpressure): the peer
+            // is gone in both directions.
+            self.peer_closed(slot);
+        }
+        if event.writable || event.is_interrupt() {
+            self.flush(slot);
+            let registered = self.channels[slot].as_ref().map_or(0, |ch| ch.registered);
+            if registered & WRITE != 0 && self.is_open(slot) && self.channel_ref(slot).out.is_empty() {
+                self.handle_event(slot, ffi::event::WRITE, 0);
+            }
+        }
+        self.mark_dirty(slot);
+    }
+
+    fn is_open(&self, slot: usize) -> bool {
+        self.channels[slot].as_ref().is_some_and(|ch| ch.phase == Phase::Open && ch.dispatcher.is_some())
+    }
+
+    /// The first event of an outbound socket: connected, or failed.
+    fn connect_finished(&mut self, slot: usize) -> bool {
+        let ch = self.channel(slot);
+        let stream = ch.stream().expect("outbound channels are streams");
+        let error = match stream.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) => stream.peer_addr().err(),
+        };
+        if let Some(error) = error {
+            let error = if error.kind() == io::ErrorKind::NotConnected {
+                io::Error::from(io::ErrorKind::ConnectionRefused)
+            } else {
+                error
+            };
+            ch.failed = Some(error);
+            ch.phase = Phase::Open;
+            self.settle(slot);
+            return false;
+        }
+        let (peer, local) = (stream.peer_addr().ok(), stream.local_addr().ok());
+        ch.phase = Phase::Open;
+        ch.peer = peer;
+        ch.local = local;
+        self.handle_event(slot, ffi::event::CONNECT, 0);
+        true
+    }
+
+    /// The peer closed: `handle_close`, once.
+    fn peer_closed(&mut self, slot: usize) {
+        let ch = self.channel(slot);
+        if ch.read_eof {
+            return;
+        }
+        ch.read_eof = true;
+        ch.close_event_pending = true;
+        self.settle(slot);
+    }
+
+    fn flush(&mut self, slot: usize) {
+        let Some(ch) = self.channels[slot].as_mut() else { return };
+        let Socket::Stream(stream) = &mut ch.socket else { return };
+        match ch.out.flush_to(stream) {
+            Ok((bytes, writes)) => {
+                ch.counters.bytes_out += bytes;
+                ch.counters.writes += writes;
+            }
+            Err(e) => {
+                ch.out.clear();
+                ch.failed = Some(e);
+                self.settle(slot);
+            }
+        }
+    }
+
+    fn discard_urgent(&mut self, slot: usize) {
+        let Some(stream) = self.channels[slot].as_mut().and_then(Channel::stream) else { return };
+        let mut byte = [std::mem::MaybeUninit::new(0u8); 1];
+        let _ = socket2::SockRef::from(&*stream).recv_out_of_band(&mut byte);
+    }
+
+    fn linger_read(&mut self, slot: usize) {
+        let ch = self.channel(slot);
+        let stream = ch.stream().expect("lingering channels are streams");
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            match io::Read::read(stream, &mut scratch) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        self.finalize(slot);
+    }
+
+    /// Starts an outbound connection for a plugin.
+    fn connect(&mut self, parent_slot: usize, address: &str, dispatcher: Dispatcher) -> Result<u64, io::Error> {
+        let address: SocketAddr = address.parse().map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let socket = RawSocket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_nonblocking(true)?;
+        let _ = socket.set_tcp_nodelay(true);
+        match socket.connect(&address.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let parent = self.channel_ref(parent_slot);
+        let (listener_id, parent_id, plugin) = (parent.listener_id, parent.id, parent.plugin);
+        let slot = self.insert(Channel {
+            id: 0,
+            kind: ChannelKind::Outbound,
+            listener_id,
+            parent_id,
+            plugin,
+            socket: Socket::Stream(socket.into()),
+            dispatcher: Some(dispatcher),
+            phase: Phase::Connecting,
+            out: OutBuf::default(),
+            registered: 0,
+            read_eof: false,
+            close_pending: false,
+            close_event_pending: false,
+            failed: None,
+            dirty: true,
+            paused_until: None,
+            counters: Default::default(),
+            created_at: SystemTime::now(),
+            peer: Some(address),
+            local: None,
+        });
+        self.count_dispatcher(plugin, listener_id, 1);
+        Ok(self.channel_ref(slot).id)
+    }
+}
+
+// Linux errno values (std exposes no constants for them).
+const EINPROGRESS: i32 = 115;
+const EIO: i32 = 5;
+
+/// Errors after which the next `accept` may well succeed.
+fn is_transient_accept_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    ) || error.raw_os_error() == Some(71 /* EPROTO */)
+}
+
+/// Binds a non-blocking listening socket.
+fn bind(address: SocketAddr) -> Result<TcpListener, CommandError> {
+    let bind_error = |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            CommandError::AddressInUse { address }
+        } else {
+            CommandError::Bind { address, source }
+        }
+    };
+    let socket = RawSocket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP)).map_err(bind_error)?;
+    // Restarting the daemon must not fail on connections still in
+    // TIME_WAIT.
+    socket.set_reuse_address(true).map_err(bind_error)?;
+    if address.is_ipv6() {
+        let _ = socket.set_only_v6(true);
+    }
+    socket.bind(&address.into()).map_err(bind_error)?;
+    socket.listen(1024).map_err(bind_error)?;
+    socket.set_nonblocking(true).map_err(bind_error)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,184 @@
+//! One entry of the channel map: a socket, its dispatcher, its output queue
+//! and its counters.
+
+use std::{
+    io::{self, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsFd, BorrowedFd},
+    time::{Instant, SystemTime},
+};
+
+use crate::{
+    command::{ChannelInfo, ChannelKind, ChannelState, ChannelStats, Counters},
+    plugin_host::Dispatcher,
+};
+
+/// Interest bits as registered with the poller.
+pub(crate) const READ: u8 = 1;
+pub(crate) const WRITE: u8 = 2;
+
+#[derive(Debug)]
+pub(crate) enum Socket {
+    Listener(TcpListener),
+    Stream(TcpStream),
+}
+
+impl Socket {
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Listener(l) => l.as_fd(),
+            Socket::Stream(s) => s.as_fd(),
+        }
+    }
+}
+
+/// Where a channel is in its life, as the loop sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Connecting,
+    Open,
+    /// `close()` was asked: flush the output queue, then shut down writing.
+    Closing,
+    /// Output flushed and write side shut down: read and discard until the
+    /// peer closes (or a timeout), so that closing with unread input does
+    /// not make the kernel send a reset that destroys data the peer has not
+    /// read yet.
+    Lingering,
+}
+
+/// Output queued by `send` and not yet written: a byte vector consumed from
+/// the front, compacted when more than half is consumed.
+#[derive(Debug, Default)]
+pub(crate) struct OutBuf {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl OutBuf {
+    pub(crate) fn len(&self) -> usize {
+        self.bytes.len() - self.start
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        if self.start > 0 && self.start >= self.bytes.len() / 2 {
+            self.bytes.drain(..self.start);
+            self.start = 0;
+        }
+        self.bytes.extend_from_slice(data);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.bytes = Vec::new();
+        self.start = 0;
+    }
+
+    /// Writes from the front until the queue is empty or the socket would
+    /// block. Returns (bytes written, write calls that wrote something).
+    pub(crate) fn flush_to(&mut self, stream: &mut TcpStream) -> io::Result<(u64, u64)> {
+        let (mut bytes, mut writes) = (0u64, 0u64);
+        while !self.is_empty() {
+            match stream.write(&self.bytes[self.start..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.start += n;
+                    bytes += n as u64;
+                    writes += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.is_empty() {
+            // Give back a large buffer once a burst has drained.
+            if self.bytes.capacity() > 256 * 1024 {
+                self.bytes = Vec::new();
+            } else {
+                self.bytes.clear();
+            }
+            self.start = 0;
+        }
+        Ok((bytes, writes))
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Channel {
+    pub(crate) id: u64,
+    pub(crate) kind: ChannelKind,
+    pub(crate) listener_id: u64,
+    pub(crate) parent_id: u64,
+    /// Index of the plugin in the loop's plugin table.
+    pub(crate) plugin: usize,
+    pub(crate) socket: Socket,
+    /// `None` before `handle_accepted` answered, after a panic, and once
+    /// closing.
+    pub(crate) dispatcher: Option<Dispatcher>,
+    pub(crate) phase: Phase,
+    pub(crate) out: OutBuf,
+    /// Interest registered with the poller (0: not registered).
+    pub(crate) registered: u8,
+    /// The peer closed its side; `handle_close` was called.
+    pub(crate) read_eof: bool,
+    /// The plugin called `close()` during a callback; acted on after it.
+    pub(crate) close_pending: bool,
+    /// `recv` saw the peer's close during a callback: `handle_close` is due.
+    pub(crate) close_event_pending: bool,
+    /// A socket error to report with `handle_error`, then close.
+    pub(crate) failed: Option<io::Error>,
+    /// In the dirty list: re-ask interest before the next wait.
+    pub(crate) dirty: bool,
+    /// A listener out of descriptors stops accepting until then.
+    pub(crate) paused_until: Option<Instant>,
+    pub(crate) counters: Counters,
+    pub(crate) created_at: SystemTime,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) local: Option<SocketAddr>,
+}
+
+impl Channel {
+    pub(crate) fn stream(&mut self) -> Option<&mut TcpStream> {
+        match &mut self.socket {
+            Socket::Stream(s) => Some(s),
+            Socket::Listener(_) => None,
+        }
+    }
+
+    pub(crate) fn state(&self) -> ChannelState {
+        match self.phase {
+            Phase::Connecting => ChannelState::Connecting,
+            Phase::Open => ChannelState::Open,
+            Phase::Closing | Phase::Lingering => ChannelState::Closing,
+        }
+    }
+
+    pub(crate) fn stats(&self, closed: bool) -> ChannelStats {
+        ChannelStats {
+            channel_id: self.id,
+            listener_id: self.listener_id,
+            counters: self.counters,
+            pending_output: self.out.len() as u64,
+            closed,
+        }
+    }
+
+    pub(crate) fn info(&self, plugin: &str) -> ChannelInfo {
+        ChannelInfo {
+            id: self.id,
+            listener_id: self.listener_id,
+            parent_id: self.parent_id,
+            plugin: plugin.to_string(),
+            kind: self.kind,
+            peer_address: self.peer,
+            local_address: self.local,
+            state: self.state(),
+            created_at: self.created_at,
+            counters: self.counters,
+            pending_output: self.out.len() as u64,
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! `Channel`: what a dispatcher may do with its socket during a callback.
+
+use std::{fmt, io, marker::PhantomData, net::SocketAddr};
+
+use crate::{
+    dispatcher::Dispatcher,
+    export::{host, into_handle},
+    ffi::{self, HostCtx, StrRef},
+};
+
+/// Id of a channel in the daemon's channel map. Ids are never reused, so a
+/// stale id can only ever name no channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelId(pub u64);
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The channel a callback is about, lent for the duration of that callback.
+///
+/// Output is buffered like asyncore's `dispatcher_with_send`: [`send`]
+/// writes what the socket takes at once and queues the rest, which the host
+/// flushes as the socket drains. [`close`] flushes that queue before the
+/// socket closes, so the peer receives everything sent before it.
+///
+/// [`send`]: Channel::send
+/// [`close`]: Channel::close
+pub struct Channel<'a> {
+    ctx: *mut HostCtx,
+    _call: PhantomData<&'a mut HostCtx>,
+}
+
+impl<'a> Channel<'a> {
+    /// Wraps the context of one host call.
+    ///
+    /// # Safety
+    ///
+    /// `ctx` must be the context the host passed to the current call.
+    pub(crate) unsafe fn from_ctx(ctx: *mut HostCtx) -> Channel<'a> {
+        Channel { ctx, _call: PhantomData }
+    }
+
+    /// This channel's id.
+    pub fn id(&self) -> ChannelId {
+        // SAFETY: ctx is the live context of the current call.
+        ChannelId(unsafe { (host().channel_id)(self.ctx) })
+    }
+
+    /// Reads into `buf`, like `socket.recv`.
+    ///
+    /// Returns the number of bytes read; `Ok(0)` means the peer closed its
+    /// side (then [`Dispatcher::handle_close`] follows).
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::WouldBlock`] when nothing is waiting (wake-ups can be
+    /// spurious), or the socket's error.
+    pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is a live, writable buffer of buf.len() bytes for the
+        // duration of the call; ctx is the live context.
+        let n = unsafe { (host().recv)(self.ctx, buf.as_mut_ptr(), buf.len()) };
+        errno_result(n)
+    }
+
+    /// Sends `data`: writes what the socket takes now and queues the rest
+    /// for the host to flush. Returns the number of bytes accepted, which is
+    /// all of them unless the channel is closing or broken (then 0).
+    ///
+    /// Watch [`pending_output`](Channel::pending_output) (for example in
+    /// [`Dispatcher::readable`]) to stop reading while a slow peer lets
+    /// output pile up.
+    pub fn send(&mut self, data: &[u8]) -> usize {
+        // SAFETY: data is live for the call; the host copies it before
+        // returning.
+        let n = unsafe { (host().send)(self.ctx, data.as_ptr(), data.len()) };
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    /// Bytes queued for output and not yet written to the socket.
+    pub fn pending_output(&self) -> usize {
+        // SAFETY: ctx is the live context.
+        let n = unsafe { (host().pending_output)(self.ctx) };
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
+    /// Closes the channel once its queued output has been flushed. No
+    /// handler of this dispatcher is called after the current one returns.
+    pub fn close(&mut self) {
+        // SAFETY: ctx is the live context.
+        unsafe { (host().close)(self.ctx) };
+    }
+
+    /// The remote address, if the socket has one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.address(ffi::address::PEER)
+    }
+
+    /// The local address, if the socket has one.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.address(ffi::address::LOCAL)
+    }
+
+    fn address(&self, which: u32) -> Option<SocketAddr> {
+        let mut buf = [0u8; 64];
+        // SAFETY: buf is writable for its length; ctx is the live context.
+        let n = unsafe { (host().address)(self.ctx, which, buf.as_mut_ptr(), buf.len()) };
+        let n = usize::try_from(n).ok().filter(|&n| n <= buf.len())?;
+        std::str::from_utf8(&buf[..n]).ok()?.parse().ok()
+    }
+
+    /// Starts an outbound TCP connection to `addr` (a literal `ip:port`; the
+    /// loop does not resolve names, since resolving blocks), served by
+    /// `dispatcher`: its [`Dispatcher::handle_connect`] runs once the
+    /// connection is established, [`Dispatcher::handle_error`] if it fails.
+    /// Returns the new channel's id.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] for an address that is not `ip:port`,
+    /// or the error of creating the socket.
+    pub fn connect(
+        &mut self,
+        addr: SocketAddr,
+        dispatcher: Box<dyn Dispatcher>,
+    ) -> io::Result<ChannelId> {
+        let text = addr.to_string();
+        // SAFETY: the string is live for the call; ownership of the handle
+        // passes to the host, which frees it through its vtable.
+        let n = unsafe { (host().connect)(self.ctx, StrRef::new(&text), into_handle(dispatcher)) };
+        errno_result(n).map(|id| ChannelId(id as u64))
+    }
+}
+
+impl fmt::Debug for Channel<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Channel").field("id", &self.id()).finish()
+    }
+}
+
+/// Turns a host return value (a count, or a negative errno) into a result.
+fn errno_result(n: i64) -> io::Result<usize> {
+    if n >= 0 {
+        Ok(n as usize)
+    } else {
+        Err(io::Error::from_raw_os_error((-n) as i32))
+    }
+}

@@ -1,0 +1,349 @@
+//! The plugin side of the C ABI: the `Plugin` trait, the `export_plugin!`
+//! macro and the shims that turn trait calls into panic-proof `extern "C"`
+//! functions.
+//!
+//! Every shim wraps its body in `catch_unwind`. That must happen here, inside
+//! the plugin: a panic escaping an `extern "C"` function aborts the process
+//! (Rust 1.81 and later), and the host's own `catch_unwind` cannot see a
+//! panic of the plugin's copy of std.
+
+use std::{
+    any::Any,
+    ffi::c_void,
+    io,
+    panic::{AssertUnwindSafe, catch_unwind},
+    sync::{Mutex, OnceLock},
+};
+
+use crate::{
+    channel::Channel,
+    config::Config,
+    dispatcher::Dispatcher,
+    ffi::{self, DispatcherHandle, DispatcherVtable, HostCtx, HostVtable, KeyValue, StrRef, status},
+};
+
+/// A plugin library: its name, version and how it starts a listener.
+///
+/// Export it with [`export_plugin!`](crate::export_plugin).
+pub trait Plugin: 'static {
+    /// Name listeners refer to the plugin by (`asyncorectl listeners start
+    /// ADDR NAME`). Unique within a daemon.
+    const NAME: &'static str;
+    /// Version string shown by `ListPlugins`; usually
+    /// `env!("CARGO_PKG_VERSION")`.
+    const VERSION: &'static str;
+
+    /// Self-check run once when the library is loaded, before any listener
+    /// can use it.
+    ///
+    /// # Errors
+    ///
+    /// A message that refuses the load; the daemon reports it and keeps
+    /// what was loaded before. The default accepts.
+    fn on_load() -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Creates the listening dispatcher of a new listener. Its
+    /// [`Dispatcher::handle_accepted`] creates a dispatcher per connection.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the bad configuration entry; the daemon answers the
+    /// `StartListener` call with `INVALID_ARGUMENT` and that message.
+    fn listen(config: &Config) -> Result<Box<dyn Dispatcher>, String>;
+}
+
+struct Host {
+    vtable: &'static HostVtable,
+    data: *mut c_void,
+}
+
+// SAFETY: `data` is an opaque token the host handed us; we only pass it back.
+unsafe impl Send for Host {}
+// SAFETY: as above.
+unsafe impl Sync for Host {}
+
+static HOST: OnceLock<Host> = OnceLock::new();
+
+/// The host's function table; set by `init` before any other call.
+pub(crate) fn host() -> &'static HostVtable {
+    HOST.get().expect("asyncore-sdk: plugin used before the host called init").vtable
+}
+
+/// Forwards a log record to the host, if there is one yet.
+pub(crate) fn host_log(level: u32, message: &str) {
+    if let Some(host) = HOST.get() {
+        // SAFETY: the message is live for the call; the host copies it.
+        unsafe { (host.vtable.log)(host.data, level, StrRef::new(message)) }
+    }
+}
+
+/// The last panic message seen by this plugin's panic hook.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+fn install_panic_hook() {
+    // The plugin has its own copy of std and so its own hook. The default
+    // would print to stderr without saying which plugin or channel; we keep
+    // the message (with its location) for the catch site, which hands it to
+    // the host to log with the channel id.
+    std::panic::set_hook(Box::new(|info| {
+        let message = match info.location() {
+            Some(at) => format!("{} at {}:{}", payload_text(info.payload()), at.file(), at.line()),
+            None => payload_text(info.payload()),
+        };
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(message);
+        }
+    }));
+}
+
+fn payload_text(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Reports a caught panic to the host through `ctx`.
+fn report_panic(ctx: *mut HostCtx, payload: &(dyn Any + Send)) {
+    let message = LAST_PANIC
+        .lock()
+        .ok()
+        .and_then(|mut last| last.take())
+        .unwrap_or_else(|| payload_text(payload));
+    report(ctx, &format!("panicked: {message}"));
+}
+
+fn report(ctx: *mut HostCtx, message: &str) {
+    // SAFETY: ctx is the live context of the current call; the host copies
+    // the message.
+    unsafe { (host().report)(ctx, StrRef::new(message)) }
+}
+
+/// What the host holds for each dispatcher instance.
+struct Slot {
+    dispatcher: Box<dyn Dispatcher>,
+    poisoned: bool,
+}
+
+static DISPATCHER_VTABLE: DispatcherVtable = DispatcherVtable {
+    size: size_of::<DispatcherVtable>() as u32,
+    interest: dispatcher_interest,
+    handle_event: dispatcher_handle_event,
+    handle_accepted: dispatcher_handle_accepted,
+    drop: dispatcher_drop,
+};
+
+/// Moves a dispatcher behind the C ABI; the host frees it through the
+/// vtable's `drop`.
+pub(crate) fn into_handle(dispatcher: Box<dyn Dispatcher>) -> DispatcherHandle {
+    let slot = Box::new(Slot { dispatcher, poisoned: false });
+    DispatcherHandle {
+        instance: Box::into_raw(slot).cast::<c_void>(),
+        vtable: &DISPATCHER_VTABLE,
+    }
+}
+
+/// Runs `f` on a live, unpoisoned slot, catching panics.
+///
+/// # Safety
+///
+/// `instance` must come from [`into_handle`] and not be dropped; `ctx` must
+/// be the context of the current host call.
+unsafe fn with_slot<R>(
+    instance: *mut c_void,
+    ctx: *mut HostCtx,
+    f: impl FnOnce(&mut dyn Dispatcher, &mut Channel<'_>) -> R,
+) -> Result<R, ()> {
+    // SAFETY: the caller guarantees instance is a live Slot, and the host
+    // never calls one instance re-entrantly.
+    let slot = unsafe { &mut *instance.cast::<Slot>() };
+    if slot.poisoned {
+        return Err(());
+    }
+    // SAFETY: ctx is the live context of this call.
+    let mut channel = unsafe { Channel::from_ctx(ctx) };
+    match catch_unwind(AssertUnwindSafe(|| f(slot.dispatcher.as_mut(), &mut channel))) {
+        Ok(r) => Ok(r),
+        Err(payload) => {
+            slot.poisoned = true;
+            report_panic(ctx, payload.as_ref());
+            Err(())
+        }
+    }
+}
+
+unsafe extern "C" fn dispatcher_interest(instance: *mut c_void, ctx: *mut HostCtx) -> u32 {
+    // SAFETY: forwarded from the host's contract for vtable calls.
+    let answer = unsafe {
+        with_slot(instance, ctx, |d, ch| {
+            let mut bits = 0;
+            if d.readable(ch) {
+                bits |= ffi::interest::READABLE;
+            }
+            if d.writable(ch) {
+                bits |= ffi::interest::WRITABLE;
+            }
+            bits
+        })
+    };
+    answer.unwrap_or(ffi::interest::PANICKED)
+}
+
+unsafe extern "C" fn dispatcher_handle_event(
+    instance: *mut c_void,
+    ctx: *mut HostCtx,
+    event: u32,
+    arg: i64,
+) -> i32 {
+    // SAFETY: forwarded from the host's contract for vtable calls.
+    let done = unsafe {
+        with_slot(instance, ctx, |d, ch| match event {
+            ffi::event::READ => d.handle_read(ch),
+            ffi::event::WRITE => d.handle_write(ch),
+            ffi::event::CONNECT => d.handle_connect(ch),
+            ffi::event::CLOSE => d.handle_close(ch),
+            ffi::event::EXPT => d.handle_expt(ch),
+            ffi::event::ERROR => d.handle_error(ch, io::Error::from_raw_os_error(arg as i32)),
+            // An event this SDK does not know comes from a newer host;
+            // ignoring it is what the default handler would do.
+            _ => {}
+        })
+    };
+    match done {
+        Ok(()) => status::OK,
+        Err(()) => status::PANICKED,
+    }
+}
+
+unsafe extern "C" fn dispatcher_handle_accepted(
+    instance: *mut c_void,
+    ctx: *mut HostCtx,
+    out: *mut DispatcherHandle,
+) -> i32 {
+    // SAFETY: forwarded from the host's contract for vtable calls.
+    let accepted = unsafe { with_slot(instance, ctx, |d, ch| d.handle_accepted(ch)) };
+    match accepted {
+        Ok(Some(dispatcher)) => {
+            // SAFETY: the host passes a valid out pointer.
+            unsafe { out.write(into_handle(dispatcher)) };
+            status::OK
+        }
+        Ok(None) => status::DECLINED,
+        Err(()) => status::PANICKED,
+    }
+}
+
+unsafe extern "C" fn dispatcher_drop(instance: *mut c_void) {
+    // SAFETY: the host drops each instance exactly once.
+    let slot = unsafe { Box::from_raw(instance.cast::<Slot>()) };
+    // A Drop impl may panic too; it must not unwind into the host. What a
+    // poisoned dispatcher holds is leaked rather than dropped, since its
+    // invariants may be broken.
+    if slot.poisoned {
+        std::mem::forget(slot);
+    } else {
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(slot)));
+    }
+}
+
+/// Builds the descriptor of plugin `P`. Used by [`export_plugin!`](crate::export_plugin).
+#[doc(hidden)]
+pub const fn descriptor<P: Plugin>() -> ffi::PluginDescriptor {
+    ffi::PluginDescriptor {
+        size: size_of::<ffi::PluginDescriptor>() as u32,
+        abi_major: ffi::ABI_MAJOR,
+        abi_minor: ffi::ABI_MINOR,
+        panic_unwind: cfg!(panic = "unwind") as u32,
+        name: StrRef::new(P::NAME),
+        version: StrRef::new(P::VERSION),
+        sdk_version: StrRef::new(env!("CARGO_PKG_VERSION")),
+        init: plugin_init,
+        on_load: plugin_on_load::<P>,
+        listen: plugin_listen::<P>,
+    }
+}
+
+unsafe extern "C" fn plugin_init(vtable: *const HostVtable, data: *mut c_void) -> i32 {
+    // SAFETY: the host passes a pointer to its static vtable.
+    let vtable = unsafe { &*vtable };
+    if vtable.abi_major != ffi::ABI_MAJOR || (vtable.size as usize) < size_of::<HostVtable>() {
+        return status::DECLINED;
+    }
+    if HOST.set(Host { vtable, data }).is_ok() {
+        install_panic_hook();
+    }
+    status::OK
+}
+
+unsafe extern "C" fn plugin_on_load<P: Plugin>(ctx: *mut HostCtx) -> i32 {
+    match catch_unwind(P::on_load) {
+        Ok(Ok(())) => status::OK,
+        Ok(Err(message)) => {
+            report(ctx, &message);
+            status::DECLINED
+        }
+        Err(payload) => {
+            report_panic(ctx, payload.as_ref());
+            status::PANICKED
+        }
+    }
+}
+
+unsafe extern "C" fn plugin_listen<P: Plugin>(
+    ctx: *mut HostCtx,
+    config: *const KeyValue,
+    n_config: usize,
+    out: *mut DispatcherHandle,
+) -> i32 {
+    let entries = if n_config == 0 {
+        &[][..]
+    } else {
+        // SAFETY: the host lends n_config entries for the call.
+        unsafe { std::slice::from_raw_parts(config, n_config) }
+    };
+    let config = Config::from_ffi(entries);
+    match catch_unwind(AssertUnwindSafe(|| P::listen(&config))) {
+        Ok(Ok(dispatcher)) => {
+            // SAFETY: the host passes a valid out pointer.
+            unsafe { out.write(into_handle(dispatcher)) };
+            status::OK
+        }
+        Ok(Err(message)) => {
+            report(ctx, &message);
+            status::DECLINED
+        }
+        Err(payload) => {
+            report_panic(ctx, payload.as_ref());
+            status::PANICKED
+        }
+    }
+}
+
+/// Exports a [`Plugin`] from a `cdylib` crate: the frozen ABI tag and the
+/// versioned entry point the daemon looks for.
+///
+/// ```ignore
+/// asyncore_sdk::export_plugin!(EchoPlugin);
+/// ```
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        /// ABI tag read by the daemon before anything else.
+        #[unsafe(no_mangle)]
+        #[allow(non_upper_case_globals)]
+        pub static asyncore_plugin_abi: $crate::ffi::AbiTag = $crate::ffi::AbiTag::CURRENT;
+
+        /// Entry point of ABI major 1.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn asyncore_plugin_v1() -> *const $crate::ffi::PluginDescriptor {
+            static DESCRIPTOR: $crate::ffi::PluginDescriptor =
+                $crate::__private::descriptor::<$plugin>();
+            &DESCRIPTOR
+        }
+    };
+}

@@ -1,0 +1,288 @@
+//! The C ABI between the daemon and a plugin library.
+//!
+//! Everything that crosses the `dlopen` boundary is defined here: `#[repr(C)]`
+//! structs, `extern "C"` function pointers and plain integer codes. Trait
+//! objects, `String`, `Vec` and `Box` never cross it. Plugin authors never
+//! touch this module; the daemon uses it to load plugins.
+//!
+//! # Versioning
+//!
+//! * [`AbiTag`], exported as the static symbol `asyncore_plugin_abi`, is frozen
+//!   forever: its layout never changes, so a loader of any version can read the
+//!   ABI version of a library of any version and name both in its error.
+//! * The entry point carries the ABI major in its symbol name
+//!   (`asyncore_plugin_v1`): a library of another major fails at `dlsym`.
+//! * Structs that may grow ([`PluginDescriptor`], [`HostVtable`],
+//!   [`DispatcherVtable`]) start with their own `size`; fields are only ever
+//!   appended, with a minor version bump, and readers check `size` before
+//!   touching a field that came later.
+//!
+//! # Ownership
+//!
+//! Memory is freed by the side that allocated it. Host-to-plugin bytes are lent
+//! for one call ([`StrRef`]) or written into a plugin-owned buffer (`recv`).
+//! Plugin-to-host bytes are copied by the host before the call returns (`send`,
+//! `log`, `report`). A dispatcher instance is owned by whoever holds its
+//! [`DispatcherHandle`] and is freed through its vtable's `drop`.
+
+use std::ffi::c_void;
+
+/// Major version of the ABI. A library whose major differs is refused.
+pub const ABI_MAJOR: u32 = 1;
+/// Minor version of the ABI: grows when fields are appended.
+pub const ABI_MINOR: u32 = 0;
+/// First bytes of [`AbiTag`].
+pub const ABI_MAGIC: [u8; 8] = *b"ASYNCABI";
+/// Name of the static [`AbiTag`] every plugin exports.
+pub const ABI_TAG_SYMBOL: &str = "asyncore_plugin_abi";
+/// Name of the entry function of ABI major 1.
+pub const ENTRY_SYMBOL: &str = "asyncore_plugin_v1";
+
+/// Frozen forever: read first by the loader, whatever its own version.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AbiTag {
+    /// Always [`ABI_MAGIC`].
+    pub magic: [u8; 8],
+    /// ABI major the library was built against.
+    pub major: u32,
+    /// ABI minor the library was built against.
+    pub minor: u32,
+}
+
+impl AbiTag {
+    /// The tag of this SDK build.
+    pub const CURRENT: AbiTag = AbiTag { magic: ABI_MAGIC, major: ABI_MAJOR, minor: ABI_MINOR };
+}
+
+/// Borrowed UTF-8 bytes, valid for the duration of one call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct StrRef {
+    /// First byte (may dangle when `len` is 0).
+    pub ptr: *const u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl StrRef {
+    /// Lends `s` for one call.
+    pub const fn new(s: &str) -> StrRef {
+        StrRef { ptr: s.as_ptr(), len: s.len() }
+    }
+
+    /// Reads the bytes back.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must point to `len` readable bytes that stay valid for `'a`.
+    pub unsafe fn as_bytes<'a>(self) -> &'a [u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the caller guarantees ptr/len describe live memory.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Reads the bytes back as text, replacing invalid UTF-8.
+    ///
+    /// # Safety
+    ///
+    /// As for [`StrRef::as_bytes`].
+    pub unsafe fn to_string_lossy(self) -> String {
+        // SAFETY: forwarded to the caller.
+        String::from_utf8_lossy(unsafe { self.as_bytes() }).into_owned()
+    }
+}
+
+/// One configuration entry lent to `listen`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KeyValue {
+    /// The key.
+    pub key: StrRef,
+    /// The value.
+    pub value: StrRef,
+}
+
+/// Opaque per-call context owned by the host. Plugins pass it back to host
+/// functions and never dereference it.
+#[repr(C)]
+pub struct HostCtx {
+    _private: [u8; 0],
+}
+
+/// A dispatcher instance and the table of functions that operate on it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DispatcherHandle {
+    /// The instance, owned by whoever holds the handle.
+    pub instance: *mut c_void,
+    /// Static table of the instance's functions.
+    pub vtable: *const DispatcherVtable,
+}
+
+/// Status codes returned by plugin calls.
+pub mod status {
+    /// The call completed.
+    pub const OK: i32 = 0;
+    /// The call panicked; the message was passed to `HostVtable::report`.
+    /// The dispatcher is poisoned: the host only drops it from now on.
+    pub const PANICKED: i32 = 1;
+    /// The call declined (for example `handle_accepted` returned no
+    /// dispatcher, or `listen` rejected its config); the message, if any, was
+    /// passed to `report`.
+    pub const DECLINED: i32 = 2;
+}
+
+/// Bits returned by `DispatcherVtable::interest`.
+pub mod interest {
+    /// `readable()` answered true.
+    pub const READABLE: u32 = 1;
+    /// `writable()` answered true.
+    pub const WRITABLE: u32 = 2;
+    /// The call panicked (see [`super::status::PANICKED`]).
+    pub const PANICKED: u32 = 1 << 31;
+}
+
+/// Event codes passed to `DispatcherVtable::handle_event`.
+pub mod event {
+    /// `handle_read`.
+    pub const READ: u32 = 1;
+    /// `handle_write`.
+    pub const WRITE: u32 = 2;
+    /// `handle_connect`.
+    pub const CONNECT: u32 = 3;
+    /// `handle_close`.
+    pub const CLOSE: u32 = 4;
+    /// `handle_expt`.
+    pub const EXPT: u32 = 5;
+    /// `handle_error`; the argument is an errno value.
+    pub const ERROR: u32 = 6;
+}
+
+/// Which address `HostVtable::address` returns.
+pub mod address {
+    /// The remote end.
+    pub const PEER: u32 = 0;
+    /// The local end.
+    pub const LOCAL: u32 = 1;
+}
+
+/// Log levels passed to `HostVtable::log`.
+pub mod level {
+    /// Errors.
+    pub const ERROR: u32 = 1;
+    /// Warnings.
+    pub const WARN: u32 = 2;
+    /// Information.
+    pub const INFO: u32 = 3;
+    /// Debugging.
+    pub const DEBUG: u32 = 4;
+    /// Tracing.
+    pub const TRACE: u32 = 5;
+}
+
+/// Functions a dispatcher instance offers the host. One static table per SDK
+/// build; every entry catches panics inside the plugin.
+#[repr(C)]
+pub struct DispatcherVtable {
+    /// `size_of::<DispatcherVtable>()` in the plugin's build.
+    pub size: u32,
+    /// Asks `readable()` and `writable()`; returns [`interest`] bits.
+    pub interest: unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx) -> u32,
+    /// Calls the `handle_*` method named by an [`event`] code; returns a
+    /// [`status`] code.
+    pub handle_event:
+        unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx, event: u32, arg: i64) -> i32,
+    /// Calls `handle_accepted` on a listening dispatcher; `ctx` is the new
+    /// channel. On [`status::OK`] the new dispatcher was written to `out`.
+    pub handle_accepted: unsafe extern "C" fn(
+        instance: *mut c_void,
+        ctx: *mut HostCtx,
+        out: *mut DispatcherHandle,
+    ) -> i32,
+    /// Frees the instance. Never panics out.
+    pub drop: unsafe extern "C" fn(instance: *mut c_void),
+}
+
+/// Functions the host offers a plugin, passed once to `init`.
+///
+/// `ctx` arguments are valid only during the plugin call they were passed to.
+/// Functions returning `i64` return a negative errno on failure.
+#[repr(C)]
+pub struct HostVtable {
+    /// `size_of::<HostVtable>()` in the host's build.
+    pub size: u32,
+    /// The host's ABI major.
+    pub abi_major: u32,
+    /// The host's ABI minor.
+    pub abi_minor: u32,
+    /// Emits a log record attributed to the plugin (`host_data` from `init`).
+    pub log: unsafe extern "C" fn(host_data: *mut c_void, level: u32, message: StrRef),
+    /// Records the message explaining the current call's failure or panic.
+    pub report: unsafe extern "C" fn(ctx: *mut HostCtx, message: StrRef),
+    /// Id of the channel the call is about (0 when there is none).
+    pub channel_id: unsafe extern "C" fn(ctx: *mut HostCtx) -> u64,
+    /// Queues `len` bytes for output on the channel (writing at once what the
+    /// socket takes); returns the number of bytes accepted.
+    pub send: unsafe extern "C" fn(ctx: *mut HostCtx, data: *const u8, len: usize) -> i64,
+    /// Reads at most `cap` bytes into `buf`; 0 means the peer closed.
+    pub recv: unsafe extern "C" fn(ctx: *mut HostCtx, buf: *mut u8, cap: usize) -> i64,
+    /// Closes the channel once its queued output is flushed.
+    pub close: unsafe extern "C" fn(ctx: *mut HostCtx) -> i32,
+    /// Bytes queued for output and not yet written.
+    pub pending_output: unsafe extern "C" fn(ctx: *mut HostCtx) -> u64,
+    /// Writes the peer or local address as text into `buf`; returns its full
+    /// length (which may exceed `cap`).
+    pub address: unsafe extern "C" fn(ctx: *mut HostCtx, which: u32, buf: *mut u8, cap: usize) -> i64,
+    /// Starts an outbound connection to `addr` (`ip:port`), served by the
+    /// dispatcher `handle` (ownership passes to the host, even on failure);
+    /// returns the new channel's id.
+    pub connect: unsafe extern "C" fn(ctx: *mut HostCtx, addr: StrRef, handle: DispatcherHandle) -> i64,
+}
+
+/// What a plugin library describes itself with; returned by the entry point.
+#[repr(C)]
+pub struct PluginDescriptor {
+    /// `size_of::<PluginDescriptor>()` in the plugin's build.
+    pub size: u32,
+    /// ABI major (also in [`AbiTag`]).
+    pub abi_major: u32,
+    /// ABI minor.
+    pub abi_minor: u32,
+    /// 1 when the plugin was built with `panic = "unwind"`. A plugin built
+    /// with `panic = "abort"` would take the daemon down on its first panic,
+    /// so the host refuses it.
+    pub panic_unwind: u32,
+    /// Plugin name, unique in a daemon.
+    pub name: StrRef,
+    /// Plugin version (informational).
+    pub version: StrRef,
+    /// Version of asyncore-sdk the plugin was built with (informational).
+    pub sdk_version: StrRef,
+    /// Called once after loading, before anything else.
+    pub init: unsafe extern "C" fn(host: *const HostVtable, host_data: *mut c_void) -> i32,
+    /// The plugin's own validation; [`status::DECLINED`] refuses the load
+    /// with the message passed to `report`.
+    pub on_load: unsafe extern "C" fn(ctx: *mut HostCtx) -> i32,
+    /// Creates the listening dispatcher for a new listener from its
+    /// configuration; writes it to `out` on [`status::OK`].
+    pub listen: unsafe extern "C" fn(
+        ctx: *mut HostCtx,
+        config: *const KeyValue,
+        n_config: usize,
+        out: *mut DispatcherHandle,
+    ) -> i32,
+}
+
+// SAFETY: the descriptor is immutable static data (function pointers and
+// pointers to static strings); sharing it between threads is sound.
+unsafe impl Sync for PluginDescriptor {}
+// SAFETY: as above, the vtable holds only function pointers.
+unsafe impl Sync for DispatcherVtable {}
+// SAFETY: as above.
+unsafe impl Sync for HostVtable {}
+
+/// Type of the entry function named [`ENTRY_SYMBOL`].
+pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;
