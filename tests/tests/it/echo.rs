@@ -1,0 +1,205 @@
+//! The echo plugin through the real daemon: exact bytes, exact counters,
+//! stats streaming, graceful close and stopping a listener.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use asyncore_proto::v1::{self, ChannelKind};
+use asyncore_tests::{Client, Daemon, Rng};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_stream::StreamExt;
+
+use crate::runtime;
+
+/// Sends `payload` and reads it back concurrently (the echo pushes back
+/// when the client does not read).
+async fn echo_round_trip(stream: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
+    let (mut reader, mut writer) = stream.split();
+    let mut back = vec![0u8; payload.len()];
+    let (written, read) = tokio::join!(writer.write_all(payload), reader.read_exact(&mut back));
+    written.expect("write payload");
+    read.expect("read echo");
+    back
+}
+
+async fn all_channels(client: &mut Client, listener_id: u64) -> Vec<v1::Channel> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .channels
+            .list_channels(v1::ListChannelsRequest { listener_id: Some(listener_id), page_size: 37, page_token })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.channels);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+#[test]
+fn hundred_clients_echo_exact_bytes_with_exact_counters() {
+    let daemon = Daemon::start();
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let (listener_id, address) = client.start_listener("echo", &[]).await;
+
+        // 100 clients, payloads from 1 byte to 1 MiB, all at once.
+        let mut rng = Rng::new(7);
+        let mut sizes: Vec<usize> = (0..100).map(|_| rng.range(1, 1 << 20)).collect();
+        sizes[0] = 1;
+        sizes[1] = 1 << 20;
+        let tasks: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| {
+                let payload = Rng::new(i as u64 + 100).bytes(size);
+                tokio::spawn(async move {
+                    let mut stream = TcpStream::connect(address).await.unwrap();
+                    let back = echo_round_trip(&mut stream, &payload).await;
+                    assert!(back == payload, "client {i}: echoed bytes differ");
+                    (stream.local_addr().unwrap(), size, stream)
+                })
+            })
+            .collect();
+        let mut clients: Vec<(SocketAddr, usize, TcpStream)> = Vec::new();
+        for task in tasks {
+            clients.push(task.await.unwrap());
+        }
+
+        // ListChannels shows each client with exact counters (the echo is
+        // complete on the client side, so bytes_out is final too).
+        let channels: Vec<v1::Channel> = all_channels(&mut client, listener_id)
+            .await
+            .into_iter()
+            .filter(|c| c.kind != ChannelKind::Listening as i32)
+            .collect();
+        let by_peer: HashMap<String, &v1::Channel> = channels.iter().map(|c| (c.peer_address.clone(), c)).collect();
+        assert_eq!(channels.len(), 100, "one channel per client");
+        for (peer, size, _) in &clients {
+            let channel = by_peer.get(&peer.to_string()).unwrap_or_else(|| panic!("no channel for {peer}"));
+            assert_eq!(channel.kind, ChannelKind::Accepted as i32);
+            assert_eq!(channel.plugin, "echo");
+            assert_eq!(channel.listener_id, listener_id);
+            assert_eq!(channel.bytes_in, *size as u64, "bytes_in of {peer}");
+            assert_eq!(channel.bytes_out, *size as u64, "bytes_out of {peer}");
+            assert_eq!(channel.pending_output, 0);
+            assert!(channel.reads >= 1 && channel.writes >= 1);
+            assert!(channel.created_at.is_some());
+            assert_eq!(channel.local_address, address.to_string());
+        }
+        let listener = client.listeners.list_listeners(v1::ListListenersRequest {}).await.unwrap().into_inner();
+        assert_eq!(listener.listeners[0].channel_count, 100);
+
+        // WatchStats: several messages covering every client; a channel
+        // closed meanwhile is reported once more, closed, with its final
+        // figures.
+        let mut stream = client
+            .channels
+            .watch_stats(v1::WatchStatsRequest { interval_ms: 100, listener_id: Some(listener_id), channel_ids: vec![] })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.channels.len(), 100);
+        assert!(first.channels.iter().all(|c| !c.closed));
+        let second = stream.next().await.unwrap().unwrap();
+        assert_eq!(second.seq, first.seq + 1);
+        assert_eq!(second.channels.len(), 100);
+
+        let (closed_peer, closed_size, closed_stream) = clients.remove(5);
+        let closed_id = by_peer[&closed_peer.to_string()].id;
+        drop(closed_stream);
+        let mut closed_reports = Vec::new();
+        for _ in 0..30 {
+            let update = stream.next().await.unwrap().unwrap();
+            closed_reports.extend(update.channels.iter().filter(|c| c.channel_id == closed_id).cloned());
+            if closed_reports.iter().any(|c| c.closed) {
+                // One more message: the closed channel must not reappear.
+                let next = stream.next().await.unwrap().unwrap();
+                assert!(next.channels.iter().all(|c| c.channel_id != closed_id), "closed channel reported twice");
+                assert_eq!(next.channels.len(), 99);
+                break;
+            }
+        }
+        let last = closed_reports.last().expect("closed channel reported");
+        assert!(last.closed, "closed flag set");
+        assert_eq!(closed_reports.iter().filter(|c| c.closed).count(), 1);
+        assert_eq!(last.bytes_in, closed_size as u64);
+        assert_eq!(last.bytes_out, closed_size as u64);
+        drop(stream);
+
+        // CloseChannel: graceful; the client reads every pending byte, then
+        // EOF.
+        let (_, echoed_before, victim) = clients.remove(0);
+        let victim_id = by_peer[&victim.local_addr().unwrap().to_string()].id;
+        // More than every socket buffer on the way can hold.
+        let payload = Rng::new(99).bytes(32 << 20);
+        let (mut reader, mut writer) = victim.into_split();
+        let writer_task = tokio::spawn(async move {
+            // The daemon stops reading at its high-water mark; the rest of
+            // this write is drained (and discarded) once it closes.
+            let _ = writer.write_all(&payload).await;
+            // Returned, not dropped: dropping would half-close, which the
+            // echo answers by closing on its own.
+            (payload, writer)
+        });
+        // Let output pile up while the client does not read.
+        let mut pending = 0;
+        for _ in 0..200 {
+            let channel = match client.channels.get_channel(v1::GetChannelRequest { id: victim_id }).await {
+                Ok(c) => c.into_inner(),
+                Err(e) => panic!("{e}: {}", daemon.log()),
+            };
+            pending = channel.pending_output;
+            if pending > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(pending > 0, "output queued for a client that does not read");
+        let closing = client.channels.close_channel(v1::CloseChannelRequest { id: victim_id }).await.unwrap().into_inner();
+        assert_eq!(closing.state, v1::ChannelState::Closing as i32);
+        let mut received = Vec::new();
+        reader.read_to_end(&mut received).await.expect("read to EOF");
+        let (payload, _writer) = writer_task.await.unwrap();
+        // Everything the daemon had read was echoed before EOF, not one byte
+        // more.
+        assert_eq!((echoed_before + received.len()) as u64, closing.bytes_in);
+        assert!(received == payload[..received.len()], "echoed prefix intact");
+        // The daemon lingers, discarding input, until the client closes too;
+        // then the channel leaves the map.
+        drop((_writer, reader));
+        let mut gone = false;
+        for _ in 0..500 {
+            if let Err(status) = client.channels.get_channel(v1::GetChannelRequest { id: victim_id }).await {
+                assert_eq!(status.code(), tonic::Code::NotFound);
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gone, "closed channel left the map");
+
+        // StopListener: new connections are refused, existing ones keep
+        // echoing.
+        let stopped = client
+            .listeners
+            .stop_listener(v1::StopListenerRequest { id: listener_id, close_channels: false })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stopped.state, v1::ListenerState::Stopped as i32);
+        let refused = TcpStream::connect(address).await;
+        assert!(refused.is_err(), "connect after StopListener must fail");
+        for (i, (_, _, stream)) in clients.iter_mut().enumerate().take(10) {
+            let payload = Rng::new(1000 + i as u64).bytes(10_000);
+            assert!(echo_round_trip(stream, &payload).await == payload, "client {i} still echoes");
+        }
+    });
+}

@@ -1,0 +1,13 @@
+//! Integration tests against the real `asyncored` binary. One test binary
+//! with a module per area keeps link times down.
+
+mod cli;
+mod echo;
+mod errors;
+mod idle;
+mod panics;
+
+/// A multi-threaded runtime for one test.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}

@@ -1,0 +1,72 @@
+//! A plugin that panics closes its own channel; the daemon and every other
+//! channel carry on.
+
+use asyncore_proto::v1;
+use asyncore_tests::{Daemon, Options, assert_eventually};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::runtime;
+
+#[test]
+fn a_panic_in_handle_read_closes_only_that_channel() {
+    let mut daemon = Daemon::start_with(Options {
+        plugins: vec!["asyncore_fixture_panicky", "asyncore_plugin_echo"],
+        ..Options::default()
+    });
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let (_, panicky) = client.start_listener("panicky", &[]).await;
+        let (_, echo) = client.start_listener("echo", &[]).await;
+
+        let mut calm = TcpStream::connect(panicky).await.unwrap();
+        let mut other_plugin = TcpStream::connect(echo).await.unwrap();
+        let mut doomed = TcpStream::connect(panicky).await.unwrap();
+        for stream in [&mut calm, &mut other_plugin, &mut doomed] {
+            stream.write_all(b"hello").await.unwrap();
+            let mut back = [0u8; 5];
+            stream.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"hello");
+        }
+
+        doomed.write_all(b"PANIC now").await.unwrap();
+        let mut rest = Vec::new();
+        let n = doomed.read_to_end(&mut rest).await.unwrap_or(0);
+        assert_eq!(n, 0, "the panicking channel is closed without an echo");
+
+        for stream in [&mut calm, &mut other_plugin] {
+            stream.write_all(b"again").await.unwrap();
+            let mut back = [0u8; 5];
+            stream.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"again");
+        }
+
+        // Once the peer closes too, only the calm channel is left.
+        drop(doomed);
+        let mut panicky_info = None;
+        for _ in 0..500 {
+            let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+            let info = plugins.plugins.into_iter().find(|p| p.name == "panicky").unwrap();
+            if info.live_channels == 1 {
+                panicky_info = Some(info);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let panicky_info = panicky_info.expect("the panicked channel leaves the map");
+        assert_eq!(panicky_info.panics, 1);
+        let stats = client.daemon.get_loop_stats(v1::GetLoopStatsRequest {}).await.unwrap().into_inner();
+        assert_eq!(stats.panics, 1);
+    });
+    assert_eventually!(
+        daemon.log().contains("fixture asked to panic on channel"),
+        "panic message logged; log:\n{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    let line = log.lines().find(|l| l.contains("fixture asked to panic")).unwrap();
+    assert!(line.contains("plugin=panicky") && line.contains("channel="), "{line}");
+    daemon.assert_running();
+}
