@@ -114,7 +114,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
     let tag = unsafe { library.get::<*const AbiTag>(ffi::ABI_TAG_SYMBOL.as_bytes()) }
         .map_err(|_| PluginLoadError::NotAPlugin { path: path.clone(), symbol: ffi::ABI_TAG_SYMBOL })?;
     // SAFETY: a static symbol's address is the address of its data.
-    let tag: AbiTag = unsafe { std::ptr::read(*tag as *const AbiTag) };
+    let tag: AbiTag = unsafe { std::ptr::read(*tag) };
     if tag.magic != ffi::ABI_MAGIC {
         return Err(PluginLoadError::NotAPlugin { path, symbol: ffi::ABI_TAG_SYMBOL });
     }

@@ -208,6 +208,16 @@ impl Engine {
         self.core.start_listener(address, plugin, config)
     }
 
+    /// Stops a listener; with `close_channels`, also closes its channels
+    /// gracefully.
+    ///
+    /// # Errors
+    ///
+    /// [`CommandError::NoListener`] for an unknown id.
+    pub fn stop_listener(&mut self, id: u64, close_channels: bool) -> Result<ListenerInfo, CommandError> {
+        self.core.stop_listener(id, close_channels)
+    }
+
     /// Number of channels in the map.
     pub fn n_channels(&self) -> usize {
         self.core.ids.len()
@@ -412,6 +422,7 @@ impl Core {
             out: OutBuf::default(),
             registered: 0,
             read_eof: false,
+            wants_write: false,
             close_pending: false,
             close_event_pending: false,
             failed: None,
@@ -743,8 +754,10 @@ impl Core {
                 // The call may have closed the channel (a panic, a close()
                 // from readable()): then decide from its new phase.
                 match self.channels[slot].as_ref() {
-                    Some(ch) if ch.phase == Phase::Open => {
+                    Some(_) if self.channel_ref(slot).phase == Phase::Open => {
+                        let ch = self.channel(slot);
                         let (readable, writable) = answer.unwrap_or((false, false));
+                        ch.wants_write = writable;
                         let mut bits = 0;
                         if readable && !ch.read_eof && ch.dispatcher.is_some() {
                             bits |= READ;
@@ -902,6 +915,7 @@ impl Core {
             out: OutBuf::default(),
             registered: 0,
             read_eof: false,
+            wants_write: false,
             close_pending: false,
             close_event_pending: false,
             failed: None,
@@ -959,8 +973,8 @@ impl Core {
         }
         if event.writable || event.is_interrupt() {
             self.flush(slot);
-            let registered = self.channels[slot].as_ref().map_or(0, |ch| ch.registered);
-            if registered & WRITE != 0 && self.is_open(slot) && self.channel_ref(slot).out.is_empty() {
+            let wants_write = self.channels[slot].as_ref().is_some_and(|ch| ch.wants_write && ch.out.is_empty());
+            if wants_write && self.is_open(slot) {
                 self.handle_event(slot, ffi::event::WRITE, 0);
             }
         }
@@ -1072,6 +1086,7 @@ impl Core {
             out: OutBuf::default(),
             registered: 0,
             read_eof: false,
+            wants_write: false,
             close_pending: false,
             close_event_pending: false,
             failed: None,

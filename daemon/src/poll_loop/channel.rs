@@ -124,6 +124,9 @@ pub(crate) struct Channel {
     pub(crate) registered: u8,
     /// The peer closed its side; `handle_close` was called.
     pub(crate) read_eof: bool,
+    /// The dispatcher's last `writable()` answer: call `handle_write` when
+    /// the socket drains.
+    pub(crate) wants_write: bool,
     /// The plugin called `close()` during a callback; acted on after it.
     pub(crate) close_pending: bool,
     /// `recv` saw the peer's close during a callback: `handle_close` is due.

@@ -3,9 +3,11 @@
 
 mod cli;
 mod echo;
+mod engine;
 mod errors;
 mod idle;
 mod panics;
+mod reflection;
 
 /// A multi-threaded runtime for one test.
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
