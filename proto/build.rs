@@ -16,14 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor_set = compiler.file_descriptor_set();
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(
-        out_dir.join("asyncore_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    fs::write(out_dir.join("asyncore_descriptor.bin"), compiler.encode_file_descriptor_set())?;
 
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(descriptor_set)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptor_set)?;
     Ok(())
 }

@@ -185,16 +185,10 @@ impl v1::listeners_server::Listeners for ControlApi {
         Ok(Response::new(convert::listener(listener)))
     }
 
-    async fn stop_listener(
-        &self,
-        request: Request<v1::StopListenerRequest>,
-    ) -> Result<Response<v1::Listener>, Status> {
+    async fn stop_listener(&self, request: Request<v1::StopListenerRequest>) -> Result<Response<v1::Listener>, Status> {
         let v1::StopListenerRequest { id, close_channels } = request.into_inner();
-        let listener = self
-            .engine
-            .request(|reply| Command::StopListener { id, close_channels, reply })
-            .await
-            .map_err(status)?;
+        let listener =
+            self.engine.request(|reply| Command::StopListener { id, close_channels, reply }).await.map_err(status)?;
         Ok(Response::new(convert::listener(listener)))
     }
 
@@ -226,7 +220,10 @@ impl v1::channels_server::Channels for ControlApi {
             0
         } else {
             request.page_token.parse::<u64>().map_err(|_| {
-                Status::invalid_argument(format!("invalid page_token {:?}: pass a previous next_page_token", request.page_token))
+                Status::invalid_argument(format!(
+                    "invalid page_token {:?}: pass a previous next_page_token",
+                    request.page_token
+                ))
             })?
         };
         let listener_id = request.listener_id;
@@ -251,10 +248,7 @@ impl v1::channels_server::Channels for ControlApi {
         Ok(Response::new(convert::channel(channel)))
     }
 
-    async fn close_channel(
-        &self,
-        request: Request<v1::CloseChannelRequest>,
-    ) -> Result<Response<v1::Channel>, Status> {
+    async fn close_channel(&self, request: Request<v1::CloseChannelRequest>) -> Result<Response<v1::Channel>, Status> {
         let id = request.into_inner().id;
         let channel = self.engine.request(|reply| Command::CloseChannel { id, reply }).await.map_err(status)?;
         Ok(Response::new(convert::channel(channel)))
@@ -262,10 +256,7 @@ impl v1::channels_server::Channels for ControlApi {
 
     type WatchStatsStream = StatsStream;
 
-    async fn watch_stats(
-        &self,
-        request: Request<v1::WatchStatsRequest>,
-    ) -> Result<Response<StatsStream>, Status> {
+    async fn watch_stats(&self, request: Request<v1::WatchStatsRequest>) -> Result<Response<StatsStream>, Status> {
         let request = request.into_inner();
         let interval = match request.interval_ms {
             0 => Duration::from_secs(1),
@@ -292,31 +283,27 @@ async fn watch_stats(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Start from the closed-channel records that exist now: channels closed
     // before the watch began are not news.
-    let mut closed_after = match engine
-        .request(|reply| Command::Stats { filter: filter.clone(), closed_after: u64::MAX, reply })
-        .await
-    {
-        Ok(snapshot) => snapshot.closed_seq,
-        Err(e) => {
-            let _ = tx.send(Err(status(e))).await;
-            return;
-        }
-    };
-    let mut previous: HashMap<u64, (u64, u64)> = HashMap::new();
-    let mut last = Instant::now();
-    let mut seq = 0;
-    loop {
-        ticker.tick().await;
-        let snapshot = match engine
-            .request(|reply| Command::Stats { filter: filter.clone(), closed_after, reply })
-            .await
-        {
-            Ok(snapshot) => snapshot,
+    let mut closed_after =
+        match engine.request(|reply| Command::Stats { filter: filter.clone(), closed_after: u64::MAX, reply }).await {
+            Ok(snapshot) => snapshot.closed_seq,
             Err(e) => {
                 let _ = tx.send(Err(status(e))).await;
                 return;
             }
         };
+    let mut previous: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut last = Instant::now();
+    let mut seq = 0;
+    loop {
+        ticker.tick().await;
+        let snapshot =
+            match engine.request(|reply| Command::Stats { filter: filter.clone(), closed_after, reply }).await {
+                Ok(snapshot) => snapshot,
+                Err(e) => {
+                    let _ = tx.send(Err(status(e))).await;
+                    return;
+                }
+            };
         closed_after = snapshot.closed_seq;
         let now = Instant::now();
         let seconds = now.duration_since(last).as_secs_f64();

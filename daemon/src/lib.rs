@@ -74,10 +74,8 @@ impl Daemon {
                 lifecycle_for_loop.set(Phase::Stopped);
             })
             .context("cannot start the poll-loop thread")?;
-        let engine = handle_rx
-            .recv()
-            .context("the poll-loop thread died at start")?
-            .context("cannot create the poller")?;
+        let engine =
+            handle_rx.recv().context("the poll-loop thread died at start")?.context("cannot create the poller")?;
 
         for dir in &config.plugin_dirs {
             load_plugin_dir(&engine, dir).await;
@@ -102,7 +100,12 @@ impl Daemon {
         let (stop_server, stopped) = oneshot::channel::<()>();
         let api = grpc::ControlApi::new(engine.clone(), lifecycle.clone());
         let server = tokio::spawn(async move {
-            if let Err(e) = api.serve(control, async { let _ = stopped.await; }).await {
+            if let Err(e) = api
+                .serve(control, async {
+                    let _ = stopped.await;
+                })
+                .await
+            {
                 tracing::error!(error = %e, "control api failed");
             }
         });
@@ -182,10 +185,9 @@ async fn load_plugin_dir(engine: &EngineHandle, dir: &Path) {
             tokio::task::spawn_blocking(move || plugin_host::load(&path)).await
         };
         let result = match loaded {
-            Ok(Ok(plugin)) => engine
-                .request(|reply| Command::AddPlugin { plugin: Box::new(plugin), reply })
-                .await
-                .map(|_| ()),
+            Ok(Ok(plugin)) => {
+                engine.request(|reply| Command::AddPlugin { plugin: Box::new(plugin), reply }).await.map(|_| ())
+            }
             Ok(Err(e)) => Err(e.into()),
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "plugin loader failed");

@@ -91,10 +91,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
     let private_dir = std::env::temp_dir().join(format!("asyncored-{}", std::process::id()));
     std::fs::create_dir_all(&private_dir).map_err(io_err)?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
-    let private = private_dir.join(format!(
-        "{stem}-{}.so",
-        NEXT_COPY.fetch_add(1, Ordering::Relaxed)
-    ));
+    let private = private_dir.join(format!("{stem}-{}.so", NEXT_COPY.fetch_add(1, Ordering::Relaxed)));
     std::fs::copy(&path, &private).map_err(io_err)?;
 
     // SAFETY: loading runs the library's initialisers. Plugins are trusted
@@ -104,10 +101,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
     // The mapping survives the unlink; removing the copy now leaves nothing
     // behind whatever happens next.
     let _ = std::fs::remove_file(&private);
-    let library = opened.map_err(|e| PluginLoadError::NotALibrary {
-        path: path.clone(),
-        message: dl_message(&e),
-    })?;
+    let library = opened.map_err(|e| PluginLoadError::NotALibrary { path: path.clone(), message: dl_message(&e) })?;
 
     // SAFETY: the tag's layout is frozen forever; any library exporting the
     // symbol exports this struct.
@@ -136,9 +130,8 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
         return Err(PluginLoadError::PanicAbort { path });
     }
     // SAFETY: the strings are static data of the library.
-    let (name, version, sdk_version) = unsafe {
-        (desc.name.to_string_lossy(), desc.version.to_string_lossy(), desc.sdk_version.to_string_lossy())
-    };
+    let (name, version, sdk_version) =
+        unsafe { (desc.name.to_string_lossy(), desc.version.to_string_lossy(), desc.sdk_version.to_string_lossy()) };
 
     // From here on plugin code runs, so the library is never unloaded.
     let library = ManuallyDrop::new(library);
@@ -193,10 +186,8 @@ impl LoadedPlugin {
     ///
     /// On refusal or panic, returns the plugin's message.
     pub(crate) fn listen(&self, ctx: &mut CallCtx, config: &[(String, String)]) -> Result<Dispatcher, String> {
-        let entries: Vec<KeyValue> = config
-            .iter()
-            .map(|(k, v)| KeyValue { key: StrRef::new(k), value: StrRef::new(v) })
-            .collect();
+        let entries: Vec<KeyValue> =
+            config.iter().map(|(k, v)| KeyValue { key: StrRef::new(k), value: StrRef::new(v) }).collect();
         let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
         // SAFETY: the descriptor is live static data; entries and out live
         // across the call.

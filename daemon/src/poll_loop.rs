@@ -32,8 +32,8 @@ use polling::{Event, Events, PollMode, Poller};
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 use tracing::{debug, error, info, warn};
 
-pub(crate) use self::host_abi::HOST_VTABLE;
 use self::channel::{Channel, OutBuf, Phase, READ, Socket, WRITE};
+pub(crate) use self::host_abi::HOST_VTABLE;
 use crate::{
     command::{
         ChannelInfo, ChannelKind, ChannelStats, Command, CommandError, EngineHandle, ListenerInfo, LoopStats,
@@ -380,7 +380,12 @@ impl Core {
             abi_version: entry.loaded.abi,
             sdk_version: entry.loaded.sdk_version.clone(),
             path: entry.loaded.path.display().to_string(),
-            listener_ids: self.listeners.values().filter(|l| l.plugin == index && l.channel_id != 0).map(|l| l.id).collect(),
+            listener_ids: self
+                .listeners
+                .values()
+                .filter(|l| l.plugin == index && l.channel_id != 0)
+                .map(|l| l.id)
+                .collect(),
             live_channels: entry.live_channels,
             panics: entry.panics,
             loaded_at: entry.loaded.loaded_at,
@@ -403,9 +408,10 @@ impl Core {
 
         let pairs: Vec<(String, String)> = config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut ctx = CallCtx { core: self, slot: None, report: None };
-        let dispatcher = self.plugins[plugin].loaded.listen(&mut ctx, &pairs).map_err(|message| {
-            CommandError::PluginRefused { plugin: plugin_name.to_string(), message }
-        })?;
+        let dispatcher = self.plugins[plugin]
+            .loaded
+            .listen(&mut ctx, &pairs)
+            .map_err(|message| CommandError::PluginRefused { plugin: plugin_name.to_string(), message })?;
 
         let id = self.next_listener_id;
         self.next_listener_id += 1;
@@ -438,7 +444,7 @@ impl Core {
             id,
             Listener { id, address, plugin, config, channel_id, channel_count: 0, created_at: SystemTime::now() },
         );
-        info!(listener = id, %address, plugin = plugin_name, "listener started");
+        info!(listener = id, %address, plugin = %plugin_name, "listener started");
         Ok(self.listener_info(&self.listeners[&id]))
     }
 

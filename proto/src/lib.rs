@@ -13,8 +13,7 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of the API and its imports, for gRPC
 /// server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/asyncore_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/asyncore_descriptor.bin"));
 
 /// Converts a `SystemTime` into the protobuf timestamp the API uses.
 pub fn timestamp(time: std::time::SystemTime) -> prost_types::Timestamp {

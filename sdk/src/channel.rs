@@ -121,11 +121,7 @@ impl<'a> Channel<'a> {
     ///
     /// [`io::ErrorKind::InvalidInput`] for an address that is not `ip:port`,
     /// or the error of creating the socket.
-    pub fn connect(
-        &mut self,
-        addr: SocketAddr,
-        dispatcher: Box<dyn Dispatcher>,
-    ) -> io::Result<ChannelId> {
+    pub fn connect(&mut self, addr: SocketAddr, dispatcher: Box<dyn Dispatcher>) -> io::Result<ChannelId> {
         let text = addr.to_string();
         // SAFETY: the string is live for the call; ownership of the handle
         // passes to the host, which frees it through its vtable.
@@ -142,9 +138,5 @@ impl fmt::Debug for Channel<'_> {
 
 /// Turns a host return value (a count, or a negative errno) into a result.
 fn errno_result(n: i64) -> io::Result<usize> {
-    if n >= 0 {
-        Ok(n as usize)
-    } else {
-        Err(io::Error::from_raw_os_error((-n) as i32))
-    }
+    if n >= 0 { Ok(n as usize) } else { Err(io::Error::from_raw_os_error((-n) as i32)) }
 }

@@ -13,9 +13,7 @@ pub struct Config {
 
 impl Config {
     /// A configuration from key/value pairs, for tests.
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Config {
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Config {
         Config { entries: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
     }
 
@@ -44,9 +42,7 @@ impl Config {
     {
         match self.get(key) {
             None => Ok(default),
-            Some(value) => value
-                .parse()
-                .map_err(|e| format!("config {key}: invalid value {value:?}: {e}")),
+            Some(value) => value.parse().map_err(|e| format!("config {key}: invalid value {value:?}: {e}")),
         }
     }
 

@@ -110,11 +110,7 @@ fn payload_text(payload: &(dyn Any + Send)) -> String {
 
 /// Reports a caught panic to the host through `ctx`.
 fn report_panic(ctx: *mut HostCtx, payload: &(dyn Any + Send)) {
-    let message = LAST_PANIC
-        .lock()
-        .ok()
-        .and_then(|mut last| last.take())
-        .unwrap_or_else(|| payload_text(payload));
+    let message = LAST_PANIC.lock().ok().and_then(|mut last| last.take()).unwrap_or_else(|| payload_text(payload));
     report(ctx, &format!("panicked: {message}"));
 }
 
@@ -142,10 +138,7 @@ static DISPATCHER_VTABLE: DispatcherVtable = DispatcherVtable {
 /// vtable's `drop`.
 pub(crate) fn into_handle(dispatcher: Box<dyn Dispatcher>) -> DispatcherHandle {
     let slot = Box::new(Slot { dispatcher, poisoned: false });
-    DispatcherHandle {
-        instance: Box::into_raw(slot).cast::<c_void>(),
-        vtable: &DISPATCHER_VTABLE,
-    }
+    DispatcherHandle { instance: Box::into_raw(slot).cast::<c_void>(), vtable: &DISPATCHER_VTABLE }
 }
 
 /// Runs `f` on a live, unpoisoned slot, catching panics.
@@ -194,12 +187,7 @@ unsafe extern "C" fn dispatcher_interest(instance: *mut c_void, ctx: *mut HostCt
     answer.unwrap_or(ffi::interest::PANICKED)
 }
 
-unsafe extern "C" fn dispatcher_handle_event(
-    instance: *mut c_void,
-    ctx: *mut HostCtx,
-    event: u32,
-    arg: i64,
-) -> i32 {
+unsafe extern "C" fn dispatcher_handle_event(instance: *mut c_void, ctx: *mut HostCtx, event: u32, arg: i64) -> i32 {
     // SAFETY: forwarded from the host's contract for vtable calls.
     let done = unsafe {
         with_slot(instance, ctx, |d, ch| match event {
@@ -341,8 +329,7 @@ macro_rules! export_plugin {
         /// Entry point of ABI major 1.
         #[unsafe(no_mangle)]
         pub extern "C" fn asyncore_plugin_v1() -> *const $crate::ffi::PluginDescriptor {
-            static DESCRIPTOR: $crate::ffi::PluginDescriptor =
-                $crate::__private::descriptor::<$plugin>();
+            static DESCRIPTOR: $crate::ffi::PluginDescriptor = $crate::__private::descriptor::<$plugin>();
             &DESCRIPTOR
         }
     };

@@ -193,15 +193,11 @@ pub struct DispatcherVtable {
     pub interest: unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx) -> u32,
     /// Calls the `handle_*` method named by an [`event`] code; returns a
     /// [`status`] code.
-    pub handle_event:
-        unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx, event: u32, arg: i64) -> i32,
+    pub handle_event: unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx, event: u32, arg: i64) -> i32,
     /// Calls `handle_accepted` on a listening dispatcher; `ctx` is the new
     /// channel. On [`status::OK`] the new dispatcher was written to `out`.
-    pub handle_accepted: unsafe extern "C" fn(
-        instance: *mut c_void,
-        ctx: *mut HostCtx,
-        out: *mut DispatcherHandle,
-    ) -> i32,
+    pub handle_accepted:
+        unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx, out: *mut DispatcherHandle) -> i32,
     /// Frees the instance. Never panics out.
     pub drop: unsafe extern "C" fn(instance: *mut c_void),
 }

@@ -135,11 +135,8 @@ impl Daemon {
             std::fs::copy(&source, plugin_dir.join(source.file_name().unwrap())).unwrap();
         }
         let config = dir.path().join("asyncored.toml");
-        std::fs::write(
-            &config,
-            format!("control = \"127.0.0.1:0\"\nplugin_dirs = [\"plugins\"]\n{}", options.config),
-        )
-        .unwrap();
+        std::fs::write(&config, format!("control = \"127.0.0.1:0\"\nplugin_dirs = [\"plugins\"]\n{}", options.config))
+            .unwrap();
         let log = std::fs::File::create(dir.path().join("asyncored.log")).unwrap();
         let mut child = Command::new(binary("asyncored"))
             .arg("--config")

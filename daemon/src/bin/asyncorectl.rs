@@ -167,11 +167,7 @@ struct Unreachable {
 
 impl fmt::Display for Unreachable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot reach the daemon at {}: {}",
-            self.address, self.reason
-        )
+        write!(f, "cannot reach the daemon at {}: {}", self.address, self.reason)
     }
 }
 
@@ -184,11 +180,7 @@ async fn main() -> ExitCode {
         .control
         .clone()
         // An empty variable counts as unset, as `ASYNCORED_CONTROL= cmd` means.
-        .or_else(|| {
-            std::env::var(CONTROL_ENV)
-                .ok()
-                .filter(|value| !value.is_empty())
-        })
+        .or_else(|| std::env::var(CONTROL_ENV).ok().filter(|value| !value.is_empty()))
         .unwrap_or_else(|| DEFAULT_CONTROL.to_owned());
     // The address is checked after parsing rather than by a clap value
     // parser because it may come from the environment, which clap only reads
@@ -196,15 +188,10 @@ async fn main() -> ExitCode {
     // usage-error format and exit code 2 either way.
     let target = match control_target(&control) {
         Ok(target) => target,
-        Err(message) => Cli::command()
-            .error(clap::error::ErrorKind::InvalidValue, message)
-            .exit(),
+        Err(message) => Cli::command().error(clap::error::ErrorKind::InvalidValue, message).exit(),
     };
 
-    match run(cli, &target)
-        .await
-        .map_err(|error| transport_failure_as_unreachable(error, &target))
-    {
+    match run(cli, &target).await.map_err(|error| transport_failure_as_unreachable(error, &target)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if is_broken_pipe(&error) => {
             // `asyncorectl stats -o json | head` closes our stdout; that is
@@ -224,8 +211,8 @@ async fn run(cli: Cli, target: &ControlTarget) -> anyhow::Result<()> {
     // reported even when the daemon is down.
     let command = match cli.command {
         Command::Plugins(PluginsCommand::Load { path }) => {
-            let absolute = std::path::absolute(&path)
-                .with_context(|| format!("cannot make {} absolute", path.display()))?;
+            let absolute =
+                std::path::absolute(&path).with_context(|| format!("cannot make {} absolute", path.display()))?;
             Command::Plugins(PluginsCommand::Load { path: absolute })
         }
         command => command,
@@ -238,10 +225,7 @@ async fn run(cli: Cli, target: &ControlTarget) -> anyhow::Result<()> {
         Command::Plugins(command) => plugins(channel, command, format).await,
         Command::Stats(args) => stats(channel, args, format).await,
         Command::LoopStats => {
-            let stats = DaemonClient::new(channel)
-                .get_loop_stats(v1::GetLoopStatsRequest {})
-                .await?
-                .into_inner();
+            let stats = DaemonClient::new(channel).get_loop_stats(v1::GetLoopStatsRequest {}).await?.into_inner();
             match format {
                 OutputFormat::Json => print_json(&loop_stats_json(&stats)),
                 OutputFormat::Table => print_text(&loop_stats_table(&stats)),
@@ -250,34 +234,20 @@ async fn run(cli: Cli, target: &ControlTarget) -> anyhow::Result<()> {
     }
 }
 
-async fn listeners(
-    channel: Channel,
-    command: ListenersCommand,
-    format: OutputFormat,
-) -> anyhow::Result<()> {
+async fn listeners(channel: Channel, command: ListenersCommand, format: OutputFormat) -> anyhow::Result<()> {
     let mut client = ListenersClient::new(channel);
     let listeners = match command {
         ListenersCommand::Ls => {
-            let response = client
-                .list_listeners(v1::ListListenersRequest {})
-                .await?
-                .into_inner();
+            let response = client.list_listeners(v1::ListListenersRequest {}).await?.into_inner();
             if format == OutputFormat::Json {
                 let items: Vec<Value> = response.listeners.iter().map(listener_json).collect();
                 return print_json(&json!({ "listeners": items }));
             }
             response.listeners
         }
-        ListenersCommand::Start {
-            address,
-            plugin,
-            config,
-        } => {
-            let request = v1::StartListenerRequest {
-                address,
-                plugin,
-                config: config.into_iter().collect::<HashMap<_, _>>(),
-            };
+        ListenersCommand::Start { address, plugin, config } => {
+            let request =
+                v1::StartListenerRequest { address, plugin, config: config.into_iter().collect::<HashMap<_, _>>() };
             vec![client.start_listener(request).await?.into_inner()]
         }
         ListenersCommand::Stop { id, close_channels } => {
@@ -293,11 +263,7 @@ async fn listeners(
     }
 }
 
-async fn channels(
-    channel: Channel,
-    command: ChannelsCommand,
-    format: OutputFormat,
-) -> anyhow::Result<()> {
+async fn channels(channel: Channel, command: ChannelsCommand, format: OutputFormat) -> anyhow::Result<()> {
     let mut client = ChannelsClient::new(channel);
     match command {
         ChannelsCommand::Ls { listener } => {
@@ -311,20 +277,14 @@ async fn channels(
             }
         }
         ChannelsCommand::Get { id } => {
-            let found = client
-                .get_channel(v1::GetChannelRequest { id })
-                .await?
-                .into_inner();
+            let found = client.get_channel(v1::GetChannelRequest { id }).await?.into_inner();
             match format {
                 OutputFormat::Json => print_json(&channel_json(&found)),
                 OutputFormat::Table => print_text(&channel_detail(&found)),
             }
         }
         ChannelsCommand::Close { id } => {
-            let closed = client
-                .close_channel(v1::CloseChannelRequest { id })
-                .await?
-                .into_inner();
+            let closed = client.close_channel(v1::CloseChannelRequest { id }).await?.into_inner();
             match format {
                 OutputFormat::Json => print_json(&channel_json(&closed)),
                 OutputFormat::Table => print_text(&channels_table(&[closed])),
@@ -356,27 +316,17 @@ async fn list_all_channels(
         // A daemon that hands back the token it was given would keep us
         // looping forever; stop with a message instead.
         if page.next_page_token == page_token {
-            anyhow::bail!(
-                "the daemon repeated page token {:?} while listing channels",
-                page_token
-            );
+            anyhow::bail!("the daemon repeated page token {:?} while listing channels", page_token);
         }
         page_token = page.next_page_token;
     }
 }
 
-async fn plugins(
-    channel: Channel,
-    command: PluginsCommand,
-    format: OutputFormat,
-) -> anyhow::Result<()> {
+async fn plugins(channel: Channel, command: PluginsCommand, format: OutputFormat) -> anyhow::Result<()> {
     let mut client = PluginsClient::new(channel);
     match command {
         PluginsCommand::Ls => {
-            let response = client
-                .list_plugins(v1::ListPluginsRequest {})
-                .await?
-                .into_inner();
+            let response = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner();
             match format {
                 OutputFormat::Json => {
                     let items: Vec<Value> = response.plugins.iter().map(plugin_json).collect();
@@ -388,14 +338,9 @@ async fn plugins(
         PluginsCommand::Load { path } => {
             // The daemon resolves paths against its own working directory,
             // which is not ours; `run` has already made the path absolute.
-            let path = path
-                .to_str()
-                .with_context(|| format!("plugin path {} is not valid UTF-8", path.display()))?
-                .to_owned();
-            let plugin = client
-                .load_plugin(v1::LoadPluginRequest { path })
-                .await?
-                .into_inner();
+            let path =
+                path.to_str().with_context(|| format!("plugin path {} is not valid UTF-8", path.display()))?.to_owned();
+            let plugin = client.load_plugin(v1::LoadPluginRequest { path }).await?.into_inner();
             match format {
                 OutputFormat::Json => print_json(&plugin_json(&plugin)),
                 OutputFormat::Table => print_text(&plugins_table(&[plugin])),
@@ -405,15 +350,9 @@ async fn plugins(
 }
 
 async fn stats(channel: Channel, args: StatsArgs, format: OutputFormat) -> anyhow::Result<()> {
-    let request = v1::WatchStatsRequest {
-        interval_ms: args.interval,
-        listener_id: args.listener,
-        channel_ids: args.channels,
-    };
-    let mut stream = ChannelsClient::new(channel)
-        .watch_stats(request)
-        .await?
-        .into_inner();
+    let request =
+        v1::WatchStatsRequest { interval_ms: args.interval, listener_id: args.listener, channel_ids: args.channels };
+    let mut stream = ChannelsClient::new(channel).watch_stats(request).await?.into_inner();
 
     // Ctrl-C is the normal way to stop watching, so it ends with success
     // rather than the default signal death.
@@ -456,20 +395,13 @@ fn control_target(address: &str) -> Result<ControlTarget, String> {
         }
         None => format!("http://{address}"),
     };
-    Endpoint::from_shared(uri.clone()).map_err(|_| {
-        format!("control address {address:?} is not valid, expected host:port or http://host:port")
-    })?;
-    Ok(ControlTarget {
-        shown: address.to_owned(),
-        uri,
-    })
+    Endpoint::from_shared(uri.clone())
+        .map_err(|_| format!("control address {address:?} is not valid, expected host:port or http://host:port"))?;
+    Ok(ControlTarget { shown: address.to_owned(), uri })
 }
 
 async fn connect(target: &ControlTarget) -> anyhow::Result<Channel> {
-    let unreachable = |reason: String| Unreachable {
-        address: target.shown.clone(),
-        reason,
-    };
+    let unreachable = |reason: String| Unreachable { address: target.shown.clone(), reason };
     let endpoint = Endpoint::from_shared(target.uri.clone())
         .map_err(|error| unreachable(root_cause_text(&error)))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -487,11 +419,9 @@ async fn connect(target: &ControlTarget) -> anyhow::Result<Channel> {
 /// the daemon did not answer, so it is reported like a failed connect.
 fn transport_failure_as_unreachable(error: anyhow::Error, target: &ControlTarget) -> anyhow::Error {
     match error.downcast::<tonic::Status>() {
-        Ok(status) if status.source().is_some() => Unreachable {
-            address: target.shown.clone(),
-            reason: root_cause_text(&status),
+        Ok(status) if status.source().is_some() => {
+            Unreachable { address: target.shown.clone(), reason: root_cause_text(&status) }.into()
         }
-        .into(),
         Ok(status) => status.into(),
         Err(error) => error,
     }
@@ -538,17 +468,11 @@ fn describe_error(error: &anyhow::Error) -> String {
 }
 
 fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.downcast_ref::<Unreachable>().is_some() {
-        EXIT_UNREACHABLE
-    } else {
-        EXIT_SERVER_ERROR
-    }
+    if error.downcast_ref::<Unreachable>().is_some() { EXIT_UNREACHABLE } else { EXIT_SERVER_ERROR }
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error
-        .downcast_ref::<io::Error>()
-        .is_some_and(|io_error| io_error.kind() == io::ErrorKind::BrokenPipe)
+    error.downcast_ref::<io::Error>().is_some_and(|io_error| io_error.kind() == io::ErrorKind::BrokenPipe)
 }
 
 /// The gRPC code as lowercase words, as in `not found: no channel 42`.
@@ -583,9 +507,7 @@ fn code_name(code: tonic::Code) -> &'static str {
 /// Parses `-c key=value`. The value may be empty and may contain `=`; only
 /// the first `=` separates.
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text
-        .split_once('=')
-        .ok_or_else(|| "expected KEY=VALUE, found no '='".to_owned())?;
+    let (key, value) = text.split_once('=').ok_or_else(|| "expected KEY=VALUE, found no '='".to_owned())?;
     if key.is_empty() {
         return Err("expected KEY=VALUE, the key is empty".to_owned());
     }
@@ -595,8 +517,7 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 /// Parses `500ms`, `1s`, `2m` or a bare number of milliseconds into the
 /// milliseconds `WatchStatsRequest` carries.
 fn parse_interval_ms(text: &str) -> Result<u32, String> {
-    const EXPECTED: &str =
-        "expected milliseconds or a number with unit ms, s or m, such as 500ms, 1s, 2m";
+    const EXPECTED: &str = "expected milliseconds or a number with unit ms, s or m, such as 500ms, 1s, 2m";
     // "ms" must be tried before "m" and "s", which are its suffix and prefix.
     let (digits, unit_ms) = if let Some(digits) = text.strip_suffix("ms") {
         (digits, 1)
@@ -613,10 +534,7 @@ fn parse_interval_ms(text: &str) -> Result<u32, String> {
     }
     let too_long = || format!("the interval may be at most {}ms", u32::MAX);
     let count: u64 = digits.parse().map_err(|_| too_long())?;
-    let milliseconds = count
-        .checked_mul(unit_ms)
-        .and_then(|ms| u32::try_from(ms).ok())
-        .ok_or_else(too_long)?;
+    let milliseconds = count.checked_mul(unit_ms).and_then(|ms| u32::try_from(ms).ok()).ok_or_else(too_long)?;
     if u64::from(milliseconds) < MIN_INTERVAL_MS {
         return Err(format!("the interval must be at least {MIN_INTERVAL_MS}ms"));
     }
@@ -681,10 +599,7 @@ impl Table {
         Table {
             headers: None,
             aligns: vec![Align::Left, Align::Left],
-            rows: pairs
-                .into_iter()
-                .map(|(key, value)| vec![key.to_owned(), value])
-                .collect(),
+            rows: pairs.into_iter().map(|(key, value)| vec![key.to_owned(), value]).collect(),
         }
     }
 
@@ -696,10 +611,8 @@ impl Table {
     /// Renders every line with a trailing newline and without trailing
     /// spaces, so that a last column that is often empty costs nothing.
     fn render(&self) -> String {
-        let header_row: Option<Vec<String>> = self
-            .headers
-            .as_ref()
-            .map(|headers| headers.iter().map(|name| (*name).to_owned()).collect());
+        let header_row: Option<Vec<String>> =
+            self.headers.as_ref().map(|headers| headers.iter().map(|name| (*name).to_owned()).collect());
         let all_rows: Vec<&Vec<String>> = header_row.iter().chain(self.rows.iter()).collect();
 
         let mut widths = vec![0; self.aligns.len()];
@@ -736,20 +649,12 @@ impl Table {
 }
 
 fn dash_if_empty(text: &str) -> String {
-    if text.is_empty() {
-        "-".to_owned()
-    } else {
-        text.to_owned()
-    }
+    if text.is_empty() { "-".to_owned() } else { text.to_owned() }
 }
 
 /// Ids where 0 means "none" (no listener, no parent).
 fn dash_if_zero(id: u64) -> String {
-    if id == 0 {
-        "-".to_owned()
-    } else {
-        id.to_string()
-    }
+    if id == 0 { "-".to_owned() } else { id.to_string() }
 }
 
 fn listeners_table(listeners: &[v1::Listener]) -> String {
@@ -780,10 +685,7 @@ fn listeners_table(listeners: &[v1::Listener]) -> String {
 fn config_text(config: &HashMap<String, String>) -> String {
     let mut entries: Vec<_> = config.iter().collect();
     entries.sort();
-    let text: Vec<String> = entries
-        .into_iter()
-        .map(|(key, value)| format!("{key}={value}"))
-        .collect();
+    let text: Vec<String> = entries.into_iter().map(|(key, value)| format!("{key}={value}")).collect();
     dash_if_empty(&text.join(","))
 }
 
@@ -906,32 +808,20 @@ fn stats_update_block(update: &v1::StatsUpdate) -> String {
             if stats.closed { "closed" } else { "" }.to_owned(),
         ]);
     }
-    format!(
-        "seq {} at {}\n{}\n",
-        update.seq,
-        timestamp_text(update.at.as_ref()),
-        table.render()
-    )
+    format!("seq {} at {}\n{}\n", update.seq, timestamp_text(update.at.as_ref()), table.render())
 }
 
 /// Whole bytes per second: fractions of a byte are noise at a glance, and
 /// scripts get the exact figure from `-o json`.
 fn rate_text(rate: f64) -> String {
-    if rate.is_finite() {
-        format!("{rate:.0}")
-    } else {
-        "-".to_owned()
-    }
+    if rate.is_finite() { format!("{rate:.0}") } else { "-".to_owned() }
 }
 
 /// Enum names without their type prefix, in lowercase:
 /// `CHANNEL_STATE_OPEN` becomes `open`. Values this build does not know (a
 /// newer daemon) show as `unknown(N)` rather than being hidden.
 fn short_enum_name(full_name: &str, prefix: &str) -> String {
-    full_name
-        .strip_prefix(prefix)
-        .unwrap_or(full_name)
-        .to_ascii_lowercase()
+    full_name.strip_prefix(prefix).unwrap_or(full_name).to_ascii_lowercase()
 }
 
 fn listener_state_name(raw: i32) -> String {
@@ -1011,17 +901,12 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     // Months counted from March, so that February's leap day comes last.
     let march_month = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * march_month + 2) / 5 + 1;
-    let month = if march_month < 10 {
-        march_month + 3
-    } else {
-        march_month - 9
-    };
+    let month = if march_month < 10 { march_month + 3 } else { march_month - 9 };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
 }
@@ -1136,9 +1021,7 @@ mod tests {
 
     #[test]
     fn interval_rejects_malformed() {
-        for text in [
-            "", "ms", "s", "1h", "1.5s", "-1s", "+5s", " 1s", "1 s", "1sm", "abc", "1S",
-        ] {
+        for text in ["", "ms", "s", "1h", "1.5s", "-1s", "+5s", " 1s", "1 s", "1sm", "abc", "1S"] {
             assert!(parse_interval_ms(text).is_err(), "{text:?} was accepted");
         }
     }
@@ -1156,18 +1039,9 @@ mod tests {
 
     #[test]
     fn key_value_splits_at_first_equals() {
-        assert_eq!(
-            parse_key_value("greeting=hello"),
-            Ok(("greeting".to_owned(), "hello".to_owned()))
-        );
-        assert_eq!(
-            parse_key_value("expr=a=b"),
-            Ok(("expr".to_owned(), "a=b".to_owned()))
-        );
-        assert_eq!(
-            parse_key_value("empty="),
-            Ok(("empty".to_owned(), String::new()))
-        );
+        assert_eq!(parse_key_value("greeting=hello"), Ok(("greeting".to_owned(), "hello".to_owned())));
+        assert_eq!(parse_key_value("expr=a=b"), Ok(("expr".to_owned(), "a=b".to_owned())));
+        assert_eq!(parse_key_value("empty="), Ok(("empty".to_owned(), String::new())));
     }
 
     #[test]
@@ -1179,33 +1053,17 @@ mod tests {
 
     #[test]
     fn bad_config_is_a_usage_error() {
-        let error = Cli::try_parse_from([
-            "asyncorectl",
-            "listeners",
-            "start",
-            "a:1",
-            "echo",
-            "-c",
-            "x",
-        ])
-        .unwrap_err();
+        let error = Cli::try_parse_from(["asyncorectl", "listeners", "start", "a:1", "echo", "-c", "x"]).unwrap_err();
         assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
         assert_eq!(error.exit_code(), 2);
     }
 
     #[test]
     fn table_aligns_columns() {
-        let mut table = Table::new(&[
-            ("ID", Align::Right),
-            ("NAME", Align::Left),
-            ("NOTE", Align::Left),
-        ]);
+        let mut table = Table::new(&[("ID", Align::Right), ("NAME", Align::Left), ("NOTE", Align::Left)]);
         table.push(vec!["7".into(), "echo".into(), "".into()]);
         table.push(vec!["1234".into(), "x".into(), "closed".into()]);
-        assert_eq!(
-            table.render(),
-            "  ID  NAME  NOTE\n   7  echo\n1234  x     closed\n"
-        );
+        assert_eq!(table.render(), "  ID  NAME  NOTE\n   7  echo\n1234  x     closed\n");
     }
 
     #[test]
@@ -1232,52 +1090,28 @@ mod tests {
         let at = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
         assert_eq!(rfc3339(&at(0, 0), false), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(&at(951_782_400, 0), false), "2000-02-29T00:00:00Z");
-        assert_eq!(
-            rfc3339(&at(1_700_000_000, 0), false),
-            "2023-11-14T22:13:20Z"
-        );
+        assert_eq!(rfc3339(&at(1_700_000_000, 0), false), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(&at(-1, 0), false), "1969-12-31T23:59:59Z");
-        assert_eq!(
-            rfc3339(&at(253_402_300_799, 0), false),
-            "9999-12-31T23:59:59Z"
-        );
+        assert_eq!(rfc3339(&at(253_402_300_799, 0), false), "9999-12-31T23:59:59Z");
         assert_eq!(rfc3339(&at(0, 500_000_000), false), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339(&at(0, 500_000_000), true),
-            "1970-01-01T00:00:00.500Z"
-        );
+        assert_eq!(rfc3339(&at(0, 500_000_000), true), "1970-01-01T00:00:00.500Z");
         assert_eq!(rfc3339(&at(0, 1_000), true), "1970-01-01T00:00:00.000001Z");
         assert_eq!(rfc3339(&at(0, 1), true), "1970-01-01T00:00:00.000000001Z");
     }
 
     #[test]
     fn control_addresses() {
-        assert_eq!(
-            control_target("127.0.0.1:50051").map(|target| target.uri),
-            Ok("http://127.0.0.1:50051".to_owned())
-        );
-        assert_eq!(
-            control_target("http://[::1]:7000").map(|target| target.uri),
-            Ok("http://[::1]:7000".to_owned())
-        );
+        assert_eq!(control_target("127.0.0.1:50051").map(|target| target.uri), Ok("http://127.0.0.1:50051".to_owned()));
+        assert_eq!(control_target("http://[::1]:7000").map(|target| target.uri), Ok("http://[::1]:7000".to_owned()));
         assert!(control_target("https://example:1").is_err());
         assert!(control_target("not a host").is_err());
     }
 
     #[test]
     fn enum_names_are_short() {
-        assert_eq!(
-            listener_state_name(v1::ListenerState::Listening as i32),
-            "listening"
-        );
-        assert_eq!(
-            channel_kind_name(v1::ChannelKind::Outbound as i32),
-            "outbound"
-        );
-        assert_eq!(
-            channel_state_name(v1::ChannelState::Closing as i32),
-            "closing"
-        );
+        assert_eq!(listener_state_name(v1::ListenerState::Listening as i32), "listening");
+        assert_eq!(channel_kind_name(v1::ChannelKind::Outbound as i32), "outbound");
+        assert_eq!(channel_state_name(v1::ChannelState::Closing as i32), "closing");
         assert_eq!(channel_state_name(99), "unknown(99)");
     }
 
@@ -1297,10 +1131,7 @@ mod tests {
         )));
         let error = transport_failure_as_unreachable(status.into(), &target);
         assert_eq!(exit_code(&error), EXIT_UNREACHABLE);
-        assert_eq!(
-            describe_error(&error),
-            "cannot reach the daemon at 127.0.0.1:1: connection reset by peer"
-        );
+        assert_eq!(describe_error(&error), "cannot reach the daemon at 127.0.0.1:1: connection reset by peer");
 
         status = tonic::Status::unavailable("daemon draining");
         let error = transport_failure_as_unreachable(status.into(), &target);

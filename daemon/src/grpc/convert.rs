@@ -4,9 +4,7 @@ use std::collections::HashMap;
 
 use asyncore_proto::{timestamp, v1};
 
-use crate::command::{
-    ChannelInfo, ChannelKind, ChannelState, ListenerInfo, LoopStats, PluginInfo, StatsSnapshot,
-};
+use crate::command::{ChannelInfo, ChannelKind, ChannelState, ListenerInfo, LoopStats, PluginInfo, StatsSnapshot};
 
 pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
     v1::Listener {

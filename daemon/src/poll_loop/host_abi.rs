@@ -64,11 +64,11 @@ unsafe extern "C" fn host_log(host_data: *mut c_void, level: u32, message: StrRe
     // for this call.
     let (plugin, message) = unsafe { (plugin_name(host_data), message.to_string_lossy()) };
     match level {
-        ffi::level::ERROR => error!(plugin, "{message}"),
-        ffi::level::WARN => warn!(plugin, "{message}"),
-        ffi::level::INFO => info!(plugin, "{message}"),
-        ffi::level::DEBUG => debug!(plugin, "{message}"),
-        _ => trace!(plugin, "{message}"),
+        ffi::level::ERROR => error!(target: "asyncored::plugin", plugin = %plugin, "{message}"),
+        ffi::level::WARN => warn!(target: "asyncored::plugin", plugin = %plugin, "{message}"),
+        ffi::level::INFO => info!(target: "asyncored::plugin", plugin = %plugin, "{message}"),
+        ffi::level::DEBUG => debug!(target: "asyncored::plugin", plugin = %plugin, "{message}"),
+        _ => trace!(target: "asyncored::plugin", plugin = %plugin, "{message}"),
     }
 }
 
@@ -188,7 +188,9 @@ unsafe extern "C" fn host_address(ctx: *mut HostCtx, which: u32, buf: *mut u8, c
         ffi::address::LOCAL => ch.local,
         _ => return -EINVAL,
     };
-    let Some(address) = address else { return -(107 /* ENOTCONN */) };
+    let Some(address) = address else {
+        return -(107/* ENOTCONN */);
+    };
     let text = address.to_string();
     let n = text.len().min(cap);
     // SAFETY: the plugin lends a writable buffer of cap bytes.

@@ -24,11 +24,7 @@ fn ok_json(daemon: &Daemon, args: &[&str]) -> String {
     let mut full = vec!["-o", "json"];
     full.extend_from_slice(args);
     let output = ctl(daemon, &full);
-    assert!(
-        output.status.success(),
-        "asyncorectl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "asyncorectl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap()
 }
 
@@ -83,7 +79,8 @@ fn asyncorectl_manages_a_running_daemon() {
     let mut lines = BufReader::new(stats.stdout.take().unwrap()).lines();
     let first = json(&lines.next().unwrap().unwrap());
     let second = json(&lines.next().unwrap().unwrap());
-    let reported: Vec<u64> = first["channels"].as_array().unwrap().iter().map(|c| c["channel_id"].as_u64().unwrap()).collect();
+    let reported: Vec<u64> =
+        first["channels"].as_array().unwrap().iter().map(|c| c["channel_id"].as_u64().unwrap()).collect();
     assert!(reported.contains(&channel_id), "{first}");
     assert_eq!(second["seq"].as_u64().unwrap(), first["seq"].as_u64().unwrap() + 1);
     stats.kill().unwrap();
@@ -111,10 +108,8 @@ fn asyncorectl_manages_a_running_daemon() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("out of range"));
 
-    let unreachable = Command::new(binary("asyncorectl"))
-        .args(["--control", "127.0.0.1:1", "plugins", "ls"])
-        .output()
-        .unwrap();
+    let unreachable =
+        Command::new(binary("asyncorectl")).args(["--control", "127.0.0.1:1", "plugins", "ls"]).output().unwrap();
     assert_eq!(unreachable.status.code(), Some(3));
     assert_eq!(String::from_utf8_lossy(&unreachable.stderr).lines().count(), 1);
 }

@@ -101,7 +101,11 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
         // figures.
         let mut stream = client
             .channels
-            .watch_stats(v1::WatchStatsRequest { interval_ms: 100, listener_id: Some(listener_id), channel_ids: vec![] })
+            .watch_stats(v1::WatchStatsRequest {
+                interval_ms: 100,
+                listener_id: Some(listener_id),
+                channel_ids: vec![],
+            })
             .await
             .unwrap()
             .into_inner();
@@ -163,7 +167,8 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(pending > 0, "output queued for a client that does not read");
-        let closing = client.channels.close_channel(v1::CloseChannelRequest { id: victim_id }).await.unwrap().into_inner();
+        let closing =
+            client.channels.close_channel(v1::CloseChannelRequest { id: victim_id }).await.unwrap().into_inner();
         assert_eq!(closing.state, v1::ChannelState::Closing as i32);
         let mut received = Vec::new();
         reader.read_to_end(&mut received).await.expect("read to EOF");

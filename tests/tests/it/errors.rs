@@ -49,7 +49,11 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
         let (_, echo_address) = client.start_listener("echo", &[]).await;
 
         // Addresses.
-        assert_status(client.listeners.start_listener(start("nonsense", "echo", &[])).await, Code::InvalidArgument, "nonsense");
+        assert_status(
+            client.listeners.start_listener(start("nonsense", "echo", &[])).await,
+            Code::InvalidArgument,
+            "nonsense",
+        );
         assert_status(
             client.listeners.start_listener(start("127.0.0.1:70000", "echo", &[])).await,
             Code::InvalidArgument,
@@ -75,7 +79,11 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
             "999",
         );
         assert_status(client.channels.get_channel(v1::GetChannelRequest { id: 12345 }).await, Code::NotFound, "12345");
-        assert_status(client.channels.close_channel(v1::CloseChannelRequest { id: 12345 }).await, Code::NotFound, "12345");
+        assert_status(
+            client.channels.close_channel(v1::CloseChannelRequest { id: 12345 }).await,
+            Code::NotFound,
+            "12345",
+        );
         assert_status(
             client
                 .channels
@@ -97,16 +105,36 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
         let load = |path: &std::path::Path| v1::LoadPluginRequest { path: path.display().to_string() };
         let text = scratch.path().join("notes.so");
         std::fs::write(&text, "not a library\n").unwrap();
-        assert_status(client.plugins.load_plugin(load(&text)).await, Code::FailedPrecondition, "not a loadable library");
-        assert_status(client.plugins.load_plugin(load(&libc_path())).await, Code::FailedPrecondition, "not an asyncored plugin");
+        assert_status(
+            client.plugins.load_plugin(load(&text)).await,
+            Code::FailedPrecondition,
+            "not a loadable library",
+        );
+        assert_status(
+            client.plugins.load_plugin(load(&libc_path())).await,
+            Code::FailedPrecondition,
+            "not an asyncored plugin",
+        );
         assert_status(
             client.plugins.load_plugin(load(&plugin_library("asyncore_fixture_abi_v2"))).await,
             Code::FailedPrecondition,
             "abi version 2.0, expected 1.0",
         );
-        assert_status(client.plugins.load_plugin(load(&scratch.path().join("missing.so"))).await, Code::NotFound, "missing.so");
-        assert_status(client.plugins.load_plugin(load(scratch.path())).await, Code::InvalidArgument, "not a regular file");
-        assert_status(client.plugins.load_plugin(v1::LoadPluginRequest { path: String::new() }).await, Code::InvalidArgument, "empty");
+        assert_status(
+            client.plugins.load_plugin(load(&scratch.path().join("missing.so"))).await,
+            Code::NotFound,
+            "missing.so",
+        );
+        assert_status(
+            client.plugins.load_plugin(load(scratch.path())).await,
+            Code::InvalidArgument,
+            "not a regular file",
+        );
+        assert_status(
+            client.plugins.load_plugin(v1::LoadPluginRequest { path: String::new() }).await,
+            Code::InvalidArgument,
+            "empty",
+        );
         assert_status(
             client.plugins.load_plugin(load(&plugin_library("asyncore_plugin_echo"))).await,
             Code::AlreadyExists,

@@ -6,6 +6,7 @@ mod echo;
 mod engine;
 mod errors;
 mod idle;
+mod lifecycle;
 mod panics;
 mod reflection;
 

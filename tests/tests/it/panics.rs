@@ -68,5 +68,10 @@ fn a_panic_in_handle_read_closes_only_that_channel() {
     let log = daemon.log();
     let line = log.lines().find(|l| l.contains("fixture asked to panic")).unwrap();
     assert!(line.contains("plugin=panicky") && line.contains("channel="), "{line}");
+    // The plugin's own log records reach the daemon's log, attributed.
+    assert!(
+        log.lines().any(|l| l.contains("plugin=panicky") && l.contains("accepted channel") && l.contains("127.0.0.1")),
+        "forwarded plugin log; log:\n{log}"
+    );
     daemon.assert_running();
 }

@@ -1,0 +1,44 @@
+//! Signals: SIGTERM drains (channels flush and close, the daemon exits 0);
+//! SIGINT stops at once.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use asyncore_tests::{Daemon, Options};
+
+#[test]
+fn sigterm_drains_open_channels_and_exits_cleanly() {
+    let mut daemon = Daemon::start_with(Options {
+        config: "[[listener]]\naddress = \"127.0.0.1:0\"\nplugin = \"echo\"\n".into(),
+        ..Options::default()
+    });
+    let address = crate::runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let listeners =
+            client.listeners.list_listeners(asyncore_proto::v1::ListListenersRequest {}).await.unwrap().into_inner();
+        listeners.listeners[0].address.clone()
+    });
+    let mut peer = TcpStream::connect(&address).unwrap();
+    peer.write_all(b"before the drain").unwrap();
+    let mut back = [0u8; 16];
+    peer.read_exact(&mut back).unwrap();
+
+    let status = daemon.signal_and_wait(15, Duration::from_secs(20)).expect("exits after SIGTERM");
+    // The open channel was closed gracefully: EOF, not a reset.
+    let mut rest = Vec::new();
+    peer.read_to_end(&mut rest).expect("clean EOF");
+    assert!(rest.is_empty());
+    assert!(status.success(), "exit status {status}; log:\n{}", daemon.log());
+    assert!(daemon.log().contains("draining"), "{}", daemon.log());
+    assert!(TcpStream::connect(&address).is_err(), "listener closed");
+}
+
+#[test]
+fn sigint_stops_at_once() {
+    let mut daemon = Daemon::start();
+    let status = daemon.signal_and_wait(2, Duration::from_secs(10)).expect("exits after SIGINT");
+    assert!(status.success(), "exit status {status}");
+}
