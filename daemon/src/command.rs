@@ -66,6 +66,8 @@ pub enum CommandError {
     AddressInUse { address: SocketAddr },
     #[error("cannot bind {address}: {source}")]
     Bind { address: SocketAddr, source: std::io::Error },
+    #[error("config {key}: {message}")]
+    BadConfig { key: &'static str, message: String },
     #[error("plugin {plugin} refused the listener config: {message}")]
     PluginRefused { plugin: String, message: String },
     #[error("plugin {name} is already loaded (version {version}, from {path})")]
@@ -100,6 +102,8 @@ pub enum ChannelKind {
     Listening,
     Accepted,
     Outbound,
+    /// A pipe or other descriptor served in the loop (`file_dispatcher`).
+    File,
 }
 
 /// Where a channel is in its life.

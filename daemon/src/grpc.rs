@@ -111,7 +111,7 @@ pub(crate) fn status(error: CommandError) -> Status {
             std::io::ErrorKind::AddrNotAvailable => Status::invalid_argument(message),
             _ => Status::failed_precondition(message),
         },
-        CommandError::PluginRefused { .. } => Status::invalid_argument(message),
+        CommandError::PluginRefused { .. } | CommandError::BadConfig { .. } => Status::invalid_argument(message),
         CommandError::ListenerStopped(_) => Status::failed_precondition(message),
         CommandError::PluginLoad(load) => match load {
             PluginLoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {

@@ -20,7 +20,7 @@ mod host_abi;
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, VecDeque},
+    collections::{BTreeMap, BinaryHeap, HashSet, VecDeque},
     io,
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{Arc, mpsc},
@@ -39,6 +39,7 @@ use crate::{
         ChannelInfo, ChannelKind, ChannelStats, Command, CommandError, EngineHandle, ListenerInfo, LoopStats,
         PluginInfo, Reply, StatsFilter, StatsSnapshot,
     },
+    config::parse_duration,
     plugin_host::{Dispatcher, LoadedPlugin},
 };
 
@@ -85,6 +86,10 @@ enum TimerKind {
     ResumeAccept,
     /// A lingering channel has waited long enough for its peer.
     EndLinger,
+    /// A plugin's `call_later`.
+    Call { timer_id: u64, token: u64 },
+    /// Check a channel's idle timeout.
+    IdleCheck,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,6 +109,7 @@ struct Listener {
     id: u64,
     address: SocketAddr,
     plugin: usize,
+    idle_timeout: Option<Duration>,
     config: BTreeMap<String, String>,
     /// Id of the listening channel; 0 once stopped.
     channel_id: u64,
@@ -129,6 +135,11 @@ pub(crate) struct Core {
     listeners: BTreeMap<u64, Listener>,
     plugins: Vec<PluginEntry>,
     timers: BinaryHeap<Reverse<Timer>>,
+    /// `call_later` timers cancelled before they fired.
+    cancelled_timers: HashSet<u64>,
+    next_timer_id: u64,
+    /// The clock of the current pass (read once after each wait).
+    now: Instant,
     closed: VecDeque<(u64, ChannelStats)>,
     closed_seq: u64,
     next_channel_id: u64,
@@ -166,6 +177,9 @@ impl Engine {
                 listeners: BTreeMap::new(),
                 plugins: Vec::new(),
                 timers: BinaryHeap::new(),
+                cancelled_timers: HashSet::new(),
+                next_timer_id: 1,
+                now: Instant::now(),
                 closed: VecDeque::new(),
                 closed_seq: 0,
                 next_channel_id: 1,
@@ -286,6 +300,7 @@ impl Engine {
             Err(e) => return Err(e),
         }
         self.core.stats.passes += 1;
+        self.core.now = Instant::now();
         for event in self.events.iter() {
             self.core.stats.events += 1;
             self.core.dispatch(event);
@@ -403,6 +418,13 @@ impl Core {
             .iter()
             .position(|p| p.loaded.name == plugin_name)
             .ok_or_else(|| CommandError::NoPlugin(plugin_name.to_string()))?;
+        let idle_timeout = match config.get("idle_timeout") {
+            None => None,
+            Some(text) => Some(parse_duration(text).ok_or_else(|| CommandError::BadConfig {
+                key: "idle_timeout",
+                message: format!("{text:?} is not a duration such as 30s, 500ms or 2m"),
+            })?),
+        };
         let listener = bind(address)?;
         let local = listener.local_addr().ok();
 
@@ -428,6 +450,10 @@ impl Core {
             out: OutBuf::default(),
             registered: 0,
             read_eof: false,
+            shutdown_after_flush: false,
+            write_shut: false,
+            idle_timeout: None,
+            last_activity: Instant::now(),
             wants_write: false,
             close_pending: false,
             close_event_pending: false,
@@ -442,7 +468,16 @@ impl Core {
         let channel_id = self.channel(slot).id;
         self.listeners.insert(
             id,
-            Listener { id, address, plugin, config, channel_id, channel_count: 0, created_at: SystemTime::now() },
+            Listener {
+                id,
+                address,
+                plugin,
+                idle_timeout,
+                config,
+                channel_id,
+                channel_count: 0,
+                created_at: SystemTime::now(),
+            },
         );
         info!(listener = id, %address, plugin = %plugin_name, "listener started");
         Ok(self.listener_info(&self.listeners[&id]))
@@ -762,6 +797,12 @@ impl Core {
                 match self.channels[slot].as_ref() {
                     Some(_) if self.channel_ref(slot).phase == Phase::Open => {
                         let ch = self.channel(slot);
+                        if ch.shutdown_after_flush && !ch.write_shut && ch.out.is_empty() {
+                            ch.write_shut = true;
+                            if let Some(stream) = ch.stream() {
+                                let _ = stream.shutdown(std::net::Shutdown::Write);
+                            }
+                        }
                         let (readable, writable) = answer.unwrap_or((false, false));
                         ch.wants_write = writable;
                         let mut bits = 0;
@@ -786,18 +827,15 @@ impl Core {
                 } else {
                     // Flushed: shut down writing (the peer sees EOF after
                     // every byte), then linger for the peer's close.
-                    let shut = ch.stream().map(|s| s.shutdown(std::net::Shutdown::Write));
+                    let already = ch.write_shut;
+                    let shut = ch.stream().map(|s| if already { Ok(()) } else { s.shutdown(std::net::Shutdown::Write) });
                     if !matches!(shut, Some(Ok(()))) {
                         self.finalize(slot);
                         return;
                     }
                     ch.phase = Phase::Lingering;
                     let channel_id = ch.id;
-                    self.timers.push(Reverse(Timer {
-                        at: Instant::now() + LINGER,
-                        channel_id,
-                        kind: TimerKind::EndLinger,
-                    }));
+                    self.push_timer(Instant::now() + LINGER, channel_id, TimerKind::EndLinger);
                     READ
                 }
             }
@@ -837,6 +875,10 @@ impl Core {
         }
     }
 
+    fn push_timer(&mut self, at: Instant, channel_id: u64, kind: TimerKind) {
+        self.timers.push(Reverse(Timer { at, channel_id, kind }));
+    }
+
     fn fire_timers(&mut self, now: Instant) {
         while let Some(Reverse(timer)) = self.timers.peek().copied() {
             if timer.at > now {
@@ -854,6 +896,26 @@ impl Core {
                         self.finalize(slot);
                     }
                 }
+                TimerKind::Call { timer_id, token } => {
+                    if !self.cancelled_timers.remove(&timer_id) && self.is_open(slot) {
+                        self.handle_event(slot, ffi::event::TIMER, token as i64);
+                    }
+                }
+                TimerKind::IdleCheck => {
+                    let ch = self.channel(slot);
+                    let Some(timeout) = ch.idle_timeout else { continue };
+                    if !matches!(ch.phase, Phase::Open | Phase::Connecting) {
+                        continue;
+                    }
+                    let due = ch.last_activity + timeout;
+                    if due <= now {
+                        info!(channel = ch.id, timeout_ms = timeout.as_millis() as u64, "idle timeout; closing");
+                        self.begin_close(slot);
+                    } else {
+                        let channel_id = ch.id;
+                        self.push_timer(due, channel_id, TimerKind::IdleCheck);
+                    }
+                }
             }
         }
     }
@@ -865,7 +927,7 @@ impl Core {
         let Some(ch) = self.channels.get(slot).and_then(Option::as_ref) else { return };
         match ch.socket {
             Socket::Listener(_) => self.accept(slot),
-            Socket::Stream(_) => self.stream_event(slot, event),
+            Socket::Stream(_) | Socket::Pipe(_) => self.stream_event(slot, event),
         }
     }
 
@@ -888,11 +950,7 @@ impl Core {
                     let ch = self.channel(listener_slot);
                     ch.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                     let channel_id = ch.id;
-                    self.timers.push(Reverse(Timer {
-                        at: Instant::now() + ACCEPT_PAUSE,
-                        channel_id,
-                        kind: TimerKind::ResumeAccept,
-                    }));
+                    self.push_timer(Instant::now() + ACCEPT_PAUSE, channel_id, TimerKind::ResumeAccept);
                     self.mark_dirty(listener_slot);
                     return;
                 }
@@ -921,6 +979,10 @@ impl Core {
             out: OutBuf::default(),
             registered: 0,
             read_eof: false,
+            shutdown_after_flush: false,
+            write_shut: false,
+            idle_timeout: None,
+            last_activity: Instant::now(),
             wants_write: false,
             close_pending: false,
             close_event_pending: false,
@@ -933,6 +995,13 @@ impl Core {
             local,
         });
         self.count_dispatcher(plugin, listener_id, 1);
+        let idle_timeout = self.listeners.get(&listener_id).and_then(|l| l.idle_timeout);
+        if let Some(timeout) = idle_timeout {
+            let ch = self.channel(slot);
+            ch.idle_timeout = Some(timeout);
+            let channel_id = ch.id;
+            self.push_timer(self.now + timeout, channel_id, TimerKind::IdleCheck);
+        }
 
         let Some(listening) = self.channel_ref(listener_slot).dispatcher else { return };
         self.stats.handler_calls += 1;
@@ -1030,10 +1099,13 @@ impl Core {
     }
 
     fn flush(&mut self, slot: usize) {
+        let now = self.now;
         let Some(ch) = self.channels[slot].as_mut() else { return };
-        let Socket::Stream(stream) = &mut ch.socket else { return };
-        match ch.out.flush_to(stream) {
+        match ch.out.flush_to(&mut ch.socket) {
             Ok((bytes, writes)) => {
+                if bytes > 0 {
+                    ch.last_activity = now;
+                }
                 ch.counters.bytes_out += bytes;
                 ch.counters.writes += writes;
             }
@@ -1053,10 +1125,9 @@ impl Core {
 
     fn linger_read(&mut self, slot: usize) {
         let ch = self.channel(slot);
-        let stream = ch.stream().expect("lingering channels are streams");
         let mut scratch = [0u8; 16 * 1024];
         loop {
-            match io::Read::read(stream, &mut scratch) {
+            match io::Read::read(&mut ch.socket, &mut scratch) {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -1092,6 +1163,10 @@ impl Core {
             out: OutBuf::default(),
             registered: 0,
             read_eof: false,
+            shutdown_after_flush: false,
+            write_shut: false,
+            idle_timeout: None,
+            last_activity: Instant::now(),
             wants_write: false,
             close_pending: false,
             close_event_pending: false,
@@ -1106,11 +1181,61 @@ impl Core {
         self.count_dispatcher(plugin, listener_id, 1);
         Ok(self.channel_ref(slot).id)
     }
+
+    /// Adds a channel over a descriptor a plugin handed over.
+    fn attach(&mut self, parent_slot: usize, file: std::fs::File, dispatcher: Dispatcher) -> Result<u64, io::Error> {
+        set_nonblocking(&file)?;
+        let parent = self.channel_ref(parent_slot);
+        let (listener_id, parent_id, plugin) = (parent.listener_id, parent.id, parent.plugin);
+        let slot = self.insert(Channel {
+            id: 0,
+            kind: ChannelKind::File,
+            listener_id,
+            parent_id,
+            plugin,
+            socket: Socket::Pipe(file),
+            dispatcher: Some(dispatcher),
+            phase: Phase::Open,
+            out: OutBuf::default(),
+            registered: 0,
+            read_eof: false,
+            shutdown_after_flush: false,
+            write_shut: false,
+            idle_timeout: None,
+            last_activity: self.now,
+            wants_write: false,
+            close_pending: false,
+            close_event_pending: false,
+            failed: None,
+            dirty: true,
+            paused_until: None,
+            counters: Default::default(),
+            created_at: SystemTime::now(),
+            peer: None,
+            local: None,
+        });
+        self.count_dispatcher(plugin, listener_id, 1);
+        Ok(self.channel_ref(slot).id)
+    }
 }
 
-// Linux errno values (std exposes no constants for them).
-const EINPROGRESS: i32 = 115;
-const EIO: i32 = 5;
+fn set_nonblocking(file: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with plain integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const EINPROGRESS: i32 = libc::EINPROGRESS;
+const EIO: i32 = libc::EIO;
 
 /// Errors after which the next `accept` may well succeed.
 fn is_transient_accept_error(error: &io::Error) -> bool {

@@ -1,6 +1,12 @@
 //! `Channel`: what a dispatcher may do with its socket during a callback.
 
-use std::{fmt, io, marker::PhantomData, net::SocketAddr};
+use std::{
+    fmt, io,
+    marker::PhantomData,
+    net::SocketAddr,
+    os::fd::{IntoRawFd, OwnedFd},
+    time::Duration,
+};
 
 use crate::{
     dispatcher::Dispatcher,
@@ -129,6 +135,84 @@ impl<'a> Channel<'a> {
         errno_result(n).map(|id| ChannelId(id as u64))
     }
 }
+
+impl Channel<'_> {
+    /// Sends `data` on another channel, by id (a chat room fanning a line out
+    /// to its members). Output is queued and flushed like [`send`](Channel::send).
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::NotFound`]-like `EBADF` when `channel` names no open
+    /// channel (it closed: ids are never reused).
+    pub fn send_to(&mut self, channel: ChannelId, data: &[u8]) -> io::Result<usize> {
+        // SAFETY: data is live for the call; the host copies it.
+        let n = unsafe { (host().send_to)(self.ctx, channel.0, data.as_ptr(), data.len()) };
+        errno_result(n)
+    }
+
+    /// Bytes queued for output on another channel, or `None` if it is gone.
+    /// With [`wake`](Channel::wake), this is how one channel applies
+    /// backpressure to another (a proxy stops reading from one side while
+    /// the other side's output is piling up).
+    pub fn pending_output_of(&self, channel: ChannelId) -> Option<usize> {
+        // SAFETY: ctx is the live context.
+        let n = unsafe { (host().pending_output_of)(self.ctx, channel.0) };
+        usize::try_from(n).ok()
+    }
+
+    /// Makes the loop re-ask `readable()`/`writable()` of another channel
+    /// before its next wait. Answers are cached until a channel's own
+    /// handler runs; call this when something that channel's answers depend
+    /// on changed here.
+    pub fn wake(&mut self, channel: ChannelId) -> bool {
+        // SAFETY: ctx is the live context.
+        unsafe { (host().wake)(self.ctx, channel.0) == 0 }
+    }
+
+    /// Calls [`Dispatcher::handle_timer`] with `token` after `delay`, on the
+    /// loop thread (no extra thread). Returns an id for
+    /// [`cancel_timer`](Channel::cancel_timer). Timers die with their
+    /// channel.
+    pub fn call_later(&mut self, delay: Duration, token: u64) -> TimerId {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        // SAFETY: ctx is the live context.
+        TimerId(unsafe { (host().call_later)(self.ctx, ms, token) } as u64)
+    }
+
+    /// Cancels a timer set by this channel. Returns false if it already
+    /// fired or was cancelled.
+    pub fn cancel_timer(&mut self, timer: TimerId) -> bool {
+        // SAFETY: ctx is the live context.
+        unsafe { (host().cancel_timer)(self.ctx, timer.0) == 0 }
+    }
+
+    /// Shuts down the write side once queued output is flushed: the peer
+    /// reads EOF, and this channel can still read (a proxy passing on a
+    /// half-close).
+    pub fn shutdown_write(&mut self) {
+        // SAFETY: ctx is the live context.
+        unsafe { (host().shutdown_write)(self.ctx) };
+    }
+
+    /// asyncore's `file_dispatcher`: serves a file descriptor (a pipe, a
+    /// FIFO, a character device; not a regular file, which is always
+    /// ready) in the same loop, with `dispatcher`. The descriptor is made
+    /// non-blocking. Returns the new channel's id.
+    ///
+    /// # Errors
+    ///
+    /// The error of registering the descriptor.
+    pub fn attach_fd(&mut self, fd: OwnedFd, dispatcher: Box<dyn Dispatcher>) -> io::Result<ChannelId> {
+        // SAFETY: ownership of the descriptor and of the handle passes to
+        // the host.
+        let n = unsafe { (host().attach_fd)(self.ctx, fd.into_raw_fd(), into_handle(dispatcher)) };
+        errno_result(n).map(|id| ChannelId(id as u64))
+    }
+}
+
+/// A timer set with [`Channel::call_later`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TimerId(pub u64);
 
 impl fmt::Debug for Channel<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -106,6 +106,14 @@ pub trait Dispatcher: 'static {
         let _ = channel;
     }
 
+    /// A timer set with [`Channel::call_later`] fired; `token` is the value
+    /// given there.
+    ///
+    /// The default does nothing.
+    fn handle_timer(&mut self, channel: &mut Channel<'_>, token: u64) {
+        let _ = (channel, token);
+    }
+
     /// Only for listening dispatchers: a connection was accepted. `channel`
     /// is the new connection; return the dispatcher that serves it, or
     /// `None` to refuse it (the connection is closed).

@@ -197,6 +197,7 @@ unsafe extern "C" fn dispatcher_handle_event(instance: *mut c_void, ctx: *mut Ho
             ffi::event::CLOSE => d.handle_close(ch),
             ffi::event::EXPT => d.handle_expt(ch),
             ffi::event::ERROR => d.handle_error(ch, io::Error::from_raw_os_error(arg as i32)),
+            ffi::event::TIMER => d.handle_timer(ch, arg as u64),
             // An event this SDK does not know comes from a newer host;
             // ignoring it is what the default handler would do.
             _ => {}

@@ -159,6 +159,8 @@ pub mod event {
     pub const EXPT: u32 = 5;
     /// `handle_error`; the argument is an errno value.
     pub const ERROR: u32 = 6;
+    /// `handle_timer`; the argument is the token given to `call_later`.
+    pub const TIMER: u32 = 7;
 }
 
 /// Which address `HostVtable::address` returns.
@@ -236,6 +238,28 @@ pub struct HostVtable {
     /// dispatcher `handle` (ownership passes to the host, even on failure);
     /// returns the new channel's id.
     pub connect: unsafe extern "C" fn(ctx: *mut HostCtx, addr: StrRef, handle: DispatcherHandle) -> i64,
+    /// Queues `len` bytes for output on another channel by id; returns the
+    /// number of bytes accepted, or `-EBADF` for an id that names no open
+    /// channel.
+    pub send_to: unsafe extern "C" fn(ctx: *mut HostCtx, channel_id: u64, data: *const u8, len: usize) -> i64,
+    /// Bytes queued for output on another channel by id, or `-EBADF`.
+    pub pending_output_of: unsafe extern "C" fn(ctx: *mut HostCtx, channel_id: u64) -> i64,
+    /// Asks the loop to re-ask `readable()`/`writable()` of another channel
+    /// before its next wait (0, or `-EBADF`).
+    pub wake: unsafe extern "C" fn(ctx: *mut HostCtx, channel_id: u64) -> i64,
+    /// Calls `handle_timer(token)` on this channel's dispatcher after
+    /// `delay_ms`; returns a timer id for `cancel_timer`.
+    pub call_later: unsafe extern "C" fn(ctx: *mut HostCtx, delay_ms: u64, token: u64) -> i64,
+    /// Cancels a timer of this channel (0, or `-ENOENT` once fired or
+    /// unknown).
+    pub cancel_timer: unsafe extern "C" fn(ctx: *mut HostCtx, timer_id: u64) -> i64,
+    /// Shuts down the write side once queued output is flushed (the peer
+    /// sees EOF); reading goes on.
+    pub shutdown_write: unsafe extern "C" fn(ctx: *mut HostCtx) -> i64,
+    /// Adds a channel over a file descriptor the plugin owned (a pipe),
+    /// served by `handle`; ownership of both passes to the host, even on
+    /// failure. Returns the new channel's id.
+    pub attach_fd: unsafe extern "C" fn(ctx: *mut HostCtx, fd: i32, handle: DispatcherHandle) -> i64,
 }
 
 /// What a plugin library describes itself with; returned by the entry point.

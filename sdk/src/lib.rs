@@ -83,7 +83,7 @@ pub mod ffi;
 pub mod log;
 pub mod prelude;
 
-pub use channel::{Channel, ChannelId};
+pub use channel::{Channel, ChannelId, TimerId};
 pub use config::Config;
 pub use dispatcher::Dispatcher;
 pub use export::Plugin;

@@ -1,3 +1,3 @@
 //! Everything a plugin needs: `use asyncore_sdk::prelude::*;`.
 
-pub use crate::{Channel, ChannelId, Config, Dispatcher, Plugin, export_plugin, log};
+pub use crate::{Channel, ChannelId, Config, TimerId, Dispatcher, Plugin, export_plugin, log};

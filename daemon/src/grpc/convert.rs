@@ -24,6 +24,7 @@ pub(super) fn channel(info: ChannelInfo) -> v1::Channel {
         ChannelKind::Listening => v1::ChannelKind::Listening,
         ChannelKind::Accepted => v1::ChannelKind::Accepted,
         ChannelKind::Outbound => v1::ChannelKind::Outbound,
+        ChannelKind::File => v1::ChannelKind::File,
     };
     let state = match info.state {
         ChannelState::Connecting => v1::ChannelState::Connecting,

@@ -2,10 +2,11 @@
 //! and its counters.
 
 use std::{
-    io::{self, Write},
+    fs::File,
+    io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, BorrowedFd},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
@@ -21,6 +22,9 @@ pub(crate) const WRITE: u8 = 2;
 pub(crate) enum Socket {
     Listener(TcpListener),
     Stream(TcpStream),
+    /// A pipe or other descriptor handed over by a plugin (asyncore's
+    /// `file_dispatcher`).
+    Pipe(File),
 }
 
 impl Socket {
@@ -28,7 +32,32 @@ impl Socket {
         match self {
             Socket::Listener(l) => l.as_fd(),
             Socket::Stream(s) => s.as_fd(),
+            Socket::Pipe(f) => f.as_fd(),
         }
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Stream(s) => s.read(buf),
+            Socket::Pipe(f) => f.read(buf),
+            Socket::Listener(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Stream(s) => s.write(buf),
+            Socket::Pipe(f) => f.write(buf),
+            Socket::Listener(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -76,23 +105,18 @@ impl OutBuf {
         self.start = 0;
     }
 
+    /// Writes `data` straight to the socket (the queue being empty).
+    /// Returns (bytes written, write calls).
+    pub(crate) fn write_through(&mut self, socket: &mut impl Write, data: &[u8]) -> io::Result<(usize, u64)> {
+        debug_assert!(self.is_empty());
+        write_some(socket, data)
+    }
+
     /// Writes from the front until the queue is empty or the socket would
     /// block. Returns (bytes written, write calls that wrote something).
-    pub(crate) fn flush_to(&mut self, stream: &mut TcpStream) -> io::Result<(u64, u64)> {
-        let (mut bytes, mut writes) = (0u64, 0u64);
-        while !self.is_empty() {
-            match stream.write(&self.bytes[self.start..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.start += n;
-                    bytes += n as u64;
-                    writes += 1;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+    pub(crate) fn flush_to(&mut self, stream: &mut impl Write) -> io::Result<(u64, u64)> {
+        let (written, writes) = write_some(stream, &self.bytes[self.start..])?;
+        self.start += written;
         if self.is_empty() {
             // Give back a large buffer once a burst has drained.
             if self.bytes.capacity() > 256 * 1024 {
@@ -102,8 +126,27 @@ impl OutBuf {
             }
             self.start = 0;
         }
-        Ok((bytes, writes))
+        Ok((written as u64, writes))
     }
+}
+
+/// Writes until everything is written or the socket would block. Returns
+/// (bytes written, write calls).
+fn write_some(socket: &mut impl Write, data: &[u8]) -> io::Result<(usize, u64)> {
+    let (mut written, mut writes) = (0, 0);
+    while written < data.len() {
+        match socket.write(&data[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                writes += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((written, writes))
 }
 
 #[derive(Debug)]
@@ -131,6 +174,14 @@ pub(crate) struct Channel {
     pub(crate) close_pending: bool,
     /// `recv` saw the peer's close during a callback: `handle_close` is due.
     pub(crate) close_event_pending: bool,
+    /// `shutdown_write()` was asked: shut down writing once flushed.
+    pub(crate) shutdown_after_flush: bool,
+    /// The write side is shut down.
+    pub(crate) write_shut: bool,
+    /// Close the channel when nothing was read or written for this long.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// Last read or write (the loop's clock of that pass).
+    pub(crate) last_activity: Instant,
     /// A socket error to report with `handle_error`, then close.
     pub(crate) failed: Option<io::Error>,
     /// In the dirty list: re-ask interest before the next wait.
@@ -147,7 +198,7 @@ impl Channel {
     pub(crate) fn stream(&mut self) -> Option<&mut TcpStream> {
         match &mut self.socket {
             Socket::Stream(s) => Some(s),
-            Socket::Listener(_) => None,
+            Socket::Listener(_) | Socket::Pipe(_) => None,
         }
     }
 

@@ -7,18 +7,21 @@
 
 use std::{
     ffi::c_void,
-    io::{self, Read, Write},
+    io::{self, Read},
+    os::fd::{FromRawFd, OwnedFd},
+    time::{Duration, Instant},
 };
 
 use asyncore_sdk::ffi::{self, DispatcherHandle, HostCtx, HostVtable, StrRef};
 use tracing::{debug, error, info, trace, warn};
 
-use super::{CallCtx, Core, channel::Phase};
+use super::{CallCtx, Core, TimerKind, channel::Phase};
 use crate::plugin_host::{Dispatcher, call_ctx, plugin_name};
 
-const EBADF: i64 = 9;
-const EINVAL: i64 = 22;
-const EAGAIN: i64 = 11;
+const EBADF: i64 = libc::EBADF as i64;
+const EINVAL: i64 = libc::EINVAL as i64;
+const EAGAIN: i64 = libc::EAGAIN as i64;
+const ENOENT: i64 = libc::ENOENT as i64;
 
 /// The table handed to every plugin's `init`.
 pub(crate) static HOST_VTABLE: HostVtable = HostVtable {
@@ -34,6 +37,13 @@ pub(crate) static HOST_VTABLE: HostVtable = HostVtable {
     pending_output: host_pending_output,
     address: host_address,
     connect: host_connect,
+    send_to: host_send_to,
+    pending_output_of: host_pending_output_of,
+    wake: host_wake,
+    call_later: host_call_later,
+    cancel_timer: host_cancel_timer,
+    shutdown_write: host_shutdown_write,
+    attach_fd: host_attach_fd,
 };
 
 /// The core and slot of the channel a call is about, if any.
@@ -90,56 +100,115 @@ unsafe extern "C" fn host_send(ctx: *mut HostCtx, data: *const u8, len: usize) -
     let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
     // SAFETY: the plugin lends len bytes for this call.
     let data = unsafe { StrRef { ptr: data, len }.as_bytes() };
-    let ch = core.channel(slot);
-    if !matches!(ch.phase, Phase::Open | Phase::Connecting) || ch.failed.is_some() {
-        return 0;
+    core.queue_output(slot, data)
+}
+
+unsafe extern "C" fn host_send_to(ctx: *mut HostCtx, channel_id: u64, data: *const u8, len: usize) -> i64 {
+    // SAFETY: ctx is a live call context.
+    let Some((core, _)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    let Some(&target) = core.ids.get(&channel_id) else { return -EBADF };
+    if !matches!(core.channel_ref(target).phase, Phase::Open | Phase::Connecting) {
+        return -EBADF;
     }
-    let mut rest = data;
-    // Write at once what the socket takes when nothing is queued ahead:
-    // a request/response exchange then needs no extra pass.
-    if ch.out.is_empty() && ch.phase == Phase::Open {
-        let super::channel::Socket::Stream(stream) = &mut ch.socket else { return -EBADF };
-        while !rest.is_empty() {
-            match stream.write(rest) {
-                Ok(n) => {
-                    ch.counters.bytes_out += n as u64;
-                    ch.counters.writes += 1;
-                    rest = &rest[n..];
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Reported through handle_error once the callback
-                    // returns; the bytes are accepted and dropped with the
-                    // broken connection.
-                    ch.failed = Some(e);
-                    return len as i64;
-                }
-            }
+    // SAFETY: the plugin lends len bytes for this call.
+    let data = unsafe { StrRef { ptr: data, len }.as_bytes() };
+    let n = core.queue_output(target, data);
+    // The target's own handler is not running: settle its error (if the
+    // write failed) on its next refresh.
+    core.mark_dirty(target);
+    n
+}
+
+unsafe extern "C" fn host_pending_output_of(ctx: *mut HostCtx, channel_id: u64) -> i64 {
+    // SAFETY: ctx is a live call context.
+    let Some((core, _)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    match core.ids.get(&channel_id) {
+        Some(&slot) => core.channel_ref(slot).out.len() as i64,
+        None => -EBADF,
+    }
+}
+
+unsafe extern "C" fn host_wake(ctx: *mut HostCtx, channel_id: u64) -> i64 {
+    // SAFETY: ctx is a live call context.
+    let Some((core, _)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    match core.ids.get(&channel_id) {
+        Some(&slot) => {
+            core.mark_dirty(slot);
+            0
+        }
+        None => -EBADF,
+    }
+}
+
+unsafe extern "C" fn host_call_later(ctx: *mut HostCtx, delay_ms: u64, token: u64) -> i64 {
+    // SAFETY: ctx is a live call context.
+    let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    let timer_id = core.next_timer_id;
+    core.next_timer_id += 1;
+    let at = Instant::now() + Duration::from_millis(delay_ms.min(u64::from(u32::MAX)));
+    let channel_id = core.channel_ref(slot).id;
+    core.push_timer(at, channel_id, TimerKind::Call { timer_id, token });
+    timer_id as i64
+}
+
+unsafe extern "C" fn host_cancel_timer(ctx: *mut HostCtx, timer_id: u64) -> i64 {
+    // SAFETY: ctx is a live call context.
+    let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    let channel_id = core.channel_ref(slot).id;
+    let pending = core.timers.iter().any(|t| {
+        t.0.channel_id == channel_id && matches!(t.0.kind, TimerKind::Call { timer_id: id, .. } if id == timer_id)
+    });
+    if pending && core.cancelled_timers.insert(timer_id) { 0 } else { -ENOENT }
+}
+
+unsafe extern "C" fn host_shutdown_write(ctx: *mut HostCtx) -> i64 {
+    // SAFETY: ctx is a live call context.
+    let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    core.channel(slot).shutdown_after_flush = true;
+    core.mark_dirty(slot);
+    0
+}
+
+unsafe extern "C" fn host_attach_fd(ctx: *mut HostCtx, fd: i32, handle: DispatcherHandle) -> i64 {
+    let dispatcher = Dispatcher::from_ffi(handle);
+    if fd < 0 {
+        dispatcher.release();
+        return -EBADF;
+    }
+    // SAFETY: the plugin passed ownership of an open descriptor.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: ctx is a live call context.
+    let Some((core, slot)) = (unsafe { channel_of(ctx) }) else {
+        dispatcher.release();
+        return -EBADF;
+    };
+    match core.attach(slot, file, dispatcher) {
+        Ok(id) => id as i64,
+        Err(e) => {
+            dispatcher.release();
+            errno(&e)
         }
     }
-    if !rest.is_empty() {
-        ch.out.push(rest);
-        core.mark_dirty(slot);
-    }
-    len as i64
 }
 
 unsafe extern "C" fn host_recv(ctx: *mut HostCtx, buf: *mut u8, cap: usize) -> i64 {
     // SAFETY: ctx is a live call context.
     let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    let core_now = core.now;
     let ch = core.channel(slot);
     if ch.read_eof {
         return 0;
     }
-    let super::channel::Socket::Stream(stream) = &mut ch.socket else { return -EBADF };
+    if matches!(ch.socket, super::channel::Socket::Listener(_)) {
+        return -EBADF;
+    }
     if cap == 0 {
         return 0;
     }
     // SAFETY: the plugin lends a writable buffer of cap bytes for this call.
     let buf = unsafe { std::slice::from_raw_parts_mut(buf, cap) };
     loop {
-        return match stream.read(buf) {
+        return match ch.socket.read(buf) {
             Ok(0) => {
                 // The peer closed: handle_close follows this callback.
                 ch.read_eof = true;
@@ -149,6 +218,7 @@ unsafe extern "C" fn host_recv(ctx: *mut HostCtx, buf: *mut u8, cap: usize) -> i
             Ok(n) => {
                 ch.counters.bytes_in += n as u64;
                 ch.counters.reads += 1;
+                ch.last_activity = core_now;
                 n as i64
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => -EAGAIN,
@@ -217,6 +287,47 @@ unsafe extern "C" fn host_connect(ctx: *mut HostCtx, address: StrRef, handle: Di
 }
 
 impl Core {
+    /// Queues output on a channel, writing at once what the socket takes
+    /// when nothing is queued ahead (a request/response exchange then needs
+    /// no extra pass). Returns the number of bytes accepted: all of them,
+    /// or 0 once the channel is closing, shut for writing, or broken.
+    fn queue_output(&mut self, slot: usize, data: &[u8]) -> i64 {
+        let now = self.now;
+        let ch = self.channel(slot);
+        if !matches!(ch.phase, Phase::Open | Phase::Connecting)
+            || ch.failed.is_some()
+            || ch.write_shut
+            || ch.shutdown_after_flush
+        {
+            return 0;
+        }
+        let mut rest = data;
+        if ch.out.is_empty() && ch.phase == Phase::Open {
+            match ch.out.write_through(&mut ch.socket, rest) {
+                Ok((written, writes)) => {
+                    if written > 0 {
+                        ch.last_activity = now;
+                    }
+                    ch.counters.bytes_out += written as u64;
+                    ch.counters.writes += writes;
+                    rest = &rest[written..];
+                }
+                Err(e) => {
+                    // Reported through handle_error once the callback
+                    // returns; the bytes are accepted and dropped with the
+                    // broken connection.
+                    ch.failed = Some(e);
+                    return data.len() as i64;
+                }
+            }
+        }
+        if !rest.is_empty() {
+            ch.out.push(rest);
+            self.mark_dirty(slot);
+        }
+        data.len() as i64
+    }
+
     /// `close()` from inside a callback of the channel.
     fn close_requested(&mut self, slot: usize) {
         let ch = self.channel(slot);
