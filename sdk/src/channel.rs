@@ -16,7 +16,7 @@ use crate::{
 
 /// Id of a channel in the daemon's channel map. Ids are never reused, so a
 /// stale id can only ever name no channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelId(pub u64);
 
 impl fmt::Display for ChannelId {
@@ -164,7 +164,7 @@ impl Channel<'_> {
     /// before its next wait. Answers are cached until a channel's own
     /// handler runs; call this when something that channel's answers depend
     /// on changed here.
-    pub fn wake(&mut self, channel: ChannelId) -> bool {
+    pub fn wake(&self, channel: ChannelId) -> bool {
         // SAFETY: ctx is the live context.
         unsafe { (host().wake)(self.ctx, channel.0) == 0 }
     }

@@ -8,6 +8,7 @@ mod errors;
 mod idle;
 mod lifecycle;
 mod panics;
+mod proxy;
 mod reflection;
 
 /// A multi-threaded runtime for one test.

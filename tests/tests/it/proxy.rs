@@ -1,0 +1,123 @@
+//! The proxy plugin: exact bytes both ways through an outbound channel,
+//! half-close passed on, and bounded memory when a peer stops reading.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use asyncore_proto::v1;
+use asyncore_tests::{Client, Daemon, Options, Rng};
+
+use crate::runtime;
+
+/// A daemon with an echo listener and a proxy in front of it. The runtime
+/// must outlive the client (its connection runs on it).
+fn start() -> (Daemon, tokio::runtime::Runtime, Client, std::net::SocketAddr, u64) {
+    let daemon = Daemon::start_with(Options {
+        plugins: vec!["asyncore_plugin_echo", "asyncore_plugin_proxy"],
+        ..Options::default()
+    });
+    let runtime = runtime();
+    let (client, proxy, proxy_listener) = runtime.block_on(async {
+        let mut client = daemon.client().await;
+        let (_, echo) = client.start_listener("echo", &[]).await;
+        let (proxy_listener, proxy) = client.start_listener("proxy", &[("upstream", &echo.to_string())]).await;
+        (client, proxy, proxy_listener)
+    });
+    (daemon, runtime, client, proxy, proxy_listener)
+}
+
+#[test]
+fn proxy_carries_50_mib_both_ways_exactly() {
+    let (daemon, runtime, mut client, proxy, proxy_listener) = start();
+    let payload = Rng::new(50).bytes(50 << 20);
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sent = payload.clone();
+    let write = std::thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        // Half-close: the proxy passes it on to the echo upstream, whose
+        // close comes back as our EOF once everything was echoed.
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::with_capacity(payload.len());
+    stream.read_to_end(&mut back).unwrap();
+    write.join().unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "bytes through the proxy differ");
+
+    // While open, the outbound channel was listed with its creator.
+    runtime.block_on(async {
+        let channels = client
+            .channels
+            .list_channels(v1::ListChannelsRequest { listener_id: Some(proxy_listener), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        // Both sides closed by now (or lingering); what is listed is
+        // consistent.
+        for c in channels.channels {
+            if c.kind == v1::ChannelKind::Outbound as i32 {
+                assert_ne!(c.parent_id, 0);
+            }
+        }
+    });
+    drop(daemon);
+}
+
+#[test]
+fn outbound_channels_show_kind_and_creator() {
+    let (_daemon, runtime, mut client, proxy, proxy_listener) = start();
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    stream.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+    runtime.block_on(async {
+        let channels = client
+            .channels
+            .list_channels(v1::ListChannelsRequest { listener_id: Some(proxy_listener), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .channels;
+        let accepted = channels.iter().find(|c| c.kind == v1::ChannelKind::Accepted as i32).unwrap();
+        let outbound = channels.iter().find(|c| c.kind == v1::ChannelKind::Outbound as i32).unwrap();
+        assert_eq!(outbound.parent_id, accepted.id);
+        assert_eq!(outbound.plugin, "proxy");
+        assert_eq!(outbound.bytes_out, 5);
+        assert_eq!(outbound.bytes_in, 5);
+        assert_eq!(accepted.bytes_in, 5);
+    });
+}
+
+#[test]
+fn a_client_that_stops_reading_does_not_grow_the_daemon() {
+    let (daemon, _runtime, _client, proxy, _) = start();
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    // Warm up: the first megabytes settle allocator and buffers.
+    let chunk = Rng::new(3).bytes(1 << 20);
+    stream.write_all(&chunk).unwrap();
+    let mut back = vec![0u8; chunk.len()];
+    stream.read_exact(&mut back).unwrap();
+    let before = daemon.rss_kib();
+
+    // Offer 300 MiB without ever reading: writes block once every buffer on
+    // the way is full.
+    stream.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut offered = 0usize;
+    while offered < 300 << 20 {
+        match stream.write(&chunk) {
+            Ok(n) => offered += n,
+            Err(_) => break,
+        }
+    }
+    let after = daemon.rss_kib();
+    assert!(offered < 300 << 20, "the daemon took all {offered} bytes: no backpressure");
+    assert!(
+        after < before + 32 * 1024,
+        "resident memory grew from {before} KiB to {after} KiB while a client did not read"
+    );
+}
