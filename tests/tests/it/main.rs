@@ -10,6 +10,7 @@ mod lifecycle;
 mod panics;
 mod proxy;
 mod reflection;
+mod timers;
 
 /// A multi-threaded runtime for one test.
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
