@@ -76,6 +76,7 @@
 #![deny(missing_docs)]
 
 mod channel;
+mod chat;
 mod config;
 mod dispatcher;
 mod export;
@@ -84,6 +85,7 @@ pub mod log;
 pub mod prelude;
 
 pub use channel::{Channel, ChannelId, TimerId};
+pub use chat::{AsyncChat, Chat, ChatHandler, FileProducer, FrameSink, Framer, Producer, SimpleProducer, Terminator};
 pub use config::Config;
 pub use dispatcher::Dispatcher;
 pub use export::Plugin;

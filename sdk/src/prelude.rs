@@ -1,3 +1,6 @@
 //! Everything a plugin needs: `use asyncore_sdk::prelude::*;`.
 
-pub use crate::{Channel, ChannelId, Config, TimerId, Dispatcher, Plugin, export_plugin, log};
+pub use crate::{
+    AsyncChat, Channel, ChannelId, Chat, ChatHandler, Config, Dispatcher, FileProducer, Plugin, Producer,
+    SimpleProducer, Terminator, TimerId, export_plugin, log,
+};
