@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, mpsc},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use polling::Poller;
@@ -40,8 +40,17 @@ pub enum Command {
     /// Counters of live channels matching `filter`, and of channels that
     /// closed after closed-channel sequence number `closed_after`.
     Stats { filter: StatsFilter, closed_after: u64, reply: Reply<StatsSnapshot> },
-    /// Add a plugin already loaded (and validated) off the loop thread.
-    AddPlugin { plugin: Box<LoadedPlugin>, reply: Reply<PluginInfo> },
+    /// Add a plugin already loaded (and validated) off the loop thread, as a
+    /// new plugin or a new generation of one; `activate` makes it current.
+    /// With `drain_timeout`, channels of older generations are closed
+    /// gracefully after it.
+    AddPlugin { plugin: Box<LoadedPlugin>, activate: bool, drain_timeout: Option<Duration>, reply: Reply<PluginInfo> },
+    /// Make a loaded generation current.
+    ActivatePlugin { name: String, generation: u32, drain_timeout: Option<Duration>, reply: Reply<PluginInfo> },
+    /// Retire a generation, or every generation of a plugin.
+    UnloadPlugin { name: String, generation: Option<u32>, force: bool, reply: Reply<PluginInfo> },
+    /// Where the current generation of a plugin was loaded from.
+    PluginSource { name: String, reply: Reply<std::path::PathBuf> },
     /// Every plugin.
     ListPlugins { reply: Reply<Vec<PluginInfo>> },
     /// Loop counters.
@@ -70,8 +79,16 @@ pub enum CommandError {
     BadConfig { key: &'static str, message: String },
     #[error("plugin {plugin} refused the listener config: {message}")]
     PluginRefused { plugin: String, message: String },
-    #[error("plugin {name} is already loaded (version {version}, from {path})")]
-    PluginExists { name: String, version: String, path: String },
+    #[error("plugin {name} has no generation {generation}")]
+    NoGeneration { name: String, generation: u32 },
+    #[error("plugin {name}@{generation} is retired; load the library again to get a new generation")]
+    GenerationRetired { name: String, generation: u32 },
+    #[error(
+        "plugin {name} is in use by listeners {listeners:?} and {channels} channels; stop them first or pass force"
+    )]
+    PluginInUse { name: String, listeners: Vec<u64>, channels: u64 },
+    #[error("library {path} is plugin {found:?}, not {expected:?}")]
+    WrongPlugin { path: String, found: String, expected: String },
     #[error(transparent)]
     PluginLoad(#[from] PluginLoadError),
     #[error("listener {0} is already stopped")]
@@ -88,6 +105,8 @@ pub struct ListenerInfo {
     pub id: u64,
     pub address: SocketAddr,
     pub plugin: String,
+    /// The generation serving new connections.
+    pub generation: u32,
     pub listening: bool,
     pub channel_count: u64,
     pub config: BTreeMap<String, String>,
@@ -133,6 +152,8 @@ pub struct ChannelInfo {
     pub listener_id: u64,
     pub parent_id: u64,
     pub plugin: String,
+    /// The plugin generation serving this channel.
+    pub generation: u32,
     pub kind: ChannelKind,
     pub peer_address: Option<SocketAddr>,
     pub local_address: Option<SocketAddr>,
@@ -179,18 +200,53 @@ pub struct StatsSnapshot {
     pub closed_missed: u64,
 }
 
-/// What the loop knows of a plugin.
+/// What the loop knows of a plugin: every generation loaded under its name.
 #[derive(Debug, Clone)]
 pub struct PluginInfo {
     pub name: String,
+    /// The generation new connections go to (0: none, all retired).
+    pub current_generation: u32,
+    pub generations: Vec<GenerationInfo>,
+}
+
+impl PluginInfo {
+    /// The current generation, or the newest one when none is current.
+    pub fn headline(&self) -> &GenerationInfo {
+        self.generations
+            .iter()
+            .find(|g| g.generation == self.current_generation)
+            .or(self.generations.last())
+            .expect("a plugin has at least one generation")
+    }
+}
+
+/// Where a generation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerationState {
+    /// New connections go to it.
+    Current,
+    /// Loaded, not current, no channels: can be activated.
+    Standby,
+    /// Not current, still serving channels it created.
+    Draining,
+    /// Unloaded: never called again (its code stays mapped).
+    Retired,
+}
+
+/// One load of a plugin library.
+#[derive(Debug, Clone)]
+pub struct GenerationInfo {
+    pub generation: u32,
     pub version: String,
     pub abi_version: (u32, u32),
     pub sdk_version: String,
     pub path: String,
+    pub sha256: String,
+    pub loaded_at: SystemTime,
+    pub state: GenerationState,
     pub listener_ids: Vec<u64>,
     pub live_channels: u64,
     pub panics: u64,
-    pub loaded_at: SystemTime,
 }
 
 /// Counters of the poll loop.

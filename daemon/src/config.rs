@@ -24,6 +24,13 @@ pub struct Config {
     /// Listeners started at boot.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    /// Let `LoadPlugin` load libraries from any path, not only from the
+    /// plugin directories.
+    #[serde(default)]
+    pub allow_any_plugin_path: bool,
+    /// Reload a plugin when its library in a plugin directory changes.
+    #[serde(default)]
+    pub watch: bool,
     /// Seconds a SIGTERM drain waits for channels to close before closing
     /// the rest.
     #[serde(default = "default_drain_timeout")]
@@ -70,6 +77,8 @@ impl Config {
                 plugin: "echo".to_string(),
                 config: BTreeMap::new(),
             }],
+            allow_any_plugin_path: false,
+            watch: false,
             drain_timeout_secs: default_drain_timeout(),
         }
     }

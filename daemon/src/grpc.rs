@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     command::{Command, CommandError, EngineHandle, StatsFilter},
     lifecycle::{Lifecycle, Phase},
-    plugin_host::{self, PluginLoadError},
+    plugin_host::{self, LoadedPlugin, PluginLoadError, PluginPolicy},
 };
 
 pub(crate) use self::incoming::Incoming;
@@ -42,12 +42,14 @@ const MAX_PAGE: usize = 10_000;
 pub struct ControlApi {
     engine: EngineHandle,
     lifecycle: Lifecycle,
+    policy: PluginPolicy,
 }
 
 impl ControlApi {
-    /// The API over an engine.
-    pub fn new(engine: EngineHandle, lifecycle: Lifecycle) -> ControlApi {
-        ControlApi { engine, lifecycle }
+    /// The API over an engine; `policy` says which plugin paths may be
+    /// loaded.
+    pub fn new(engine: EngineHandle, lifecycle: Lifecycle, policy: PluginPolicy) -> ControlApi {
+        ControlApi { engine, lifecycle, policy }
     }
 
     /// Serves the API, health and reflection on `listener` until `shutdown`
@@ -105,7 +107,12 @@ pub(crate) fn status(error: CommandError) -> Status {
         CommandError::NoListener(_) | CommandError::NoChannel(_) | CommandError::NoPlugin(_) => {
             Status::not_found(message)
         }
-        CommandError::AddressInUse { .. } | CommandError::PluginExists { .. } => Status::already_exists(message),
+        CommandError::NoGeneration { .. } => Status::not_found(message),
+        CommandError::AddressInUse { .. } => Status::already_exists(message),
+        CommandError::GenerationRetired { .. } | CommandError::PluginInUse { .. } => {
+            Status::failed_precondition(message)
+        }
+        CommandError::WrongPlugin { .. } => Status::invalid_argument(message),
         CommandError::Bind { source, .. } => match source.kind() {
             std::io::ErrorKind::PermissionDenied => Status::permission_denied(message),
             std::io::ErrorKind::AddrNotAvailable => Status::invalid_argument(message),
@@ -123,6 +130,7 @@ pub(crate) fn status(error: CommandError) -> Status {
             PluginLoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidInput => {
                 Status::invalid_argument(message)
             }
+            PluginLoadError::OutsidePluginDirs { .. } => Status::permission_denied(message),
             _ => Status::failed_precondition(message),
         },
         CommandError::Draining | CommandError::LoopGone => Status::unavailable(message),
@@ -316,26 +324,53 @@ async fn watch_stats(
     }
 }
 
+impl ControlApi {
+    /// Checks `path` against the plugin policy and loads it, off the loop
+    /// (copying and `dlopen` take milliseconds).
+    async fn load_library(&self, path: &str) -> Result<LoadedPlugin, Status> {
+        if path.trim().is_empty() {
+            return Err(Status::invalid_argument("path is empty; give the path of a plugin library (.so)"));
+        }
+        let path = self.policy.check(&PathBuf::from(path)).map_err(|e| status(e.into()))?;
+        tokio::task::spawn_blocking(move || plugin_host::load(&path))
+            .await
+            .map_err(|e| Status::internal(format!("plugin loader failed: {e}")))?
+            .map_err(|e| status(e.into()))
+    }
+
+    async fn add_plugin(
+        &self,
+        loaded: LoadedPlugin,
+        activate: bool,
+        drain_timeout: Option<Duration>,
+    ) -> Result<Response<v1::Plugin>, Status> {
+        let plugin = self
+            .engine
+            .request(|reply| Command::AddPlugin { plugin: Box::new(loaded), activate, drain_timeout, reply })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::plugin(plugin)))
+    }
+}
+
+fn drain_timeout(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+fn require_name(name: &str) -> Result<(), Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument("name is empty; name a loaded plugin (see ListPlugins)"));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl v1::plugins_server::Plugins for ControlApi {
     async fn load_plugin(&self, request: Request<v1::LoadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
         self.check_not_draining()?;
-        let path = request.into_inner().path;
-        if path.trim().is_empty() {
-            return Err(Status::invalid_argument("path is empty; give the path of a plugin library (.so)"));
-        }
-        let path = PathBuf::from(path);
-        // Copying and dlopen take milliseconds: done here, off the loop.
-        let loaded = tokio::task::spawn_blocking(move || plugin_host::load(&path))
-            .await
-            .map_err(|e| Status::internal(format!("plugin loader failed: {e}")))?
-            .map_err(|e| status(e.into()))?;
-        let plugin = self
-            .engine
-            .request(|reply| Command::AddPlugin { plugin: Box::new(loaded), reply })
-            .await
-            .map_err(status)?;
-        Ok(Response::new(convert::plugin(plugin)))
+        let request = request.into_inner();
+        let loaded = self.load_library(&request.path).await?;
+        self.add_plugin(loaded, request.activate, None).await
     }
 
     async fn list_plugins(
@@ -344,6 +379,50 @@ impl v1::plugins_server::Plugins for ControlApi {
     ) -> Result<Response<v1::ListPluginsResponse>, Status> {
         let plugins = self.engine.request(|reply| Command::ListPlugins { reply }).await.map_err(status)?;
         Ok(Response::new(v1::ListPluginsResponse { plugins: plugins.into_iter().map(convert::plugin).collect() }))
+    }
+
+    async fn reload_plugin(&self, request: Request<v1::ReloadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
+        self.check_not_draining()?;
+        let request = request.into_inner();
+        require_name(&request.name)?;
+        let path = if request.path.is_empty() {
+            let name = request.name.clone();
+            let source = self.engine.request(|reply| Command::PluginSource { name, reply }).await.map_err(status)?;
+            source.display().to_string()
+        } else {
+            request.path
+        };
+        let loaded = self.load_library(&path).await?;
+        if loaded.name != request.name {
+            return Err(status(CommandError::WrongPlugin { path, found: loaded.name.clone(), expected: request.name }));
+        }
+        self.add_plugin(loaded, true, drain_timeout(request.drain_timeout_ms)).await
+    }
+
+    async fn activate_plugin(
+        &self,
+        request: Request<v1::ActivatePluginRequest>,
+    ) -> Result<Response<v1::Plugin>, Status> {
+        let v1::ActivatePluginRequest { name, generation, drain_timeout_ms } = request.into_inner();
+        require_name(&name)?;
+        let drain_timeout = drain_timeout(drain_timeout_ms);
+        let plugin = self
+            .engine
+            .request(|reply| Command::ActivatePlugin { name, generation, drain_timeout, reply })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::plugin(plugin)))
+    }
+
+    async fn unload_plugin(&self, request: Request<v1::UnloadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
+        let v1::UnloadPluginRequest { name, generation, force } = request.into_inner();
+        require_name(&name)?;
+        let plugin = self
+            .engine
+            .request(|reply| Command::UnloadPlugin { name, generation, force, reply })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::plugin(plugin)))
     }
 }
 

@@ -98,7 +98,8 @@ impl Daemon {
             .with_context(|| format!("cannot bind the control api on {}", config.control))?;
         let control_addr = control.local_addr()?;
         let (stop_server, stopped) = oneshot::channel::<()>();
-        let api = grpc::ControlApi::new(engine.clone(), lifecycle.clone());
+        let policy = plugin_host::PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
+        let api = grpc::ControlApi::new(engine.clone(), lifecycle.clone(), policy);
         let server = tokio::spawn(async move {
             if let Err(e) = api
                 .serve(control, async {
@@ -185,9 +186,15 @@ async fn load_plugin_dir(engine: &EngineHandle, dir: &Path) {
             tokio::task::spawn_blocking(move || plugin_host::load(&path)).await
         };
         let result = match loaded {
-            Ok(Ok(plugin)) => {
-                engine.request(|reply| Command::AddPlugin { plugin: Box::new(plugin), reply }).await.map(|_| ())
-            }
+            Ok(Ok(plugin)) => engine
+                .request(|reply| Command::AddPlugin {
+                    plugin: Box::new(plugin),
+                    activate: false,
+                    drain_timeout: None,
+                    reply,
+                })
+                .await
+                .map(|_| ()),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "plugin loader failed");

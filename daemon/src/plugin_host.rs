@@ -20,6 +20,8 @@ use std::{
 
 use asyncore_sdk::ffi::{self, AbiTag, DispatcherHandle, HostCtx, KeyValue, PluginDescriptor, StrRef};
 
+use sha2::{Digest, Sha256};
+
 use crate::poll_loop::{CallCtx, HOST_VTABLE};
 
 /// Why a library could not be loaded as a plugin.
@@ -39,6 +41,10 @@ pub enum PluginLoadError {
     InitRefused { path: PathBuf },
     #[error("plugin {name}: on_load failed: {message}")]
     OnLoad { name: String, message: String },
+    #[error(
+        "plugin {path}: outside the plugin directories ({dirs}); start the daemon with --allow-any-plugin-path to load it"
+    )]
+    OutsidePluginDirs { path: PathBuf, dirs: String },
 }
 
 /// A plugin library, loaded and validated.
@@ -48,6 +54,8 @@ pub struct LoadedPlugin {
     pub(crate) sdk_version: String,
     pub(crate) abi: (u32, u32),
     pub(crate) path: PathBuf,
+    /// SHA-256 of the file as loaded, hex.
+    pub(crate) sha256: String,
     pub(crate) loaded_at: SystemTime,
     descriptor: *const PluginDescriptor,
     // Never dropped: see the module docs.
@@ -92,7 +100,10 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
     std::fs::create_dir_all(&private_dir).map_err(io_err)?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin");
     let private = private_dir.join(format!("{stem}-{}.so", NEXT_COPY.fetch_add(1, Ordering::Relaxed)));
-    std::fs::copy(&path, &private).map_err(io_err)?;
+    let bytes = std::fs::read(&path).map_err(io_err)?;
+    let sha256 = hex(&Sha256::digest(&bytes));
+    std::fs::write(&private, &bytes).map_err(io_err)?;
+    drop(bytes);
 
     // SAFETY: loading runs the library's initialisers. Plugins are trusted
     // code (like Envoy's dynamic modules): the daemon loads only what its
@@ -158,10 +169,65 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
         sdk_version,
         abi: (tag.major, tag.minor),
         path,
+        sha256,
         loaded_at: SystemTime::now(),
         descriptor,
         _library: library,
     })
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a file, hex.
+///
+/// # Errors
+///
+/// If the file cannot be read.
+pub fn file_sha256(path: &Path) -> io::Result<String> {
+    Ok(hex(&Sha256::digest(std::fs::read(path)?)))
+}
+
+/// Which plugin paths `LoadPlugin` accepts: by default only files inside the
+/// configured plugin directories, after resolving `..` and symlinks.
+#[derive(Debug, Clone, Default)]
+pub struct PluginPolicy {
+    dirs: Vec<PathBuf>,
+    allow_any_path: bool,
+}
+
+impl PluginPolicy {
+    /// A policy over `dirs` (canonicalized now; directories that do not
+    /// exist are skipped).
+    pub fn new(dirs: &[PathBuf], allow_any_path: bool) -> PluginPolicy {
+        let dirs = dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).collect();
+        PluginPolicy { dirs, allow_any_path }
+    }
+
+    /// The plugin directories.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Resolves `path` and checks it is inside a plugin directory.
+    ///
+    /// # Errors
+    ///
+    /// [`PluginLoadError::Io`] if it does not resolve,
+    /// [`PluginLoadError::OutsidePluginDirs`] if it escapes them.
+    pub fn check(&self, path: &Path) -> Result<PathBuf, PluginLoadError> {
+        let resolved =
+            std::fs::canonicalize(path).map_err(|source| PluginLoadError::Io { path: path.to_owned(), source })?;
+        if self.allow_any_path || self.dirs.iter().any(|dir| resolved.starts_with(dir)) {
+            return Ok(resolved);
+        }
+        Err(PluginLoadError::OutsidePluginDirs {
+            path: path.to_owned(),
+            dirs: self.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+        })
+    }
 }
 
 fn dl_message(error: &libloading::Error) -> String {

@@ -17,10 +17,11 @@
 
 mod channel;
 mod host_abi;
+mod plugins;
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, HashSet, VecDeque},
+    collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque},
     io,
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{Arc, mpsc},
@@ -90,6 +91,8 @@ enum TimerKind {
     Call { timer_id: u64, token: u64 },
     /// Check a channel's idle timeout.
     IdleCheck,
+    /// Close the channels of a plugin's generations other than `keep`.
+    DrainGenerations { keep: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -99,8 +102,11 @@ struct Timer {
     kind: TimerKind,
 }
 
+/// One generation of a plugin.
 struct PluginEntry {
     loaded: LoadedPlugin,
+    generation: u32,
+    retired: bool,
     panics: u64,
     live_channels: u64,
 }
@@ -108,6 +114,9 @@ struct PluginEntry {
 struct Listener {
     id: u64,
     address: SocketAddr,
+    /// The plugin (by name) serving this listener...
+    plugin_name: String,
+    /// ... and the generation of its listening dispatcher.
     plugin: usize,
     idle_timeout: Option<Duration>,
     config: BTreeMap<String, String>,
@@ -133,7 +142,11 @@ pub(crate) struct Core {
     ids: BTreeMap<u64, usize>,
     dirty: Vec<usize>,
     listeners: BTreeMap<u64, Listener>,
+    /// Every generation of every plugin, in load order; channels refer to
+    /// their generation by index.
     plugins: Vec<PluginEntry>,
+    /// Plugin name to the index of its current generation.
+    current: HashMap<String, usize>,
     timers: BinaryHeap<Reverse<Timer>>,
     /// `call_later` timers cancelled before they fired.
     cancelled_timers: HashSet<u64>,
@@ -176,6 +189,7 @@ impl Engine {
                 dirty: Vec::new(),
                 listeners: BTreeMap::new(),
                 plugins: Vec::new(),
+                current: HashMap::new(),
                 timers: BinaryHeap::new(),
                 cancelled_timers: HashSet::new(),
                 next_timer_id: 1,
@@ -199,13 +213,14 @@ impl Engine {
         self.handle.clone()
     }
 
-    /// Adds a loaded plugin.
+    /// Adds a loaded plugin: a new plugin, or the next generation of one
+    /// (made current when `activate`).
     ///
     /// # Errors
     ///
-    /// [`CommandError::PluginExists`] if a plugin of that name is loaded.
-    pub fn add_plugin(&mut self, plugin: LoadedPlugin) -> Result<PluginInfo, CommandError> {
-        self.core.add_plugin(plugin)
+    /// If activating it fails (its `listen` refuses a listener's config).
+    pub fn add_plugin(&mut self, plugin: LoadedPlugin, activate: bool) -> Result<PluginInfo, CommandError> {
+        self.core.add_plugin(plugin, activate, None)
     }
 
     /// Binds a listener served by `plugin`.
@@ -335,7 +350,7 @@ impl Core {
                     .filter_map(|(_, &slot)| self.channels[slot].as_ref())
                     .filter(|ch| listener_id.is_none_or(|l| ch.listener_id == l))
                     .take(limit)
-                    .map(|ch| ch.info(&self.plugins[ch.plugin].loaded.name))
+                    .map(|ch| self.info_of(ch))
                     .collect();
                 let _ = reply.send(Ok(list));
             }
@@ -355,12 +370,24 @@ impl Core {
             Command::Stats { filter, closed_after, reply } => {
                 let _ = reply.send(Ok(self.stats_snapshot(&filter, closed_after)));
             }
-            Command::AddPlugin { plugin, reply } => {
-                let _ = reply.send(self.add_plugin(*plugin));
+            Command::AddPlugin { plugin, activate, drain_timeout, reply } => {
+                let _ = reply.send(self.add_plugin(*plugin, activate, drain_timeout));
+            }
+            Command::ActivatePlugin { name, generation, drain_timeout, reply } => {
+                let _ = reply.send(self.activate_plugin(&name, generation, drain_timeout));
+            }
+            Command::UnloadPlugin { name, generation, force, reply } => {
+                let _ = reply.send(self.unload_plugin(&name, generation, force));
+            }
+            Command::PluginSource { name, reply } => {
+                let answer = match self.current.get(&name) {
+                    Some(&index) => Ok(self.plugins[index].loaded.path.clone()),
+                    None => Err(CommandError::NoPlugin(name)),
+                };
+                let _ = reply.send(answer);
             }
             Command::ListPlugins { reply } => {
-                let list = (0..self.plugins.len()).map(|i| self.plugin_info(i)).collect();
-                let _ = reply.send(Ok(list));
+                let _ = reply.send(Ok(self.list_plugins()));
             }
             Command::LoopStats { reply } => {
                 let _ = reply.send(Ok(self.loop_stats()));
@@ -374,50 +401,13 @@ impl Core {
         LoopStats { channels: self.ids.len() as u64, ..self.stats }
     }
 
-    fn add_plugin(&mut self, plugin: LoadedPlugin) -> Result<PluginInfo, CommandError> {
-        if let Some(existing) = self.plugins.iter().find(|p| p.loaded.name == plugin.name) {
-            return Err(CommandError::PluginExists {
-                name: plugin.name.clone(),
-                version: existing.loaded.version.clone(),
-                path: existing.loaded.path.display().to_string(),
-            });
-        }
-        info!(plugin = %plugin.name, version = %plugin.version, path = %plugin.path.display(), "plugin loaded");
-        self.plugins.push(PluginEntry { loaded: plugin, panics: 0, live_channels: 0 });
-        Ok(self.plugin_info(self.plugins.len() - 1))
-    }
-
-    fn plugin_info(&self, index: usize) -> PluginInfo {
-        let entry = &self.plugins[index];
-        PluginInfo {
-            name: entry.loaded.name.clone(),
-            version: entry.loaded.version.clone(),
-            abi_version: entry.loaded.abi,
-            sdk_version: entry.loaded.sdk_version.clone(),
-            path: entry.loaded.path.display().to_string(),
-            listener_ids: self
-                .listeners
-                .values()
-                .filter(|l| l.plugin == index && l.channel_id != 0)
-                .map(|l| l.id)
-                .collect(),
-            live_channels: entry.live_channels,
-            panics: entry.panics,
-            loaded_at: entry.loaded.loaded_at,
-        }
-    }
-
     fn start_listener(
         &mut self,
         address: SocketAddr,
         plugin_name: &str,
         config: BTreeMap<String, String>,
     ) -> Result<ListenerInfo, CommandError> {
-        let plugin = self
-            .plugins
-            .iter()
-            .position(|p| p.loaded.name == plugin_name)
-            .ok_or_else(|| CommandError::NoPlugin(plugin_name.to_string()))?;
+        let plugin = *self.current.get(plugin_name).ok_or_else(|| CommandError::NoPlugin(plugin_name.to_string()))?;
         let idle_timeout = match config.get("idle_timeout") {
             None => None,
             Some(text) => Some(parse_duration(text).ok_or_else(|| CommandError::BadConfig {
@@ -471,6 +461,7 @@ impl Core {
             Listener {
                 id,
                 address,
+                plugin_name: plugin_name.to_string(),
                 plugin,
                 idle_timeout,
                 config,
@@ -508,7 +499,8 @@ impl Core {
         ListenerInfo {
             id: listener.id,
             address: listener.address,
-            plugin: self.plugins[listener.plugin].loaded.name.clone(),
+            plugin: listener.plugin_name.clone(),
+            generation: self.plugins[listener.plugin].generation,
             listening: listener.channel_id != 0,
             channel_count: listener.channel_count,
             config: listener.config.clone(),
@@ -519,8 +511,12 @@ impl Core {
 
     fn channel_info(&self, id: u64) -> Result<ChannelInfo, CommandError> {
         let slot = *self.ids.get(&id).ok_or(CommandError::NoChannel(id))?;
-        let ch = self.channel_ref(slot);
-        Ok(ch.info(&self.plugins[ch.plugin].loaded.name))
+        Ok(self.info_of(self.channel_ref(slot)))
+    }
+
+    fn info_of(&self, ch: &Channel) -> ChannelInfo {
+        let entry = &self.plugins[ch.plugin];
+        ch.info(&entry.loaded.name, entry.generation)
     }
 
     fn stats_snapshot(&self, filter: &StatsFilter, closed_after: u64) -> StatsSnapshot {
@@ -706,7 +702,13 @@ impl Core {
         let message = report.unwrap_or_else(|| "panicked".to_string());
         self.stats.panics += 1;
         self.plugins[plugin].panics += 1;
-        error!(plugin = %self.plugins[plugin].loaded.name, channel = channel_id, "{message}; closing the channel");
+        let entry = &self.plugins[plugin];
+        error!(
+            plugin = %entry.loaded.name,
+            generation = entry.generation,
+            channel = channel_id,
+            "{message}; closing the channel"
+        );
         self.begin_close(slot);
     }
 
@@ -828,7 +830,8 @@ impl Core {
                     // Flushed: shut down writing (the peer sees EOF after
                     // every byte), then linger for the peer's close.
                     let already = ch.write_shut;
-                    let shut = ch.stream().map(|s| if already { Ok(()) } else { s.shutdown(std::net::Shutdown::Write) });
+                    let shut =
+                        ch.stream().map(|s| if already { Ok(()) } else { s.shutdown(std::net::Shutdown::Write) });
                     if !matches!(shut, Some(Ok(()))) {
                         self.finalize(slot);
                         return;
@@ -885,6 +888,10 @@ impl Core {
                 break;
             }
             self.timers.pop();
+            if let TimerKind::DrainGenerations { keep } = timer.kind {
+                self.drain_generations(keep);
+                continue;
+            }
             let Some(&slot) = self.ids.get(&timer.channel_id) else { continue };
             match timer.kind {
                 TimerKind::ResumeAccept => {
@@ -901,6 +908,8 @@ impl Core {
                         self.handle_event(slot, ffi::event::TIMER, token as i64);
                     }
                 }
+                // Handled above: it belongs to no channel.
+                TimerKind::DrainGenerations { .. } => {}
                 TimerKind::IdleCheck => {
                     let ch = self.channel(slot);
                     let Some(timeout) = ch.idle_timeout else { continue };

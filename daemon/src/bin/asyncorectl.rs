@@ -340,7 +340,7 @@ async fn plugins(channel: Channel, command: PluginsCommand, format: OutputFormat
             // which is not ours; `run` has already made the path absolute.
             let path =
                 path.to_str().with_context(|| format!("plugin path {} is not valid UTF-8", path.display()))?.to_owned();
-            let plugin = client.load_plugin(v1::LoadPluginRequest { path }).await?.into_inner();
+            let plugin = client.load_plugin(v1::LoadPluginRequest { path, activate: false }).await?.into_inner();
             match format {
                 OutputFormat::Json => print_json(&plugin_json(&plugin)),
                 OutputFormat::Table => print_text(&plugins_table(&[plugin])),

@@ -4,7 +4,10 @@ use std::collections::HashMap;
 
 use asyncore_proto::{timestamp, v1};
 
-use crate::command::{ChannelInfo, ChannelKind, ChannelState, ListenerInfo, LoopStats, PluginInfo, StatsSnapshot};
+use crate::command::{
+    ChannelInfo, ChannelKind, ChannelState, GenerationInfo, GenerationState, ListenerInfo, LoopStats, PluginInfo,
+    StatsSnapshot,
+};
 
 pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
     v1::Listener {
@@ -16,6 +19,7 @@ pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
         config: info.config.into_iter().collect(),
         channel_id: info.channel_id,
         created_at: Some(timestamp(info.created_at)),
+        plugin_generation: info.generation,
     }
 }
 
@@ -47,21 +51,51 @@ pub(super) fn channel(info: ChannelInfo) -> v1::Channel {
         writes: info.counters.writes,
         pending_output: info.pending_output,
         parent_id: info.parent_id,
+        plugin_generation: info.generation,
     }
 }
 
 pub(super) fn plugin(info: PluginInfo) -> v1::Plugin {
+    let headline = info.headline().clone();
     v1::Plugin {
         name: info.name,
+        version: headline.version,
+        abi_version: abi(headline.abi_version),
+        path: headline.path,
+        listener_ids: headline.listener_ids,
+        live_channels: info.generations.iter().map(|g| g.live_channels).sum(),
+        panics: info.generations.iter().map(|g| g.panics).sum(),
+        sdk_version: headline.sdk_version,
+        loaded_at: Some(timestamp(headline.loaded_at)),
+        current_generation: info.current_generation,
+        generations: info.generations.into_iter().map(generation).collect(),
+    }
+}
+
+fn generation(info: GenerationInfo) -> v1::PluginGeneration {
+    let state = match info.state {
+        GenerationState::Current => v1::GenerationState::Current,
+        GenerationState::Standby => v1::GenerationState::Standby,
+        GenerationState::Draining => v1::GenerationState::Draining,
+        GenerationState::Retired => v1::GenerationState::Retired,
+    };
+    v1::PluginGeneration {
+        generation: info.generation,
         version: info.version,
-        abi_version: format!("{}.{}", info.abi_version.0, info.abi_version.1),
+        abi_version: abi(info.abi_version),
+        sdk_version: info.sdk_version,
         path: info.path,
+        sha256: info.sha256,
+        loaded_at: Some(timestamp(info.loaded_at)),
+        state: state as i32,
         listener_ids: info.listener_ids,
         live_channels: info.live_channels,
         panics: info.panics,
-        sdk_version: info.sdk_version,
-        loaded_at: Some(timestamp(info.loaded_at)),
     }
+}
+
+fn abi((major, minor): (u32, u32)) -> String {
+    format!("{major}.{minor}")
 }
 
 pub(super) fn loop_stats(stats: LoopStats) -> v1::LoopStats {

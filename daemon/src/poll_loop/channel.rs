@@ -155,7 +155,8 @@ pub(crate) struct Channel {
     pub(crate) kind: ChannelKind,
     pub(crate) listener_id: u64,
     pub(crate) parent_id: u64,
-    /// Index of the plugin in the loop's plugin table.
+    /// Index of the plugin generation in the loop's plugin table: a channel
+    /// stays on the generation that created it for its whole life.
     pub(crate) plugin: usize,
     pub(crate) socket: Socket,
     /// `None` before `handle_accepted` answered, after a panic, and once
@@ -220,12 +221,13 @@ impl Channel {
         }
     }
 
-    pub(crate) fn info(&self, plugin: &str) -> ChannelInfo {
+    pub(crate) fn info(&self, plugin: &str, generation: u32) -> ChannelInfo {
         ChannelInfo {
             id: self.id,
             listener_id: self.listener_id,
             parent_id: self.parent_id,
             plugin: plugin.to_string(),
+            generation,
             kind: self.kind,
             peer_address: self.peer,
             local_address: self.local,

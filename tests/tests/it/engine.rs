@@ -14,7 +14,7 @@ use asyncored::{Engine, plugin_host};
 #[test]
 fn run_loop_serves_until_the_map_is_empty() {
     let mut engine = Engine::new().unwrap();
-    engine.add_plugin(plugin_host::load(&plugin_library("asyncore_plugin_echo")).unwrap()).unwrap();
+    engine.add_plugin(plugin_host::load(&plugin_library("asyncore_plugin_echo")).unwrap(), true).unwrap();
     let listener = engine.start_listener("127.0.0.1:0".parse().unwrap(), "echo", BTreeMap::new()).unwrap();
     assert_eq!(engine.n_channels(), 1);
 

@@ -101,46 +101,66 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
             "interval_ms",
         );
 
-        // Plugin files.
-        let load = |path: &std::path::Path| v1::LoadPluginRequest { path: path.display().to_string() };
-        let text = scratch.path().join("notes.so");
+        // Plugin files, placed in the plugin directory so that only what is
+        // wrong with them is in the way.
+        let plugin_dir = daemon.dir().join("plugins");
+        let load = |path: &std::path::Path| v1::LoadPluginRequest { path: path.display().to_string(), activate: false };
+        let text = plugin_dir.join("notes.so");
         std::fs::write(&text, "not a library\n").unwrap();
         assert_status(
             client.plugins.load_plugin(load(&text)).await,
             Code::FailedPrecondition,
             "not a loadable library",
         );
+        let libc = plugin_dir.join("libc-copy.so");
+        std::fs::copy(libc_path(), &libc).unwrap();
         assert_status(
-            client.plugins.load_plugin(load(&libc_path())).await,
+            client.plugins.load_plugin(load(&libc)).await,
             Code::FailedPrecondition,
             "not an asyncored plugin",
         );
         assert_status(
-            client.plugins.load_plugin(load(&plugin_library("asyncore_fixture_abi_v2"))).await,
+            client.plugins.load_plugin(load(&plugin_dir.join("libasyncore_fixture_abi_v2.so"))).await,
             Code::FailedPrecondition,
             "abi version 2.0, expected 1.0",
         );
         assert_status(
-            client.plugins.load_plugin(load(&scratch.path().join("missing.so"))).await,
+            client.plugins.load_plugin(load(&plugin_dir.join("missing.so"))).await,
             Code::NotFound,
             "missing.so",
         );
-        assert_status(
-            client.plugins.load_plugin(load(scratch.path())).await,
-            Code::InvalidArgument,
-            "not a regular file",
-        );
-        assert_status(
-            client.plugins.load_plugin(v1::LoadPluginRequest { path: String::new() }).await,
-            Code::InvalidArgument,
-            "empty",
-        );
-        assert_status(
-            client.plugins.load_plugin(load(&plugin_library("asyncore_plugin_echo"))).await,
-            Code::AlreadyExists,
-            "already loaded",
-        );
+        let subdir = plugin_dir.join("subdir.so");
+        std::fs::create_dir(&subdir).unwrap();
+        assert_status(client.plugins.load_plugin(load(&subdir)).await, Code::InvalidArgument, "not a regular file");
+        assert_status(client.plugins.load_plugin(load(std::path::Path::new(""))).await, Code::InvalidArgument, "empty");
 
+        // Paths outside the plugin directories: directly, through `..`, and
+        // through a symlink.
+        let outside = scratch.path().join("libasyncore_plugin_echo.so");
+        std::fs::copy(plugin_library("asyncore_plugin_echo"), &outside).unwrap();
+        let denied = "outside the plugin directories";
+        assert_status(client.plugins.load_plugin(load(&outside)).await, Code::PermissionDenied, denied);
+        let dotdot = plugin_dir.join("..").join("..").join(outside.strip_prefix(std::env::temp_dir()).unwrap());
+        assert_status(client.plugins.load_plugin(load(&dotdot)).await, Code::PermissionDenied, denied);
+        let link = plugin_dir.join("link.so");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        assert_status(client.plugins.load_plugin(load(&link)).await, Code::PermissionDenied, denied);
+
+        // Generations: unknown ones, retiring what a listener uses.
+        let activate =
+            |name: &str, generation| v1::ActivatePluginRequest { name: name.into(), generation, drain_timeout_ms: 0 };
+        assert_status(client.plugins.activate_plugin(activate("echo", 9)).await, Code::NotFound, "no generation 9");
+        assert_status(client.plugins.activate_plugin(activate("nope", 1)).await, Code::NotFound, "nope");
+        let unload = v1::UnloadPluginRequest { name: "echo".into(), generation: None, force: false };
+        assert_status(client.plugins.unload_plugin(unload).await, Code::FailedPrecondition, "in use");
+        let nameless = v1::ReloadPluginRequest { name: "".into(), ..Default::default() };
+        assert_status(client.plugins.reload_plugin(nameless).await, Code::InvalidArgument, "name is empty");
+        let wrong_abi = v1::ReloadPluginRequest {
+            name: "echo".into(),
+            path: plugin_dir.join("libasyncore_fixture_abi_v2.so").display().to_string(),
+            ..Default::default()
+        };
+        assert_status(client.plugins.reload_plugin(wrong_abi).await, Code::FailedPrecondition, "abi version 2.0");
         // Still serving: the listener echoes and the API answers.
         let mut stream = TcpStream::connect(echo_address).await.unwrap();
         stream.write_all(b"still here").await.unwrap();
@@ -149,6 +169,8 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
         assert_eq!(&back, b"still here");
         let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
         assert_eq!(plugins.plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["echo"]);
+        assert_eq!(plugins.plugins[0].generations.len(), 1, "no failed load left a generation behind");
+        assert_eq!(plugins.plugins[0].current_generation, 1);
     });
     daemon.assert_running();
 }
@@ -162,7 +184,9 @@ fn a_failing_on_load_is_refused_with_the_plugins_message() {
     });
     runtime().block_on(async {
         let mut client = daemon.client().await;
-        let request = v1::LoadPluginRequest { path: plugin_library("asyncore_fixture_panicky").display().to_string() };
+        let path = daemon.dir().join("plugins").join("libasyncore_fixture_panicky.so");
+        std::fs::copy(plugin_library("asyncore_fixture_panicky"), &path).unwrap();
+        let request = v1::LoadPluginRequest { path: path.display().to_string(), activate: true };
         assert_status(client.plugins.load_plugin(request).await, Code::FailedPrecondition, "disk on fire");
         let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
         assert_eq!(plugins.plugins.len(), 1);

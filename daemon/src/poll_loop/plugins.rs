@@ -1,0 +1,245 @@
+//! Plugin generations: loading a library again under the same name,
+//! switching which generation new connections go to, draining and retiring
+//! old ones.
+//!
+//! A listener names a plugin; its listening dispatcher belongs to one
+//! generation. Making another generation current asks the new generation for
+//! a listening dispatcher for every listener of the plugin (from the
+//! listener's config) and swaps it in: the listening socket never closes, so
+//! no connection is dropped. Channels keep the generation that created them.
+
+use std::{collections::HashMap, time::Duration};
+
+use tracing::{info, warn};
+
+use super::{CallCtx, Core, PluginEntry, TimerKind};
+use crate::{
+    command::{ChannelKind, CommandError, GenerationInfo, GenerationState, PluginInfo},
+    plugin_host::{Dispatcher, LoadedPlugin},
+};
+
+impl Core {
+    pub(super) fn add_plugin(
+        &mut self,
+        plugin: LoadedPlugin,
+        activate: bool,
+        drain_timeout: Option<Duration>,
+    ) -> Result<PluginInfo, CommandError> {
+        let name = plugin.name.clone();
+        let generation = self.generations(&name).map(|i| self.plugins[i].generation).max().unwrap_or(0) + 1;
+        info!(
+            plugin = %name,
+            generation,
+            version = %plugin.version,
+            path = %plugin.path.display(),
+            sha256 = %plugin.sha256,
+            "plugin loaded"
+        );
+        self.plugins.push(PluginEntry { loaded: plugin, generation, retired: false, panics: 0, live_channels: 0 });
+        let index = self.plugins.len() - 1;
+        if activate || !self.current.contains_key(&name) {
+            self.activate(index, drain_timeout)?;
+        }
+        Ok(self.plugin_info(&name))
+    }
+
+    pub(super) fn activate_plugin(
+        &mut self,
+        name: &str,
+        generation: u32,
+        drain_timeout: Option<Duration>,
+    ) -> Result<PluginInfo, CommandError> {
+        let index = self.generation_index(name, generation)?;
+        if self.plugins[index].retired {
+            return Err(CommandError::GenerationRetired { name: name.to_string(), generation });
+        }
+        self.activate(index, drain_timeout)?;
+        Ok(self.plugin_info(name))
+    }
+
+    /// Makes generation `index` current. Every listener of the plugin gets a
+    /// listening dispatcher of the new generation, or, if the generation
+    /// refuses any listener's config, nothing changes at all.
+    fn activate(&mut self, index: usize, drain_timeout: Option<Duration>) -> Result<(), CommandError> {
+        let name = self.plugins[index].loaded.name.clone();
+        let listeners: Vec<(u64, u64, Vec<(String, String)>)> = self
+            .listeners
+            .values()
+            .filter(|l| l.plugin_name == name && l.channel_id != 0 && l.plugin != index)
+            .map(|l| (l.id, l.channel_id, l.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
+            .collect();
+        let mut fresh: Vec<(u64, u64, Dispatcher)> = Vec::with_capacity(listeners.len());
+        for (listener_id, channel_id, config) in listeners {
+            let mut ctx = CallCtx { core: self, slot: None, report: None };
+            match self.plugins[index].loaded.listen(&mut ctx, &config) {
+                Ok(dispatcher) => fresh.push((listener_id, channel_id, dispatcher)),
+                Err(message) => {
+                    for (_, _, dispatcher) in fresh {
+                        dispatcher.release();
+                    }
+                    return Err(CommandError::PluginRefused {
+                        plugin: format!("{name}@{}", self.plugins[index].generation),
+                        message: format!("listener {listener_id}: {message}"),
+                    });
+                }
+            }
+        }
+        for (listener_id, channel_id, dispatcher) in fresh {
+            if let Some(&slot) = self.ids.get(&channel_id) {
+                let ch = self.channel(slot);
+                if let Some(old) = ch.dispatcher.replace(dispatcher) {
+                    old.release();
+                }
+                ch.plugin = index;
+                self.mark_dirty(slot);
+            } else {
+                dispatcher.release();
+            }
+            if let Some(listener) = self.listeners.get_mut(&listener_id) {
+                listener.plugin = index;
+            }
+        }
+        let previous = self.current.insert(name.clone(), index);
+        info!(plugin = %name, generation = self.plugins[index].generation, "generation is current");
+        if let Some(timeout) = drain_timeout
+            && previous.is_some_and(|p| p != index)
+        {
+            let at = self.now.max(std::time::Instant::now()) + timeout;
+            self.push_timer(at, 0, TimerKind::DrainGenerations { keep: index });
+        }
+        Ok(())
+    }
+
+    /// The drain timeout of an activation passed: close (gracefully) every
+    /// channel of the plugin's other generations.
+    pub(super) fn drain_generations(&mut self, keep: usize) {
+        let name = self.plugins[keep].loaded.name.clone();
+        let slots = self.channel_slots(|ch| ch.kind != ChannelKind::Listening && ch.plugin != keep, &name);
+        if !slots.is_empty() {
+            info!(plugin = %name, channels = slots.len(), "drain timeout: closing channels of older generations");
+        }
+        for slot in slots {
+            self.begin_close(slot);
+        }
+    }
+
+    pub(super) fn unload_plugin(
+        &mut self,
+        name: &str,
+        generation: Option<u32>,
+        force: bool,
+    ) -> Result<PluginInfo, CommandError> {
+        let targets: Vec<usize> = match generation {
+            Some(generation) => vec![self.generation_index(name, generation)?],
+            None => self.generations(name).collect(),
+        };
+        if targets.is_empty() {
+            return Err(CommandError::NoPlugin(name.to_string()));
+        }
+        let listeners: Vec<u64> = self
+            .listeners
+            .values()
+            .filter(|l| l.channel_id != 0 && targets.contains(&l.plugin))
+            .map(|l| l.id)
+            .collect();
+        let channels: u64 = targets.iter().map(|&i| self.plugins[i].live_channels).sum();
+        if (!listeners.is_empty() || channels > 0) && !force {
+            return Err(CommandError::PluginInUse { name: name.to_string(), listeners, channels });
+        }
+        for id in &listeners {
+            warn!(plugin = %name, listener = id, "unload with force: stopping the listener");
+            let _ = self.stop_listener(*id, false);
+        }
+        let slots = self.channel_slots(|ch| targets.contains(&ch.plugin), name);
+        for slot in slots {
+            self.begin_close(slot);
+        }
+        for &index in &targets {
+            let entry = &mut self.plugins[index];
+            if !entry.retired {
+                entry.retired = true;
+                info!(plugin = %name, generation = entry.generation, "generation retired");
+            }
+            if self.current.get(name) == Some(&index) {
+                self.current.remove(name);
+            }
+        }
+        Ok(self.plugin_info(name))
+    }
+
+    /// Slots of the live channels of plugin `name` matching `filter`.
+    fn channel_slots(&self, filter: impl Fn(&super::Channel) -> bool, name: &str) -> Vec<usize> {
+        self.ids
+            .values()
+            .copied()
+            .filter(|&slot| {
+                self.channels[slot].as_ref().is_some_and(|ch| self.plugins[ch.plugin].loaded.name == name && filter(ch))
+            })
+            .collect()
+    }
+
+    fn generations<'a>(&'a self, name: &'a str) -> impl Iterator<Item = usize> + 'a {
+        (0..self.plugins.len()).filter(move |&i| self.plugins[i].loaded.name == name)
+    }
+
+    fn generation_index(&self, name: &str, generation: u32) -> Result<usize, CommandError> {
+        let mut found = self.generations(name).peekable();
+        if found.peek().is_none() {
+            return Err(CommandError::NoPlugin(name.to_string()));
+        }
+        found
+            .find(|&i| self.plugins[i].generation == generation)
+            .ok_or_else(|| CommandError::NoGeneration { name: name.to_string(), generation })
+    }
+
+    pub(super) fn list_plugins(&self) -> Vec<PluginInfo> {
+        let mut names: Vec<&str> = Vec::new();
+        for entry in &self.plugins {
+            if !names.contains(&entry.loaded.name.as_str()) {
+                names.push(&entry.loaded.name);
+            }
+        }
+        names.into_iter().map(|name| self.plugin_info(name)).collect()
+    }
+
+    pub(super) fn plugin_info(&self, name: &str) -> PluginInfo {
+        let current = self.current.get(name).copied();
+        let mut listeners: HashMap<usize, Vec<u64>> = HashMap::new();
+        for listener in self.listeners.values().filter(|l| l.channel_id != 0) {
+            listeners.entry(listener.plugin).or_default().push(listener.id);
+        }
+        let generations = self
+            .generations(name)
+            .map(|index| {
+                let entry = &self.plugins[index];
+                let state = if current == Some(index) {
+                    GenerationState::Current
+                } else if entry.retired {
+                    GenerationState::Retired
+                } else if entry.live_channels > 0 {
+                    GenerationState::Draining
+                } else {
+                    GenerationState::Standby
+                };
+                GenerationInfo {
+                    generation: entry.generation,
+                    version: entry.loaded.version.clone(),
+                    abi_version: entry.loaded.abi,
+                    sdk_version: entry.loaded.sdk_version.clone(),
+                    path: entry.loaded.path.display().to_string(),
+                    sha256: entry.loaded.sha256.clone(),
+                    loaded_at: entry.loaded.loaded_at,
+                    state,
+                    listener_ids: listeners.remove(&index).unwrap_or_default(),
+                    live_channels: entry.live_channels,
+                    panics: entry.panics,
+                }
+            })
+            .collect();
+        PluginInfo {
+            name: name.to_string(),
+            current_generation: current.map_or(0, |i| self.plugins[i].generation),
+            generations,
+        }
+    }
+}
