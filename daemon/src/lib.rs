@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod lifecycle;
 pub mod plugin_host;
 pub mod poll_loop;
+mod watch;
 
 use std::{
     collections::BTreeMap,
@@ -99,6 +100,10 @@ impl Daemon {
         let control_addr = control.local_addr()?;
         let (stop_server, stopped) = oneshot::channel::<()>();
         let policy = plugin_host::PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
+        if config.watch {
+            info!("watching plugin libraries for changes");
+            tokio::spawn(watch::watch_plugins(engine.clone(), policy.clone()));
+        }
         let api = grpc::ControlApi::new(engine.clone(), lifecycle.clone(), policy);
         let server = tokio::spawn(async move {
             if let Err(e) = api

@@ -21,6 +21,13 @@ struct Flags {
     /// directory of this binary].
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// Let `LoadPlugin` load libraries from any path, not only from the
+    /// plugin directories.
+    #[arg(long)]
+    allow_any_plugin_path: bool,
+    /// Reload a plugin when its library in a plugin directory changes.
+    #[arg(long)]
+    watch: bool,
     /// TOML config file; flags override it. Without it the daemon serves the
     /// echo plugin on 127.0.0.1:7007.
     #[arg(long, value_name = "FILE")]
@@ -56,6 +63,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     if !flags.plugin_dirs.is_empty() {
         config.plugin_dirs = flags.plugin_dirs;
     }
+    config.allow_any_plugin_path |= flags.allow_any_plugin_path;
+    config.watch |= flags.watch;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

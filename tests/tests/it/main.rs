@@ -10,6 +10,7 @@ mod lifecycle;
 mod panics;
 mod proxy;
 mod reflection;
+mod reload;
 mod timers;
 
 /// A multi-threaded runtime for one test.
