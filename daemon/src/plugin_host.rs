@@ -10,6 +10,7 @@
 //! #52138), so its image stays mapped for the life of the process.
 
 use std::{
+    collections::BTreeMap,
     ffi::c_void,
     fmt, io,
     mem::ManuallyDrop,
@@ -251,7 +252,7 @@ impl LoadedPlugin {
     /// Asks the plugin for the listening dispatcher of a new listener.
     ///
     /// On refusal or panic, returns the plugin's message.
-    pub(crate) fn listen(&self, ctx: &mut CallCtx, config: &[(String, String)]) -> Result<Dispatcher, String> {
+    pub(crate) fn listen(&self, ctx: &mut CallCtx, config: &BTreeMap<String, String>) -> Result<Dispatcher, String> {
         let entries: Vec<KeyValue> =
             config.iter().map(|(k, v)| KeyValue { key: StrRef::new(k), value: StrRef::new(v) }).collect();
         let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };

@@ -418,11 +418,10 @@ impl Core {
         let listener = bind(address)?;
         let local = listener.local_addr().ok();
 
-        let pairs: Vec<(String, String)> = config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut ctx = CallCtx { core: self, slot: None, report: None };
         let dispatcher = self.plugins[plugin]
             .loaded
-            .listen(&mut ctx, &pairs)
+            .listen(&mut ctx, &config)
             .map_err(|message| CommandError::PluginRefused { plugin: plugin_name.to_string(), message })?;
 
         let id = self.next_listener_id;

@@ -142,15 +142,16 @@ impl Channel<'_> {
     ///
     /// # Errors
     ///
-    /// [`io::ErrorKind::NotFound`]-like `EBADF` when `channel` names no open
-    /// channel (it closed: ids are never reused).
+    /// `EBADF` (raw OS error 9) when `channel` names no open channel (it
+    /// closed or is closing: ids are never reused).
     pub fn send_to(&mut self, channel: ChannelId, data: &[u8]) -> io::Result<usize> {
         // SAFETY: data is live for the call; the host copies it.
         let n = unsafe { (host().send_to)(self.ctx, channel.0, data.as_ptr(), data.len()) };
         errno_result(n)
     }
 
-    /// Bytes queued for output on another channel, or `None` if it is gone.
+    /// Bytes queued for output on another channel, or `None` if it is gone
+    /// or closing.
     /// With [`wake`](Channel::wake), this is how one channel applies
     /// backpressure to another (a proxy stops reading from one side while
     /// the other side's output is piling up).

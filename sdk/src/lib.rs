@@ -83,6 +83,7 @@ mod export;
 pub mod ffi;
 pub mod log;
 pub mod prelude;
+pub mod testing;
 
 pub use channel::{Channel, ChannelId, TimerId};
 pub use chat::{AsyncChat, Chat, ChatHandler, FileProducer, FrameSink, Framer, Producer, SimpleProducer, Terminator};

@@ -122,9 +122,13 @@ unsafe extern "C" fn host_send_to(ctx: *mut HostCtx, channel_id: u64, data: *con
 unsafe extern "C" fn host_pending_output_of(ctx: *mut HostCtx, channel_id: u64) -> i64 {
     // SAFETY: ctx is a live call context.
     let Some((core, _)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    // A closing channel takes no more output (send_to refuses it), so it
+    // answers like a closed one.
     match core.ids.get(&channel_id) {
-        Some(&slot) => core.channel_ref(slot).out.len() as i64,
-        None => -EBADF,
+        Some(&slot) if matches!(core.channel_ref(slot).phase, Phase::Open | Phase::Connecting) => {
+            core.channel_ref(slot).out.len() as i64
+        }
+        _ => -EBADF,
     }
 }
 

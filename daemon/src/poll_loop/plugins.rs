@@ -62,14 +62,18 @@ impl Core {
     /// refuses any listener's config, nothing changes at all.
     fn activate(&mut self, index: usize, drain_timeout: Option<Duration>) -> Result<(), CommandError> {
         let name = self.plugins[index].loaded.name.clone();
-        let listeners: Vec<(u64, u64, Vec<(String, String)>)> = self
+        let listeners: Vec<u64> = self
             .listeners
             .values()
             .filter(|l| l.plugin_name == name && l.channel_id != 0 && l.plugin != index)
-            .map(|l| (l.id, l.channel_id, l.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
+            .map(|l| l.id)
             .collect();
         let mut fresh: Vec<(u64, u64, Dispatcher)> = Vec::with_capacity(listeners.len());
-        for (listener_id, channel_id, config) in listeners {
+        for listener_id in listeners {
+            let (channel_id, config) = {
+                let listener = &self.listeners[&listener_id];
+                (listener.channel_id, listener.config.clone())
+            };
             let mut ctx = CallCtx { core: self, slot: None, report: None };
             match self.plugins[index].loaded.listen(&mut ctx, &config) {
                 Ok(dispatcher) => fresh.push((listener_id, channel_id, dispatcher)),

@@ -1,12 +1,14 @@
 //! Integration tests against the real `asyncored` binary. One test binary
 //! with a module per area keeps link times down.
 
+mod chat;
 mod cli;
 mod echo;
 mod engine;
 mod errors;
 mod idle;
 mod lifecycle;
+mod lines;
 mod panics;
 mod proxy;
 mod reflection;
