@@ -267,6 +267,31 @@ impl LoadedPlugin {
     }
 }
 
+impl LoadedPlugin {
+    /// Whether this generation takes channels handed over by older ones.
+    pub(crate) fn imports_state(&self) -> bool {
+        // SAFETY: the descriptor is live static data.
+        unsafe { (*self.descriptor).import_state.is_some() }
+    }
+
+    /// Creates a dispatcher from state an older generation exported.
+    pub(crate) fn import_state(&self, ctx: &mut CallCtx, state: &[u8]) -> Result<Dispatcher, String> {
+        // SAFETY: the descriptor is live static data.
+        let Some(import) = (unsafe { (*self.descriptor).import_state }) else {
+            return Err("this generation does not import state".to_string());
+        };
+        let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
+        let bytes = StrRef { ptr: state.as_ptr(), len: state.len() };
+        // SAFETY: the state and out live across the call.
+        let status = unsafe { import(ctx.as_ffi(), bytes, &mut out) };
+        if status == ffi::status::OK && !out.instance.is_null() {
+            Ok(Dispatcher(out))
+        } else {
+            Err(ctx.take_report().unwrap_or_else(|| "refused without a message".to_string()))
+        }
+    }
+}
+
 /// A dispatcher instance living in a plugin. Copyable handle: the channel
 /// table holds the one that owns it and calls [`Dispatcher::release`] once.
 #[derive(Debug, Clone, Copy)]
@@ -312,6 +337,17 @@ impl Dispatcher {
         let status = unsafe { (self.vtable().handle_accepted)(self.0.instance, ctx.as_ffi(), &mut out) };
         match status {
             ffi::status::OK if !out.instance.is_null() => Ok(Some(Dispatcher(out))),
+            ffi::status::PANICKED => Err(Panicked),
+            _ => Ok(None),
+        }
+    }
+
+    /// Asks the dispatcher for state to hand over to a newer generation.
+    pub(crate) fn export_state(self, ctx: &mut CallCtx) -> Result<Option<Vec<u8>>, Panicked> {
+        // SAFETY: as for interest.
+        let status = unsafe { (self.vtable().export_state)(self.0.instance, ctx.as_ffi()) };
+        match status {
+            ffi::status::OK => Ok(ctx.take_state()),
             ffi::status::PANICKED => Err(Panicked),
             _ => Ok(None),
         }

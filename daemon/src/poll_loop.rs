@@ -64,12 +64,18 @@ pub(crate) struct CallCtx {
     core: *mut Core,
     slot: Option<usize>,
     report: Option<String>,
+    /// State handed over by `export_state`.
+    state: Option<Vec<u8>>,
 }
 
 impl CallCtx {
+    fn new(core: &mut Core, slot: Option<usize>) -> CallCtx {
+        CallCtx { core, slot, report: None, state: None }
+    }
+
     /// A context for calls that concern no channel (`on_load`).
     pub(crate) fn detached() -> CallCtx {
-        CallCtx { core: std::ptr::null_mut(), slot: None, report: None }
+        CallCtx { core: std::ptr::null_mut(), slot: None, report: None, state: None }
     }
 
     pub(crate) fn as_ffi(&mut self) -> *mut HostCtx {
@@ -78,6 +84,10 @@ impl CallCtx {
 
     pub(crate) fn take_report(&mut self) -> Option<String> {
         self.report.take()
+    }
+
+    pub(crate) fn take_state(&mut self) -> Option<Vec<u8>> {
+        self.state.take()
     }
 }
 
@@ -418,7 +428,7 @@ impl Core {
         let listener = bind(address)?;
         let local = listener.local_addr().ok();
 
-        let mut ctx = CallCtx { core: self, slot: None, report: None };
+        let mut ctx = CallCtx::new(self, None);
         let dispatcher = self.plugins[plugin]
             .loaded
             .listen(&mut ctx, &config)
@@ -676,7 +686,7 @@ impl Core {
         f: impl FnOnce(Dispatcher, &mut CallCtx) -> Result<R, crate::plugin_host::Panicked>,
     ) -> Option<R> {
         let dispatcher = self.channels[slot].as_ref()?.dispatcher?;
-        let mut ctx = CallCtx { core: self, slot: Some(slot), report: None };
+        let mut ctx = CallCtx::new(self, Some(slot));
         // No reference into `self` is alive during the call: the plugin
         // reaches the core only through ctx's pointer.
         let result = f(dispatcher, &mut ctx);
@@ -735,7 +745,7 @@ impl Core {
                 // Any further close or error asked from inside handle_error
                 // is moot: the channel goes now.
                 if let Some(dispatcher) = self.channel(slot).dispatcher {
-                    let mut ctx = CallCtx { core: self, slot: Some(slot), report: None };
+                    let mut ctx = CallCtx::new(self, Some(slot));
                     let result = dispatcher.handle_event(&mut ctx, ffi::event::ERROR, i64::from(errno));
                     let report = ctx.report.take();
                     if result.is_err() {
@@ -1013,7 +1023,7 @@ impl Core {
 
         let Some(listening) = self.channel_ref(listener_slot).dispatcher else { return };
         self.stats.handler_calls += 1;
-        let mut ctx = CallCtx { core: self, slot: Some(slot), report: None };
+        let mut ctx = CallCtx::new(self, Some(slot));
         let answer = listening.handle_accepted(&mut ctx);
         let report = ctx.report.take();
         match answer {

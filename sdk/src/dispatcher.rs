@@ -114,6 +114,21 @@ pub trait Dispatcher: 'static {
         let _ = (channel, token);
     }
 
+    /// Hot reload with state handover: a newer generation of this plugin
+    /// became current and can import state ([`Plugin::import_state`]).
+    /// Called between callbacks; return the state to hand this channel over
+    /// to the new generation (serialised however you like), or `None` to
+    /// stay on this generation until the channel closes (for example while
+    /// a message is half read).
+    ///
+    /// The default answers `None`.
+    ///
+    /// [`Plugin::import_state`]: crate::Plugin::import_state
+    fn export_state(&mut self, channel: &Channel<'_>) -> Option<Vec<u8>> {
+        let _ = channel;
+        None
+    }
+
     /// Only for listening dispatchers: a connection was accepted. `channel`
     /// is the new connection; return the dispatcher that serves it, or
     /// `None` to refuse it (the connection is closed).

@@ -52,6 +52,25 @@ pub trait Plugin: 'static {
     /// A message naming the bad configuration entry; the daemon answers the
     /// `StartListener` call with `INVALID_ARGUMENT` and that message.
     fn listen(config: &Config) -> Result<Box<dyn Dispatcher>, String>;
+
+    /// Whether [`import_state`](Plugin::import_state) is implemented: only
+    /// then are channels of older generations offered to this one on a
+    /// reload.
+    const IMPORTS_STATE: bool = false;
+
+    /// Hot reload with state handover: creates the dispatcher of a channel
+    /// an older generation handed over, from what its
+    /// [`Dispatcher::export_state`] returned. Set
+    /// [`IMPORTS_STATE`](Plugin::IMPORTS_STATE) too.
+    ///
+    /// # Errors
+    ///
+    /// A message; the channel then stays on its old generation. The default
+    /// refuses.
+    fn import_state(state: &[u8]) -> Result<Box<dyn Dispatcher>, String> {
+        let _ = state;
+        Err(format!("plugin {} does not import state", Self::NAME))
+    }
 }
 
 struct Host {
@@ -153,6 +172,7 @@ static DISPATCHER_VTABLE: DispatcherVtable = DispatcherVtable {
     handle_event: dispatcher_handle_event,
     handle_accepted: dispatcher_handle_accepted,
     drop: dispatcher_drop,
+    export_state: dispatcher_export_state,
 };
 
 /// Moves a dispatcher behind the C ABI; the host frees it through the
@@ -248,6 +268,20 @@ unsafe extern "C" fn dispatcher_handle_accepted(
     }
 }
 
+unsafe extern "C" fn dispatcher_export_state(instance: *mut c_void, ctx: *mut HostCtx) -> i32 {
+    // SAFETY: forwarded from the host's contract for vtable calls.
+    let state = unsafe { with_slot(instance, ctx, |d, ch| d.export_state(ch)) };
+    match state {
+        Ok(Some(bytes)) => {
+            // SAFETY: ctx is live; the host copies the bytes.
+            unsafe { (host().hand_over)(ctx, bytes.as_ptr(), bytes.len()) };
+            status::OK
+        }
+        Ok(None) => status::DECLINED,
+        Err(()) => status::PANICKED,
+    }
+}
+
 unsafe extern "C" fn dispatcher_drop(instance: *mut c_void) {
     // SAFETY: the host drops each instance exactly once.
     let slot = unsafe { Box::from_raw(instance.cast::<Slot>()) };
@@ -275,6 +309,31 @@ pub const fn descriptor<P: Plugin>() -> ffi::PluginDescriptor {
         init: plugin_init,
         on_load: plugin_on_load::<P>,
         listen: plugin_listen::<P>,
+        import_state: if P::IMPORTS_STATE { Some(plugin_import_state::<P>) } else { None },
+    }
+}
+
+unsafe extern "C" fn plugin_import_state<P: Plugin>(
+    ctx: *mut HostCtx,
+    state: StrRef,
+    out: *mut DispatcherHandle,
+) -> i32 {
+    // SAFETY: the host lends the state for the call.
+    let state = unsafe { state.as_bytes() };
+    match catch_unwind(AssertUnwindSafe(|| P::import_state(state))) {
+        Ok(Ok(dispatcher)) => {
+            // SAFETY: the host passes a valid out pointer.
+            unsafe { out.write(into_handle(dispatcher)) };
+            status::OK
+        }
+        Ok(Err(message)) => {
+            report(ctx, &message);
+            status::DECLINED
+        }
+        Err(payload) => {
+            report_panic(ctx, payload.as_ref());
+            status::PANICKED
+        }
     }
 }
 

@@ -202,6 +202,10 @@ pub struct DispatcherVtable {
         unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx, out: *mut DispatcherHandle) -> i32,
     /// Frees the instance. Never panics out.
     pub drop: unsafe extern "C" fn(instance: *mut c_void),
+    /// Asks `export_state()`: on [`status::OK`] the state was passed to
+    /// `HostVtable::hand_over`; [`status::DECLINED`] keeps the channel on
+    /// its generation.
+    pub export_state: unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx) -> i32,
 }
 
 /// Functions the host offers a plugin, passed once to `init`.
@@ -260,6 +264,8 @@ pub struct HostVtable {
     /// served by `handle`; ownership of both passes to the host, even on
     /// failure. Returns the new channel's id.
     pub attach_fd: unsafe extern "C" fn(ctx: *mut HostCtx, fd: i32, handle: DispatcherHandle) -> i64,
+    /// Receives the state `export_state` hands over; the host copies it.
+    pub hand_over: unsafe extern "C" fn(ctx: *mut HostCtx, state: *const u8, len: usize),
 }
 
 /// What a plugin library describes itself with; returned by the entry point.
@@ -294,6 +300,10 @@ pub struct PluginDescriptor {
         n_config: usize,
         out: *mut DispatcherHandle,
     ) -> i32,
+    /// Creates a dispatcher for a channel handed over by an older generation
+    /// from the state it exported; writes it to `out` on [`status::OK`].
+    /// Null when the plugin does not import state.
+    pub import_state: Option<unsafe extern "C" fn(ctx: *mut HostCtx, state: StrRef, out: *mut DispatcherHandle) -> i32>,
 }
 
 // SAFETY: the descriptor is immutable static data (function pointers and

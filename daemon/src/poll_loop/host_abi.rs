@@ -44,7 +44,13 @@ pub(crate) static HOST_VTABLE: HostVtable = HostVtable {
     cancel_timer: host_cancel_timer,
     shutdown_write: host_shutdown_write,
     attach_fd: host_attach_fd,
+    hand_over: host_hand_over,
 };
+
+unsafe extern "C" fn host_hand_over(ctx: *mut HostCtx, state: *const u8, len: usize) {
+    // SAFETY: ctx is a live call context; the plugin lends len bytes.
+    unsafe { call_ctx(ctx).state = Some(StrRef { ptr: state, len }.as_bytes().to_vec()) };
+}
 
 /// The core and slot of the channel a call is about, if any.
 ///

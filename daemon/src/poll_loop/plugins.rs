@@ -74,7 +74,7 @@ impl Core {
                 let listener = &self.listeners[&listener_id];
                 (listener.channel_id, listener.config.clone())
             };
-            let mut ctx = CallCtx { core: self, slot: None, report: None };
+            let mut ctx = CallCtx::new(self, None);
             match self.plugins[index].loaded.listen(&mut ctx, &config) {
                 Ok(dispatcher) => fresh.push((listener_id, channel_id, dispatcher)),
                 Err(message) => {
@@ -105,6 +105,9 @@ impl Core {
         }
         let previous = self.current.insert(name.clone(), index);
         info!(plugin = %name, generation = self.plugins[index].generation, "generation is current");
+        if self.plugins[index].loaded.imports_state() {
+            self.migrate(index);
+        }
         if let Some(timeout) = drain_timeout
             && previous.is_some_and(|p| p != index)
         {
@@ -112,6 +115,53 @@ impl Core {
             self.push_timer(at, 0, TimerKind::DrainGenerations { keep: index });
         }
         Ok(())
+    }
+
+    /// Hands the idle channels of the plugin's other generations over to
+    /// generation `index`, each with the state its dispatcher exports.
+    /// Runs between callbacks (activation is a command). A channel whose
+    /// dispatcher declines (the default) stays on its generation.
+    fn migrate(&mut self, index: usize) {
+        let name = self.plugins[index].loaded.name.clone();
+        let slots = self.channel_slots(
+            |ch| {
+                ch.kind != ChannelKind::Listening
+                    && ch.plugin != index
+                    && ch.phase == super::channel::Phase::Open
+                    && ch.dispatcher.is_some()
+            },
+            &name,
+        );
+        let mut moved = 0u64;
+        for slot in slots {
+            let Some(state) = self.call(slot, |d, ctx| d.export_state(ctx)).flatten() else { continue };
+            if !self.is_open(slot) {
+                continue;
+            }
+            let mut ctx = CallCtx::new(self, Some(slot));
+            let imported = self.plugins[index].loaded.import_state(&mut ctx, &state);
+            let ch = self.channel(slot);
+            match imported {
+                Ok(dispatcher) => {
+                    let old_plugin = ch.plugin;
+                    if let Some(old) = ch.dispatcher.replace(dispatcher) {
+                        old.release();
+                    }
+                    ch.plugin = index;
+                    self.plugins[old_plugin].live_channels -= 1;
+                    self.plugins[index].live_channels += 1;
+                    self.mark_dirty(slot);
+                    moved += 1;
+                }
+                Err(message) => {
+                    let channel_id = ch.id;
+                    warn!(plugin = %name, channel = channel_id, "state handover refused, staying on the old generation: {message}");
+                }
+            }
+        }
+        if moved > 0 {
+            info!(plugin = %name, generation = self.plugins[index].generation, channels = moved, "channels handed over with their state");
+        }
     }
 
     /// The drain timeout of an activation passed: close (gracefully) every

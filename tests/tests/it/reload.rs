@@ -329,3 +329,31 @@ fn watch_reloads_a_library_rebuilt_in_the_plugin_directory() {
         assert_eq!(ask(&mut old, b"c").await, b"v1:c");
     });
 }
+
+#[test]
+fn idle_channels_hand_their_state_over_to_the_new_generation() {
+    let Versioned { daemon, library, .. } = versioned("");
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        load(&mut client, &library).await;
+        let (listener_id, address) = client.start_listener("versioned", &[("migrate", "true")]).await;
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        assert_eq!(ask(&mut stream, b"a").await, b"v1:a");
+        assert_eq!(ask(&mut stream, b"b").await, b"v1:b");
+
+        install(&plugin_library("asyncore_fixture_versioned_v2"), &library, false);
+        reload(&mut client, "versioned", 0).await;
+        // The idle channel moved to generation 2 with its count.
+        stream.write_all(b"count?").await.unwrap();
+        let mut back = vec![0u8; b"v2:count=3".len()];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, b"v2:count=3");
+        let channel = channel_of(&mut client, listener_id, &stream).await;
+        assert_eq!(channel.plugin_generation, 2);
+        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+        let versioned = plugins.plugins.iter().find(|p| p.name == "versioned").unwrap();
+        assert_eq!(versioned.generations[0].live_channels, 0);
+        assert_eq!(versioned.generations[0].state, v1::GenerationState::Standby as i32);
+        assert!(daemon.log().contains("handed over with their state"), "{}", daemon.log());
+    });
+}
