@@ -33,7 +33,7 @@ use polling::{Event, Events, PollMode, Poller};
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 use tracing::{debug, error, info, warn};
 
-use self::channel::{Channel, OutBuf, Phase, READ, Socket, WRITE};
+use self::channel::{Channel, Phase, READ, Socket, WRITE};
 pub(crate) use self::host_abi::HOST_VTABLE;
 use crate::{
     command::{
@@ -437,33 +437,17 @@ impl Core {
         let id = self.next_listener_id;
         self.next_listener_id += 1;
         let address = local.unwrap_or(address);
-        let slot = self.insert(Channel {
-            id: 0,
-            kind: ChannelKind::Listening,
-            listener_id: id,
-            parent_id: 0,
+        let slot = self.insert(Channel::new(
+            ChannelKind::Listening,
+            Socket::Listener(listener),
+            id,
+            0,
             plugin,
-            socket: Socket::Listener(listener),
-            dispatcher: Some(dispatcher),
-            phase: Phase::Open,
-            out: OutBuf::default(),
-            registered: 0,
-            read_eof: false,
-            shutdown_after_flush: false,
-            write_shut: false,
-            idle_timeout: None,
-            last_activity: Instant::now(),
-            wants_write: false,
-            close_pending: false,
-            close_event_pending: false,
-            failed: None,
-            dirty: false,
-            paused_until: None,
-            counters: Default::default(),
-            created_at: SystemTime::now(),
-            peer: None,
+            Some(dispatcher),
+            Phase::Open,
+            None,
             local,
-        });
+        ));
         let channel_id = self.channel(slot).id;
         self.listeners.insert(
             id,
@@ -985,33 +969,17 @@ impl Core {
         // per message; handlers write whole messages anyway.
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
-        let slot = self.insert(Channel {
-            id: 0,
-            kind: ChannelKind::Accepted,
+        let slot = self.insert(Channel::new(
+            ChannelKind::Accepted,
+            Socket::Stream(stream),
             listener_id,
-            parent_id: 0,
+            0,
             plugin,
-            socket: Socket::Stream(stream),
-            dispatcher: None,
-            phase: Phase::Open,
-            out: OutBuf::default(),
-            registered: 0,
-            read_eof: false,
-            shutdown_after_flush: false,
-            write_shut: false,
-            idle_timeout: None,
-            last_activity: Instant::now(),
-            wants_write: false,
-            close_pending: false,
-            close_event_pending: false,
-            failed: None,
-            dirty: true,
-            paused_until: None,
-            counters: Default::default(),
-            created_at: SystemTime::now(),
-            peer: Some(peer),
+            None,
+            Phase::Open,
+            Some(peer),
             local,
-        });
+        ));
         self.count_dispatcher(plugin, listener_id, 1);
         let idle_timeout = self.listeners.get(&listener_id).and_then(|l| l.idle_timeout);
         if let Some(timeout) = idle_timeout {
@@ -1167,73 +1135,48 @@ impl Core {
             Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}
             Err(e) => return Err(e),
         }
-        let parent = self.channel_ref(parent_slot);
-        let (listener_id, parent_id, plugin) = (parent.listener_id, parent.id, parent.plugin);
-        let slot = self.insert(Channel {
-            id: 0,
-            kind: ChannelKind::Outbound,
-            listener_id,
-            parent_id,
-            plugin,
-            socket: Socket::Stream(socket.into()),
-            dispatcher: Some(dispatcher),
-            phase: Phase::Connecting,
-            out: OutBuf::default(),
-            registered: 0,
-            read_eof: false,
-            shutdown_after_flush: false,
-            write_shut: false,
-            idle_timeout: None,
-            last_activity: Instant::now(),
-            wants_write: false,
-            close_pending: false,
-            close_event_pending: false,
-            failed: None,
-            dirty: true,
-            paused_until: None,
-            counters: Default::default(),
-            created_at: SystemTime::now(),
-            peer: Some(address),
-            local: None,
-        });
-        self.count_dispatcher(plugin, listener_id, 1);
-        Ok(self.channel_ref(slot).id)
+        Ok(self.insert_child(
+            parent_slot,
+            ChannelKind::Outbound,
+            Socket::Stream(socket.into()),
+            dispatcher,
+            Phase::Connecting,
+            Some(address),
+        ))
     }
 
     /// Adds a channel over a descriptor a plugin handed over.
     fn attach(&mut self, parent_slot: usize, file: std::fs::File, dispatcher: Dispatcher) -> Result<u64, io::Error> {
         set_nonblocking(&file)?;
+        Ok(self.insert_child(parent_slot, ChannelKind::File, Socket::Pipe(file), dispatcher, Phase::Open, None))
+    }
+
+    /// Adds a channel a plugin created from channel `parent_slot`: it belongs
+    /// to the same listener and plugin generation. Returns its id.
+    fn insert_child(
+        &mut self,
+        parent_slot: usize,
+        kind: ChannelKind,
+        socket: Socket,
+        dispatcher: Dispatcher,
+        phase: Phase,
+        peer: Option<SocketAddr>,
+    ) -> u64 {
         let parent = self.channel_ref(parent_slot);
         let (listener_id, parent_id, plugin) = (parent.listener_id, parent.id, parent.plugin);
-        let slot = self.insert(Channel {
-            id: 0,
-            kind: ChannelKind::File,
+        let slot = self.insert(Channel::new(
+            kind,
+            socket,
             listener_id,
             parent_id,
             plugin,
-            socket: Socket::Pipe(file),
-            dispatcher: Some(dispatcher),
-            phase: Phase::Open,
-            out: OutBuf::default(),
-            registered: 0,
-            read_eof: false,
-            shutdown_after_flush: false,
-            write_shut: false,
-            idle_timeout: None,
-            last_activity: self.now,
-            wants_write: false,
-            close_pending: false,
-            close_event_pending: false,
-            failed: None,
-            dirty: true,
-            paused_until: None,
-            counters: Default::default(),
-            created_at: SystemTime::now(),
-            peer: None,
-            local: None,
-        });
+            Some(dispatcher),
+            phase,
+            peer,
+            None,
+        ));
         self.count_dispatcher(plugin, listener_id, 1);
-        Ok(self.channel_ref(slot).id)
+        self.channel_ref(slot).id
     }
 }
 

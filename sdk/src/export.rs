@@ -320,9 +320,24 @@ unsafe extern "C" fn plugin_import_state<P: Plugin>(
 ) -> i32 {
     // SAFETY: the host lends the state for the call.
     let state = unsafe { state.as_bytes() };
-    match catch_unwind(AssertUnwindSafe(|| P::import_state(state))) {
+    // SAFETY: forwarded from the host's contract for this call.
+    unsafe { new_dispatcher(ctx, out, || P::import_state(state)) }
+}
+
+/// Runs a plugin function that makes a dispatcher, catching panics: writes
+/// the dispatcher to `out`, or reports the refusal or panic through `ctx`.
+///
+/// # Safety
+///
+/// `ctx` must be the live context of the call and `out` valid for writes.
+unsafe fn new_dispatcher(
+    ctx: *mut HostCtx,
+    out: *mut DispatcherHandle,
+    make: impl FnOnce() -> Result<Box<dyn Dispatcher>, String>,
+) -> i32 {
+    match catch_unwind(AssertUnwindSafe(make)) {
         Ok(Ok(dispatcher)) => {
-            // SAFETY: the host passes a valid out pointer.
+            // SAFETY: guaranteed by the caller.
             unsafe { out.write(into_handle(dispatcher)) };
             status::OK
         }
@@ -376,21 +391,8 @@ unsafe extern "C" fn plugin_listen<P: Plugin>(
         unsafe { std::slice::from_raw_parts(config, n_config) }
     };
     let config = Config::from_ffi(entries);
-    match catch_unwind(AssertUnwindSafe(|| P::listen(&config))) {
-        Ok(Ok(dispatcher)) => {
-            // SAFETY: the host passes a valid out pointer.
-            unsafe { out.write(into_handle(dispatcher)) };
-            status::OK
-        }
-        Ok(Err(message)) => {
-            report(ctx, &message);
-            status::DECLINED
-        }
-        Err(payload) => {
-            report_panic(ctx, payload.as_ref());
-            status::PANICKED
-        }
-    }
+    // SAFETY: forwarded from the host's contract for this call.
+    unsafe { new_dispatcher(ctx, out, || P::listen(&config)) }
 }
 
 /// Exports a [`Plugin`] from a `cdylib` crate: the frozen ABI tag and the

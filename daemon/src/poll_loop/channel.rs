@@ -196,6 +196,48 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
+    /// A new channel; its id is set when it is inserted in the map.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        kind: ChannelKind,
+        socket: Socket,
+        listener_id: u64,
+        parent_id: u64,
+        plugin: usize,
+        dispatcher: Option<Dispatcher>,
+        phase: Phase,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+    ) -> Channel {
+        Channel {
+            id: 0,
+            kind,
+            listener_id,
+            parent_id,
+            plugin,
+            socket,
+            dispatcher,
+            phase,
+            out: OutBuf::default(),
+            registered: 0,
+            read_eof: false,
+            shutdown_after_flush: false,
+            write_shut: false,
+            idle_timeout: None,
+            last_activity: Instant::now(),
+            wants_write: false,
+            close_pending: false,
+            close_event_pending: false,
+            failed: None,
+            dirty: false,
+            paused_until: None,
+            counters: Counters::default(),
+            created_at: SystemTime::now(),
+            peer,
+            local,
+        }
+    }
+
     pub(crate) fn stream(&mut self) -> Option<&mut TcpStream> {
         match &mut self.socket {
             Socket::Stream(s) => Some(s),
