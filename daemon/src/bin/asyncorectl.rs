@@ -10,9 +10,10 @@ use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use asyncore_proto::v1;
@@ -42,6 +43,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The daemon refuses shorter intervals (see `WatchStatsRequest`); rejecting
 /// them here gives a usage error instead of a surprise from the server.
 const MIN_INTERVAL_MS: u64 = 10;
+
+/// How often `plugins reload --watch` looks at the library's metadata.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Hex digits of a SHA-256 shown in tables; `-o json` has all of them.
+const SHA256_SHOWN: usize = 12;
 
 const EXIT_SERVER_ERROR: u8 = 1;
 const EXIT_UNREACHABLE: u8 = 3;
@@ -126,13 +133,61 @@ enum ChannelsCommand {
 
 #[derive(Debug, Subcommand)]
 enum PluginsCommand {
-    /// List loaded plugins.
+    /// List plugins, one row per generation, the current one first.
     Ls,
-    /// Load a plugin library (.so).
+    /// Load a plugin library (.so): a new plugin, or a new generation of a
+    /// loaded one, kept on standby unless --activate.
     Load {
         /// Path of the library, relative to the current directory or absolute.
         path: PathBuf,
+        /// Make the new generation current at once (the first generation of a
+        /// plugin always is).
+        #[arg(long)]
+        activate: bool,
     },
+    /// Load a plugin's library again as a new generation and make it current.
+    Reload(ReloadArgs),
+    /// Make a loaded generation current again (rollback).
+    Activate {
+        name: String,
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        generation: u32,
+        /// Close channels of the other generations gracefully after this
+        /// long: 500ms, 30s, 2m, or a bare number of milliseconds.
+        /// [default: never, they live on until they close]
+        #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout_ms)]
+        drain_timeout: Option<u64>,
+    },
+    /// Retire one generation, or every generation of the plugin: its code is
+    /// never called again.
+    Unload {
+        name: String,
+        /// Only this generation.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        generation: Option<u32>,
+        /// Stop the listeners and gracefully close the channels that use it,
+        /// instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ReloadArgs {
+    name: String,
+    /// Library to load [default: the file the current generation came from]
+    #[arg(long, value_name = "PATH")]
+    path: Option<PathBuf>,
+    /// Close channels of older generations gracefully after this long:
+    /// 500ms, 30s, 2m, or a bare number of milliseconds.
+    /// [default: never, they live on until they close]
+    #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout_ms)]
+    drain_timeout: Option<u64>,
+    /// Keep watching the library and reload whenever its content differs from
+    /// the current generation's, until Ctrl-C. The file is read on this
+    /// machine, so run it where the daemon runs.
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -207,13 +262,15 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli, target: &ControlTarget) -> anyhow::Result<()> {
     let format = cli.output;
-    // Resolve the plugin path before connecting so that a bad path is
-    // reported even when the daemon is down.
+    // Resolve plugin paths before connecting so that a bad path is reported
+    // even when the daemon is down.
     let command = match cli.command {
-        Command::Plugins(PluginsCommand::Load { path }) => {
-            let absolute =
-                std::path::absolute(&path).with_context(|| format!("cannot make {} absolute", path.display()))?;
-            Command::Plugins(PluginsCommand::Load { path: absolute })
+        Command::Plugins(PluginsCommand::Load { path, activate }) => {
+            Command::Plugins(PluginsCommand::Load { path: absolute_path(&path)?, activate })
+        }
+        Command::Plugins(PluginsCommand::Reload(mut args)) => {
+            args.path = args.path.as_deref().map(absolute_path).transpose()?;
+            Command::Plugins(PluginsCommand::Reload(args))
         }
         command => command,
     };
@@ -222,7 +279,7 @@ async fn run(cli: Cli, target: &ControlTarget) -> anyhow::Result<()> {
     match command {
         Command::Listeners(command) => listeners(channel, command, format).await,
         Command::Channels(command) => channels(channel, command, format).await,
-        Command::Plugins(command) => plugins(channel, command, format).await,
+        Command::Plugins(command) => plugins(channel, command, format, target).await,
         Command::Stats(args) => stats(channel, args, format).await,
         Command::LoopStats => {
             let stats = DaemonClient::new(channel).get_loop_stats(v1::GetLoopStatsRequest {}).await?.into_inner();
@@ -322,30 +379,278 @@ async fn list_all_channels(
     }
 }
 
-async fn plugins(channel: Channel, command: PluginsCommand, format: OutputFormat) -> anyhow::Result<()> {
+async fn plugins(
+    channel: Channel,
+    command: PluginsCommand,
+    format: OutputFormat,
+    target: &ControlTarget,
+) -> anyhow::Result<()> {
     let mut client = PluginsClient::new(channel);
-    match command {
+    let (plugin, summary) = match command {
         PluginsCommand::Ls => {
             let response = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner();
-            match format {
+            return match format {
                 OutputFormat::Json => {
                     let items: Vec<Value> = response.plugins.iter().map(plugin_json).collect();
                     print_json(&json!({ "plugins": items }))
                 }
                 OutputFormat::Table => print_text(&plugins_table(&response.plugins)),
-            }
+            };
         }
-        PluginsCommand::Load { path } => {
+        PluginsCommand::Load { path, activate } => {
+            // The name is only known once the daemon has opened the library,
+            // so remember every plugin's current generation for the summary.
+            let before = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner().plugins;
             // The daemon resolves paths against its own working directory,
             // which is not ours; `run` has already made the path absolute.
-            let path =
-                path.to_str().with_context(|| format!("plugin path {} is not valid UTF-8", path.display()))?.to_owned();
-            let plugin = client.load_plugin(v1::LoadPluginRequest { path, activate: false }).await?.into_inner();
-            match format {
-                OutputFormat::Json => print_json(&plugin_json(&plugin)),
-                OutputFormat::Table => print_text(&plugins_table(&[plugin])),
+            let request = v1::LoadPluginRequest { path: path_text(&path)?, activate };
+            let plugin = client.load_plugin(request).await?.into_inner();
+            let previous = before.iter().find(|known| known.name == plugin.name).map(|known| known.current_generation);
+            let summary = load_summary(&plugin, previous.unwrap_or(0));
+            (plugin, summary)
+        }
+        PluginsCommand::Reload(args) if args.watch => return watch_and_reload(&mut client, args, format, target).await,
+        PluginsCommand::Reload(args) => {
+            let previous = current_generation(&mut client, &args.name).await?;
+            let request = v1::ReloadPluginRequest {
+                name: args.name,
+                path: args.path.as_deref().map(path_text).transpose()?.unwrap_or_default(),
+                drain_timeout_ms: args.drain_timeout.unwrap_or(0),
+            };
+            let plugin = client.reload_plugin(request).await?.into_inner();
+            let summary = switch_summary(&plugin.name, plugin.current_generation, generation_number(previous.as_ref()));
+            (plugin, summary)
+        }
+        PluginsCommand::Activate { name, generation, drain_timeout } => {
+            let previous = current_generation(&mut client, &name).await?;
+            let request = v1::ActivatePluginRequest { name, generation, drain_timeout_ms: drain_timeout.unwrap_or(0) };
+            let plugin = client.activate_plugin(request).await?.into_inner();
+            let summary = switch_summary(&plugin.name, plugin.current_generation, generation_number(previous.as_ref()));
+            (plugin, summary)
+        }
+        PluginsCommand::Unload { name, generation, force } => {
+            let plugin = client.unload_plugin(v1::UnloadPluginRequest { name, generation, force }).await?.into_inner();
+            let summary = match generation {
+                Some(generation) => format!("{}@{generation} is retired", plugin.name),
+                None => format!("{} is unloaded: every generation is retired", plugin.name),
+            };
+            (plugin, summary)
+        }
+    };
+    match format {
+        OutputFormat::Json => print_json(&plugin_json(&plugin)),
+        OutputFormat::Table => print_text(&format!("{summary}\n")),
+    }
+}
+
+/// `plugins reload NAME --watch`: the edit-build-reload loop. Polls the
+/// library's metadata and, once a change has settled, hashes the file and
+/// reloads if the content differs from the current generation's. A failed
+/// reload is reported and the watch goes on; only an unreachable daemon or
+/// Ctrl-C ends it.
+async fn watch_and_reload(
+    client: &mut PluginsClient<Channel>,
+    args: ReloadArgs,
+    format: OutputFormat,
+    target: &ControlTarget,
+) -> anyhow::Result<()> {
+    let path = match args.path {
+        Some(path) => path,
+        None => {
+            let plugin = find_plugin(client, &args.name).await?;
+            let current = current_of(&plugin).with_context(|| {
+                format!("plugin {:?} has no current generation; activate one or pass --path", args.name)
+            })?;
+            PathBuf::from(&current.path)
+        }
+    };
+    // Naming the file in every request, rather than letting the daemon take
+    // the current generation's, keeps reloading the file being watched even
+    // after someone activates a generation loaded from elsewhere.
+    let path_in_request = path_text(&path)?;
+    let drain_timeout_ms = args.drain_timeout.unwrap_or(0);
+    eprintln!("watching {} for changes to {}; Ctrl-C to stop", path.display(), args.name);
+
+    let watch = async {
+        let mut ticks = tokio::time::interval(WATCH_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut file_watch = FileWatch::default();
+        let mut unreadable_reported = false;
+        loop {
+            ticks.tick().await;
+            let stamp = match FileStamp::of(&path) {
+                Ok(stamp) => {
+                    unreadable_reported = false;
+                    Some(stamp)
+                }
+                Err(error) => {
+                    // Builds delete and recreate their output; say so once,
+                    // not twice a second.
+                    if !unreadable_reported {
+                        eprintln!(
+                            "asyncorectl: cannot read {}: {}; still watching",
+                            path.display(),
+                            io_error_text(&error)
+                        );
+                        unreadable_reported = true;
+                    }
+                    None
+                }
+            };
+            if !file_watch.should_hash(stamp) {
+                continue;
+            }
+            let sha256 = match asyncored::plugin_host::file_sha256(&path) {
+                Ok(sha256) => sha256,
+                Err(error) => {
+                    eprintln!("asyncorectl: cannot read {}: {}; still watching", path.display(), io_error_text(&error));
+                    continue;
+                }
+            };
+            let reloaded = reload_if_changed(client, &args.name, &path_in_request, &sha256, drain_timeout_ms).await;
+            match reloaded.map_err(|error| transport_failure_as_unreachable(error, target)) {
+                Ok(None) => {}
+                Ok(Some((plugin, previous))) => match format {
+                    OutputFormat::Json => print_json_line(&plugin_json(&plugin))?,
+                    OutputFormat::Table => {
+                        print_text(&format!("{}\n", switch_summary(&plugin.name, plugin.current_generation, previous)))?
+                    }
+                },
+                Err(error) if exit_code(&error) == EXIT_UNREACHABLE => return Err(error),
+                Err(error) => eprintln!("asyncorectl: {}", describe_error(&error)),
             }
         }
+    };
+
+    // Ctrl-C is the normal way to stop watching, so it ends with success.
+    tokio::select! {
+        signal = tokio::signal::ctrl_c() => signal.context("cannot listen for Ctrl-C"),
+        result = watch => result,
+    }
+}
+
+/// Reloads plugin `name` from `path` unless its current generation already
+/// has content `sha256`. Returns the plugin after the reload and the
+/// generation that was current before it (0 for none).
+///
+/// The current generation is asked for each time rather than remembered, so
+/// that a reload or rollback by someone else is taken into account.
+async fn reload_if_changed(
+    client: &mut PluginsClient<Channel>,
+    name: &str,
+    path: &str,
+    sha256: &str,
+    drain_timeout_ms: u64,
+) -> anyhow::Result<Option<(v1::Plugin, u32)>> {
+    let current = current_generation(client, name).await?;
+    if current.as_ref().is_some_and(|current| current.sha256 == sha256) {
+        return Ok(None);
+    }
+    let request = v1::ReloadPluginRequest { name: name.to_owned(), path: path.to_owned(), drain_timeout_ms };
+    let plugin = client.reload_plugin(request).await?.into_inner();
+    Ok(Some((plugin, generation_number(current.as_ref()))))
+}
+
+/// Plugin `name` from `ListPlugins`, or NOT_FOUND in the words the daemon
+/// uses when asked about a plugin it does not have.
+async fn find_plugin(client: &mut PluginsClient<Channel>, name: &str) -> anyhow::Result<v1::Plugin> {
+    let plugins = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner().plugins;
+    plugins
+        .into_iter()
+        .find(|plugin| plugin.name == name)
+        .ok_or_else(|| tonic::Status::not_found(format!("no plugin named {name:?} is loaded")).into())
+}
+
+/// The current generation of plugin `name`; `None` when it is not loaded or
+/// has none, which the call that follows reports in the daemon's words.
+async fn current_generation(
+    client: &mut PluginsClient<Channel>,
+    name: &str,
+) -> anyhow::Result<Option<v1::PluginGeneration>> {
+    let plugins = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner().plugins;
+    Ok(plugins.iter().find(|plugin| plugin.name == name).and_then(current_of).cloned())
+}
+
+fn current_of(plugin: &v1::Plugin) -> Option<&v1::PluginGeneration> {
+    if plugin.current_generation == 0 {
+        return None;
+    }
+    plugin.generations.iter().find(|generation| generation.generation == plugin.current_generation)
+}
+
+fn generation_number(generation: Option<&v1::PluginGeneration>) -> u32 {
+    generation.map_or(0, |generation| generation.generation)
+}
+
+/// `echo@3 is current (was echo@2)`; `previous` is 0 when nothing was.
+fn switch_summary(name: &str, current: u32, previous: u32) -> String {
+    if previous == 0 {
+        format!("{name}@{current} is current")
+    } else if previous == current {
+        format!("{name}@{current} was already current")
+    } else {
+        format!("{name}@{current} is current (was {name}@{previous})")
+    }
+}
+
+/// What `plugins load` did: the new generation is the highest, since the
+/// daemon numbers each load of a name one above the last.
+fn load_summary(plugin: &v1::Plugin, previous: u32) -> String {
+    let loaded = plugin.generations.iter().map(|generation| generation.generation).max().unwrap_or(0);
+    if loaded == plugin.current_generation {
+        switch_summary(&plugin.name, loaded, previous)
+    } else {
+        format!(
+            "{}@{loaded} is loaded on standby ({}@{} is current; activate it with `plugins activate {} {loaded}`)",
+            plugin.name, plugin.name, plugin.current_generation, plugin.name
+        )
+    }
+}
+
+/// What identifies one version of the watched file without reading it.
+/// Besides mtime and size, the inode catches a same-size replacement by
+/// rename within the file system's mtime granularity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    device: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> io::Result<FileStamp> {
+        let metadata = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            modified: metadata.modified().ok(),
+            len: metadata.len(),
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })
+    }
+}
+
+/// Decides when the watched file is worth hashing: once it has changed and
+/// then stayed the same for a whole poll. A linker writes its output in
+/// place over many writes, and a half-written library must never reach the
+/// daemon's `dlopen`.
+#[derive(Debug, Default)]
+struct FileWatch {
+    /// The stamp at the previous poll (`None`: missing or not polled yet).
+    seen: Option<FileStamp>,
+    /// The stamp of the last version hashed.
+    hashed: Option<FileStamp>,
+}
+
+impl FileWatch {
+    fn should_hash(&mut self, stamp: Option<FileStamp>) -> bool {
+        let settled = stamp.is_some() && stamp == self.seen;
+        self.seen = stamp;
+        if settled && stamp != self.hashed {
+            self.hashed = stamp;
+            return true;
+        }
+        false
     }
 }
 
@@ -504,6 +809,16 @@ fn code_name(code: tonic::Code) -> &'static str {
 // Argument parsers
 // ---------------------------------------------------------------------------
 
+/// Plugin paths go to the daemon absolute: it resolves relative ones
+/// against its own working directory, which is not ours.
+fn absolute_path(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot make {} absolute", path.display()))
+}
+
+fn path_text(path: &Path) -> anyhow::Result<String> {
+    Ok(path.to_str().with_context(|| format!("plugin path {} is not valid UTF-8", path.display()))?.to_owned())
+}
+
 /// Parses `-c key=value`. The value may be empty and may contain `=`; only
 /// the first `=` separates.
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
@@ -514,9 +829,29 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
-/// Parses `500ms`, `1s`, `2m` or a bare number of milliseconds into the
-/// milliseconds `WatchStatsRequest` carries.
+/// Parses `--interval`: a duration of at least [`MIN_INTERVAL_MS`] and at
+/// most `u32::MAX` milliseconds, as `WatchStatsRequest` carries it.
 fn parse_interval_ms(text: &str) -> Result<u32, String> {
+    let milliseconds = parse_milliseconds(text, "interval", u64::from(u32::MAX))?;
+    if milliseconds < MIN_INTERVAL_MS {
+        return Err(format!("the interval must be at least {MIN_INTERVAL_MS}ms"));
+    }
+    u32::try_from(milliseconds).map_err(|_| format!("the interval may be at most {}ms", u32::MAX))
+}
+
+/// Parses `--drain-timeout`; 0 means never, as in `ReloadPluginRequest`.
+fn parse_drain_timeout_ms(text: &str) -> Result<u64, String> {
+    parse_milliseconds(text, "drain timeout", u64::MAX)
+}
+
+/// Parses `500ms`, `1s`, `2m` or a bare number of milliseconds, the
+/// grammar of every duration flag, into milliseconds up to `max`. `what`
+/// names the flag in the message when the value is too large.
+///
+/// Not `asyncored::config::parse_duration`: the config file reads a bare
+/// number as seconds and accepts fractions and hours, and `--interval 250`
+/// has always meant 250 milliseconds.
+fn parse_milliseconds(text: &str, what: &str, max: u64) -> Result<u64, String> {
     const EXPECTED: &str = "expected milliseconds or a number with unit ms, s or m, such as 500ms, 1s, 2m";
     // "ms" must be tried before "m" and "s", which are its suffix and prefix.
     let (digits, unit_ms) = if let Some(digits) = text.strip_suffix("ms") {
@@ -532,13 +867,9 @@ fn parse_interval_ms(text: &str) -> Result<u32, String> {
     if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
         return Err(EXPECTED.to_owned());
     }
-    let too_long = || format!("the interval may be at most {}ms", u32::MAX);
+    let too_long = || format!("the {what} may be at most {max}ms");
     let count: u64 = digits.parse().map_err(|_| too_long())?;
-    let milliseconds = count.checked_mul(unit_ms).and_then(|ms| u32::try_from(ms).ok()).ok_or_else(too_long)?;
-    if u64::from(milliseconds) < MIN_INTERVAL_MS {
-        return Err(format!("the interval must be at least {MIN_INTERVAL_MS}ms"));
-    }
-    Ok(milliseconds)
+    count.checked_mul(unit_ms).filter(|&milliseconds| milliseconds <= max).ok_or_else(too_long)
 }
 
 // ---------------------------------------------------------------------------
@@ -671,7 +1002,7 @@ fn listeners_table(listeners: &[v1::Listener]) -> String {
         table.push(vec![
             listener.id.to_string(),
             listener.address.clone(),
-            listener.plugin.clone(),
+            plugin_ref(&listener.plugin, listener.plugin_generation),
             listener_state_name(listener.state),
             listener.channel_count.to_string(),
             timestamp_text(listener.created_at.as_ref()),
@@ -693,6 +1024,7 @@ fn channels_table(channels: &[v1::Channel]) -> String {
     let mut table = Table::new(&[
         ("ID", Align::Right),
         ("LISTENER", Align::Right),
+        ("PLUGIN", Align::Left),
         ("KIND", Align::Left),
         ("STATE", Align::Left),
         ("PEER", Align::Left),
@@ -706,6 +1038,7 @@ fn channels_table(channels: &[v1::Channel]) -> String {
         table.push(vec![
             channel.id.to_string(),
             dash_if_zero(channel.listener_id),
+            plugin_ref(&channel.plugin, channel.plugin_generation),
             channel_kind_name(channel.kind),
             channel_state_name(channel.state),
             dash_if_empty(&channel.peer_address),
@@ -723,7 +1056,7 @@ fn channel_detail(channel: &v1::Channel) -> String {
     Table::key_value(vec![
         ("id", channel.id.to_string()),
         ("listener_id", dash_if_zero(channel.listener_id)),
-        ("plugin", dash_if_empty(&channel.plugin)),
+        ("plugin", plugin_ref(&channel.plugin, channel.plugin_generation)),
         ("kind", channel_kind_name(channel.kind)),
         ("state", channel_state_name(channel.state)),
         ("peer_address", dash_if_empty(&channel.peer_address)),
@@ -739,31 +1072,51 @@ fn channel_detail(channel: &v1::Channel) -> String {
     .render()
 }
 
+/// `echo@2`: a plugin and the generation serving something; the bare name
+/// when the daemon sent no generation, `-` when it sent no plugin.
+fn plugin_ref(name: &str, generation: u32) -> String {
+    match (name, generation) {
+        ("", _) => "-".to_owned(),
+        (name, 0) => name.to_owned(),
+        (name, generation) => format!("{name}@{generation}"),
+    }
+}
+
+/// One row per generation: for each plugin its current generation first,
+/// then the others newest first, which is the order rollbacks go in.
 fn plugins_table(plugins: &[v1::Plugin]) -> String {
     let mut table = Table::new(&[
         ("NAME", Align::Left),
+        ("GEN", Align::Right),
+        ("STATE", Align::Left),
         ("VERSION", Align::Left),
         ("ABI", Align::Left),
-        ("SDK", Align::Left),
-        ("LISTENERS", Align::Left),
         ("CHANNELS", Align::Right),
         ("PANICS", Align::Right),
+        ("LISTENERS", Align::Left),
+        ("SHA256", Align::Left),
         ("LOADED", Align::Left),
-        ("PATH", Align::Left),
     ]);
     for plugin in plugins {
-        let listener_ids: Vec<String> = plugin.listener_ids.iter().map(u64::to_string).collect();
-        table.push(vec![
-            plugin.name.clone(),
-            dash_if_empty(&plugin.version),
-            dash_if_empty(&plugin.abi_version),
-            dash_if_empty(&plugin.sdk_version),
-            dash_if_empty(&listener_ids.join(",")),
-            plugin.live_channels.to_string(),
-            plugin.panics.to_string(),
-            timestamp_text(plugin.loaded_at.as_ref()),
-            plugin.path.clone(),
-        ]);
+        let mut generations: Vec<&v1::PluginGeneration> = plugin.generations.iter().collect();
+        generations.sort_by_key(|generation| {
+            (generation.generation != plugin.current_generation, std::cmp::Reverse(generation.generation))
+        });
+        for generation in generations {
+            let listener_ids: Vec<String> = generation.listener_ids.iter().map(u64::to_string).collect();
+            table.push(vec![
+                plugin.name.clone(),
+                generation.generation.to_string(),
+                generation_state_name(generation.state),
+                dash_if_empty(&generation.version),
+                dash_if_empty(&generation.abi_version),
+                generation.live_channels.to_string(),
+                generation.panics.to_string(),
+                dash_if_empty(&listener_ids.join(",")),
+                dash_if_empty(generation.sha256.get(..SHA256_SHOWN).unwrap_or(&generation.sha256)),
+                timestamp_text(generation.loaded_at.as_ref()),
+            ]);
+        }
     }
     table.render()
 }
@@ -834,6 +1187,13 @@ fn listener_state_name(raw: i32) -> String {
 fn channel_kind_name(raw: i32) -> String {
     match v1::ChannelKind::try_from(raw) {
         Ok(kind) => short_enum_name(kind.as_str_name(), "CHANNEL_KIND_"),
+        Err(_) => format!("unknown({raw})"),
+    }
+}
+
+fn generation_state_name(raw: i32) -> String {
+    match v1::GenerationState::try_from(raw) {
+        Ok(state) => short_enum_name(state.as_str_name(), "GENERATION_STATE_"),
         Err(_) => format!("unknown({raw})"),
     }
 }
@@ -924,6 +1284,7 @@ fn listener_json(listener: &v1::Listener) -> Value {
         "id": listener.id,
         "address": listener.address,
         "plugin": listener.plugin,
+        "plugin_generation": listener.plugin_generation,
         "state": listener_state_name(listener.state),
         "channel_count": listener.channel_count,
         "config": listener.config,
@@ -937,6 +1298,7 @@ fn channel_json(channel: &v1::Channel) -> Value {
         "id": channel.id,
         "listener_id": channel.listener_id,
         "plugin": channel.plugin,
+        "plugin_generation": channel.plugin_generation,
         "kind": channel_kind_name(channel.kind),
         "peer_address": channel.peer_address,
         "local_address": channel.local_address,
@@ -962,6 +1324,24 @@ fn plugin_json(plugin: &v1::Plugin) -> Value {
         "panics": plugin.panics,
         "sdk_version": plugin.sdk_version,
         "loaded_at": timestamp_json(plugin.loaded_at.as_ref()),
+        "current_generation": plugin.current_generation,
+        "generations": plugin.generations.iter().map(generation_json).collect::<Vec<_>>(),
+    })
+}
+
+fn generation_json(generation: &v1::PluginGeneration) -> Value {
+    json!({
+        "generation": generation.generation,
+        "version": generation.version,
+        "abi_version": generation.abi_version,
+        "sdk_version": generation.sdk_version,
+        "path": generation.path,
+        "sha256": generation.sha256,
+        "loaded_at": timestamp_json(generation.loaded_at.as_ref()),
+        "state": generation_state_name(generation.state),
+        "listener_ids": generation.listener_ids,
+        "live_channels": generation.live_channels,
+        "panics": generation.panics,
     })
 }
 
@@ -1035,6 +1415,131 @@ mod tests {
         assert!(parse_interval_ms("4294967296").is_err());
         assert!(parse_interval_ms("71583m").is_err());
         assert!(parse_interval_ms("99999999999999999999999s").is_err());
+    }
+
+    #[test]
+    fn drain_timeout_shares_the_interval_grammar() {
+        assert_eq!(parse_drain_timeout_ms("0"), Ok(0));
+        assert_eq!(parse_drain_timeout_ms("250"), Ok(250));
+        assert_eq!(parse_drain_timeout_ms("30s"), Ok(30_000));
+        assert_eq!(parse_drain_timeout_ms("2m"), Ok(120_000));
+        assert_eq!(parse_drain_timeout_ms("71583m"), Ok(4_294_980_000));
+        for text in ["", "1.5s", "1h", "-1s", " 1s", "soon"] {
+            assert!(parse_drain_timeout_ms(text).is_err(), "{text:?} was accepted");
+        }
+        assert_eq!(
+            parse_drain_timeout_ms("99999999999999999999999s"),
+            Err(format!("the drain timeout may be at most {}ms", u64::MAX))
+        );
+        assert_eq!(parse_interval_ms("71583m"), Err(format!("the interval may be at most {}ms", u32::MAX)));
+    }
+
+    #[test]
+    fn plugin_commands_parse() {
+        let cli =
+            Cli::try_parse_from(["asyncorectl", "plugins", "unload", "echo", "--generation", "2", "--force"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Plugins(PluginsCommand::Unload { generation: Some(2), force: true, .. })
+        ));
+        let cli = Cli::try_parse_from(["asyncorectl", "plugins", "reload", "echo", "--drain-timeout", "5s", "--watch"])
+            .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Plugins(PluginsCommand::Reload(ReloadArgs { drain_timeout: Some(5_000), watch: true, .. }))
+        ));
+        for args in [
+            &["asyncorectl", "plugins", "activate", "echo", "0"][..],
+            &["asyncorectl", "plugins", "activate", "echo", "1", "--drain-timeout", "soon"],
+            &["asyncorectl", "plugins", "unload", "echo", "--generation", "x"],
+        ] {
+            let error = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    fn generation(number: u32, state: v1::GenerationState, sha256: &str) -> v1::PluginGeneration {
+        v1::PluginGeneration {
+            generation: number,
+            version: "0.1.0".into(),
+            abi_version: "1.0".into(),
+            sha256: sha256.into(),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn plugins_table_lists_current_generation_first() {
+        let plugin = v1::Plugin {
+            name: "echo".into(),
+            current_generation: 2,
+            generations: vec![
+                generation(1, v1::GenerationState::Draining, "0123456789abcdef"),
+                generation(2, v1::GenerationState::Current, "fedcba9876543210"),
+                generation(3, v1::GenerationState::Standby, ""),
+            ],
+            ..Default::default()
+        };
+        let table = plugins_table(&[plugin]);
+        let rows: Vec<Vec<&str>> = table.lines().map(|line| line.split_whitespace().collect()).collect();
+        assert_eq!(rows[0][..3], ["NAME", "GEN", "STATE"]);
+        assert_eq!(rows[1][..3], ["echo", "2", "current"]);
+        assert_eq!(rows[2][..3], ["echo", "3", "standby"]);
+        assert_eq!(rows[3][..3], ["echo", "1", "draining"]);
+        assert_eq!(rows[1][8], "fedcba987654");
+        assert_eq!(rows[2][8], "-");
+    }
+
+    #[test]
+    fn plugin_refs_name_the_generation() {
+        assert_eq!(plugin_ref("echo", 2), "echo@2");
+        assert_eq!(plugin_ref("echo", 0), "echo");
+        assert_eq!(plugin_ref("", 0), "-");
+        assert_eq!(switch_summary("echo", 3, 2), "echo@3 is current (was echo@2)");
+        assert_eq!(switch_summary("echo", 1, 0), "echo@1 is current");
+        assert_eq!(switch_summary("echo", 1, 1), "echo@1 was already current");
+    }
+
+    #[test]
+    fn load_summary_tells_standby_from_current() {
+        let mut plugin = v1::Plugin {
+            name: "echo".into(),
+            current_generation: 1,
+            generations: vec![
+                generation(1, v1::GenerationState::Current, ""),
+                generation(2, v1::GenerationState::Standby, ""),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            load_summary(&plugin, 1),
+            "echo@2 is loaded on standby (echo@1 is current; activate it with `plugins activate echo 2`)"
+        );
+        plugin.current_generation = 2;
+        assert_eq!(load_summary(&plugin, 1), "echo@2 is current (was echo@1)");
+    }
+
+    #[test]
+    fn file_watch_hashes_once_per_settled_change() {
+        let stamp = |len| Some(FileStamp { modified: None, len, device: 1, inode: 7 });
+        let mut watch = FileWatch::default();
+        // The first sighting only starts the clock; the next poll hashes.
+        assert!(!watch.should_hash(stamp(10)));
+        assert!(watch.should_hash(stamp(10)));
+        assert!(!watch.should_hash(stamp(10)));
+        // A file still being written is left alone until it stops changing.
+        assert!(!watch.should_hash(stamp(20)));
+        assert!(!watch.should_hash(stamp(30)));
+        assert!(watch.should_hash(stamp(30)));
+        // Gone, then back as it was: nothing new to hash.
+        assert!(!watch.should_hash(None));
+        assert!(!watch.should_hash(stamp(30)));
+        assert!(!watch.should_hash(stamp(30)));
+        // Back different.
+        assert!(!watch.should_hash(None));
+        assert!(!watch.should_hash(stamp(40)));
+        assert!(watch.should_hash(stamp(40)));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod chat;
 mod cli;
+mod cli_plugins;
 mod echo;
 mod engine;
 mod errors;
