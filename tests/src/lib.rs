@@ -224,6 +224,17 @@ impl Daemon {
             .unwrap_or(0)
     }
 
+    /// Runs `asyncorectl --control <this daemon> ARGS` and returns its
+    /// output.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("asyncorectl"))
+            .arg("--control")
+            .arg(self.control.to_string())
+            .args(args)
+            .output()
+            .expect("run asyncorectl")
+    }
+
     /// gRPC clients of every service over one connection.
     pub async fn client(&self) -> Client {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.control))
@@ -273,6 +284,35 @@ impl Client {
             .into_inner();
         (listener.id, listener.address.parse().expect("bound address"))
     }
+}
+
+/// Backpressure check: after one echoed warm-up `chunk` (which settles the
+/// allocator and buffers), offers 300 MiB of `chunk`s on `stream` without
+/// ever reading, until writes block for 2 s. Asserts that the daemon did not
+/// take it all and that its resident memory grew by less than 32 MiB.
+#[track_caller]
+pub fn assert_memory_bounded_while_not_reading(daemon: &Daemon, stream: &mut std::net::TcpStream, chunk: &[u8]) {
+    use std::io::{Read, Write};
+    stream.write_all(chunk).unwrap();
+    let mut back = vec![0u8; chunk.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert!(back == chunk, "warm-up chunk echoed");
+    let before = daemon.rss_kib();
+
+    stream.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut offered = 0usize;
+    while offered < 300 << 20 {
+        match stream.write(chunk) {
+            Ok(n) => offered += n,
+            Err(_) => break,
+        }
+    }
+    let after = daemon.rss_kib();
+    assert!(offered < 300 << 20, "the daemon took all {offered} bytes: no backpressure");
+    assert!(
+        after < before + 32 * 1024,
+        "resident memory grew from {before} KiB to {after} KiB while a client did not read"
+    );
 }
 
 /// A deterministic pseudo-random byte stream (xorshift64*), so failures

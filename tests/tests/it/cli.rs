@@ -11,12 +11,7 @@ use asyncore_tests::{Daemon, binary};
 use serde_json::Value;
 
 fn ctl(daemon: &Daemon, args: &[&str]) -> Output {
-    Command::new(binary("asyncorectl"))
-        .arg("--control")
-        .arg(daemon.control().to_string())
-        .args(args)
-        .output()
-        .expect("run asyncorectl")
+    daemon.ctl(args)
 }
 
 #[track_caller]

@@ -14,12 +14,7 @@ use asyncored::plugin_host::file_sha256;
 use serde_json::Value;
 
 fn ctl(daemon: &Daemon, args: &[&str]) -> Output {
-    Command::new(binary("asyncorectl"))
-        .arg("--control")
-        .arg(daemon.control().to_string())
-        .args(args)
-        .output()
-        .expect("run asyncorectl")
+    daemon.ctl(args)
 }
 
 /// Stdout of a command that must succeed.

@@ -188,27 +188,5 @@ fn a_client_that_never_reads_does_not_grow_the_daemon() {
     let mut line = Rng::new(4).bytes(1022).into_iter().map(|b| b'a' + b % 26).collect::<Vec<u8>>();
     line.extend_from_slice(b"\r\n");
     let chunk = line.repeat(1024);
-    // Warm up: the first megabyte settles allocator and buffers.
-    stream.write_all(&chunk).unwrap();
-    let mut back = vec![0u8; chunk.len()];
-    stream.read_exact(&mut back).unwrap();
-    assert!(back == chunk);
-    let before = daemon.rss_kib();
-
-    // Offer 300 MiB of lines without ever reading: writes block once every
-    // buffer on the way is full.
-    stream.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut offered = 0usize;
-    while offered < 300 << 20 {
-        match stream.write(&chunk) {
-            Ok(n) => offered += n,
-            Err(_) => break,
-        }
-    }
-    let after = daemon.rss_kib();
-    assert!(offered < 300 << 20, "the daemon took all {offered} bytes: no backpressure");
-    assert!(
-        after < before + 32 * 1024,
-        "resident memory grew from {before} KiB to {after} KiB while a client did not read"
-    );
+    asyncore_tests::assert_memory_bounded_while_not_reading(&daemon, &mut stream, &chunk);
 }

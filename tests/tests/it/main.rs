@@ -7,6 +7,7 @@ mod cli_plugins;
 mod echo;
 mod engine;
 mod errors;
+mod http;
 mod idle;
 mod lifecycle;
 mod lines;

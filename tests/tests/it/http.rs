@@ -1,0 +1,577 @@
+//! The http plugin through the real daemon and raw `TcpStream`s: the
+//! asyncore documentation's client, pipelining, HEAD, error statuses and
+//! when they close, path escapes, and a 100 MiB download in bounded memory
+//! for fast and slow readers.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use asyncore_proto::v1;
+use asyncore_tests::{Daemon, Options, Rng, TempDir};
+use tonic::Code;
+
+use crate::runtime;
+
+fn start_daemon() -> Daemon {
+    Daemon::start_with(Options { plugins: vec!["asyncore_plugin_http"], ..Options::default() })
+}
+
+/// Starts an http listener with `config` on `daemon`.
+fn listen(daemon: &Daemon, config: &[(&str, &str)]) -> SocketAddr {
+    runtime().block_on(async { daemon.client().await.start_listener("http", config).await.1 })
+}
+
+#[track_caller]
+fn connect(address: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(address).unwrap();
+    // A test that goes wrong fails instead of hanging.
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+}
+
+/// A parsed response.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn content_length(&self) -> usize {
+        self.header("content-length").expect("every response has a Content-Length").parse().unwrap()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads a response head: status line and fields, up to the empty line.
+#[track_caller]
+fn read_head(reader: &mut impl BufRead) -> Response {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let rest = line.strip_prefix("HTTP/1.1 ").unwrap_or_else(|| panic!("not a status line: {line:?}"));
+    assert!(line.ends_with("\r\n"), "{line:?}");
+    let status = rest[..3].parse().unwrap();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.strip_suffix("\r\n").unwrap_or_else(|| panic!("unterminated header line {line:?}"));
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(": ").unwrap_or_else(|| panic!("bad header line {line:?}"));
+        headers.push((name.to_string(), value.to_string()));
+    }
+    let response = Response { status, headers, body: Vec::new() };
+    let server = response.header("server").expect("every response has a Server header");
+    assert_eq!(server, concat!("asyncored-http/", env!("CARGO_PKG_VERSION")));
+    response
+}
+
+/// Reads a whole response; without a body for a `HEAD` request.
+#[track_caller]
+fn read_response(reader: &mut impl BufRead, head_request: bool) -> Response {
+    let mut response = read_head(reader);
+    if !head_request {
+        response.body = vec![0; response.content_length()];
+        reader.read_exact(&mut response.body).unwrap();
+    }
+    response
+}
+
+/// Asserts that the server closed the connection: nothing more comes.
+#[track_caller]
+fn assert_closed(reader: &mut impl Read) {
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).expect("the server closes the connection");
+    assert!(rest.is_empty(), "unexpected bytes after the response: {:?}", String::from_utf8_lossy(&rest));
+}
+
+/// Sends `request` on a new connection and reads one response.
+#[track_caller]
+fn exchange(address: SocketAddr, request: &[u8]) -> (Response, BufReader<TcpStream>) {
+    let mut stream = connect(address);
+    stream.write_all(request).unwrap();
+    let mut reader = BufReader::new(stream);
+    let response = read_response(&mut reader, request.starts_with(b"HEAD "));
+    (response, reader)
+}
+
+#[test]
+fn the_asyncore_docs_client_gets_the_page_then_the_close() {
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[]);
+    // The request of the asyncore documentation's HTTPClient:
+    // 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' % (path, host), then it reads
+    // until the server closes.
+    let mut stream = connect(address);
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all).unwrap();
+
+    let mut reader = &all[..];
+    let response = read_response(&mut reader, false);
+    assert!(reader.is_empty(), "bytes after the body: {:?}", String::from_utf8_lossy(reader));
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(response.header("date").is_some_and(|d| d.ends_with(" GMT")));
+    assert!(response.text().starts_with("<!DOCTYPE html>"), "{}", response.text());
+    assert!(response.text().contains("<h1>asyncored</h1>"), "{}", response.text());
+}
+
+#[test]
+fn a_hundred_pipelined_requests_in_one_write_are_answered_in_order() {
+    let root = TempDir::new("http-pipeline");
+    let contents = |i: usize| format!("file {i}\n").repeat(i);
+    for i in 1..=100 {
+        std::fs::write(root.path().join(format!("{i}.txt")), contents(i)).unwrap();
+    }
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[("root", root.path().to_str().unwrap())]);
+
+    let mut requests = String::new();
+    for i in 1..=100 {
+        requests.push_str(&format!("GET /static/{i}.txt HTTP/1.1\r\nHost: test\r\n\r\n"));
+    }
+    let mut stream = connect(address);
+    stream.write_all(requests.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for i in 1..=100 {
+        let response = read_response(&mut reader, false);
+        assert_eq!(response.status, 200, "request {i}");
+        assert_eq!(response.header("content-type"), Some("text/plain; charset=utf-8"));
+        assert_eq!(response.header("connection"), None, "HTTP/1.1 keeps the connection by default");
+        assert_eq!(response.text(), contents(i), "response {i} out of order or wrong");
+    }
+    // Still open: one more request, which asks to close.
+    stream.write_all(b"GET /static/7.txt HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
+    let response = read_response(&mut reader, false);
+    assert_eq!(response.text(), contents(7));
+    assert_eq!(response.header("connection"), Some("close"));
+    assert_closed(&mut reader);
+}
+
+#[test]
+fn head_answers_the_fields_of_get_without_a_body() {
+    let root = TempDir::new("http-head");
+    std::fs::write(root.path().join("style.css"), "body { color: red }\n").unwrap();
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[("root", root.path().to_str().unwrap())]);
+
+    // Pipelined: a body sent after a HEAD response would show up as
+    // garbage where the next status line should be.
+    let mut stream = connect(address);
+    stream
+        .write_all(
+            b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n\
+              GET / HTTP/1.1\r\nHost: h\r\n\r\n\
+              HEAD /static/style.css HTTP/1.1\r\nHost: h\r\n\r\n\
+              GET /static/style.css HTTP/1.1\r\nHost: h\r\n\r\n\
+              HEAD /static/missing.css HTTP/1.1\r\nHost: h\r\n\r\n\
+              HEAD / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    for _ in 0..2 {
+        let head = read_response(&mut reader, true);
+        let get = read_response(&mut reader, false);
+        assert_eq!((head.status, get.status), (200, 200));
+        assert_eq!(head.content_length(), get.body.len());
+        assert!(get.content_length() > 0);
+        assert_eq!(head.header("content-type"), get.header("content-type"));
+    }
+    let missing = read_response(&mut reader, true);
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.content_length(), "404 Not Found\n".len());
+    let last = read_response(&mut reader, true);
+    assert_eq!(last.status, 200);
+    assert_closed(&mut reader);
+}
+
+#[test]
+fn http10_keep_alive_is_kept_and_said() {
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[]);
+    let mut stream = connect(address);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for _ in 0..3 {
+        // Bare \n line endings are tolerated.
+        stream.write_all(b"GET / HTTP/1.0\nConnection: keep-alive\n\n").unwrap();
+        let response = read_response(&mut reader, false);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("connection"), Some("keep-alive"));
+    }
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut reader, false).header("connection"), Some("close"));
+    assert_closed(&mut reader);
+}
+
+#[test]
+fn not_found_and_method_not_allowed_keep_the_connection() {
+    let root = TempDir::new("http-errors");
+    std::fs::create_dir(root.path().join("dir")).unwrap();
+    let daemon = start_daemon();
+    let with_root = listen(&daemon, &[("root", root.path().to_str().unwrap())]);
+    let without_root = listen(&daemon, &[]);
+    std::fs::write(root.path().join("here.txt"), "here").unwrap();
+
+    let mut stream = connect(with_root);
+    stream
+        .write_all(
+            b"GET /nope HTTP/1.1\r\nHost: h\r\n\r\n\
+              GET /static/missing.txt HTTP/1.1\r\nHost: h\r\n\r\n\
+              GET /static/dir HTTP/1.1\r\nHost: h\r\n\r\n\
+              GET /static/ HTTP/1.1\r\nHost: h\r\n\r\n\
+              DELETE /static/here.txt HTTP/1.1\r\nHost: h\r\n\r\n\
+              POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world\
+              GET /static/here.txt?v=1 HTTP/1.1\r\nHost: h\r\n\r\n",
+        )
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    for _ in 0..4 {
+        let response = read_response(&mut reader, false);
+        assert_eq!(response.status, 404);
+        assert_eq!(response.text(), "404 Not Found\n");
+        assert_eq!(response.header("connection"), None);
+    }
+    for _ in 0..2 {
+        let response = read_response(&mut reader, false);
+        assert_eq!(response.status, 405);
+        assert_eq!(response.header("allow"), Some("GET, HEAD"));
+        assert_eq!(response.header("connection"), None);
+    }
+    // The POST body was read and dropped: the next request is framed right.
+    let response = read_response(&mut reader, false);
+    assert_eq!((response.status, response.text().as_str()), (200, "here"));
+
+    let (response, _) = exchange(without_root, b"GET /static/here.txt HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(response.status, 404, "no root, no /static");
+}
+
+#[test]
+fn untrustworthy_requests_are_refused_and_closed() {
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[]);
+    let cases: [(&[u8], u16); 9] = [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET / HTTP/1.1 trailing\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nno colon here\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: h\r\n folded: line\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1, 2\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ];
+    for (request, status) in cases {
+        // A valid request pipelined behind the bad one is never answered.
+        let mut pipelined = request.to_vec();
+        pipelined.extend_from_slice(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+        let (response, mut reader) = exchange(address, &pipelined);
+        let shown = String::from_utf8_lossy(request);
+        assert_eq!(response.status, status, "{shown:?}");
+        assert_eq!(response.header("connection"), Some("close"), "{shown:?}");
+        assert_closed(&mut reader);
+    }
+}
+
+#[test]
+fn oversized_heads_get_431_or_414_within_the_configured_limit() {
+    let daemon = start_daemon();
+    let default_limit = listen(&daemon, &[]);
+    let small_limit = listen(&daemon, &[("max_header_bytes", "1024")]);
+
+    // Just under the limit is fine.
+    let request = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n", "p".repeat(900));
+    assert!(request.len() < 1024);
+    assert_eq!(exchange(small_limit, request.as_bytes()).0.status, 200);
+
+    let cases = [
+        (small_limit, format!("GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n", "p".repeat(1100)), 431),
+        // Many small fields add up.
+        (small_limit, format!("GET / HTTP/1.1\r\nHost: h\r\n{}\r\n", "X-A: b\r\n".repeat(200)), 431),
+        (small_limit, format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "a".repeat(1100)), 414),
+        (default_limit, format!("GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n", "p".repeat(20_000)), 431),
+    ];
+    for (address, request, status) in cases {
+        let mut stream = connect(address);
+        // The server answers before it has read everything: write from
+        // another thread, and do not mind if it stops taking bytes.
+        let mut writer = stream.try_clone().unwrap();
+        let request_len = request.len();
+        let write = std::thread::spawn(move || {
+            let _ = writer.write_all(request.as_bytes());
+        });
+        let mut reader = BufReader::new(&mut stream);
+        let response = read_response(&mut reader, false);
+        assert_eq!(response.status, status, "a head of {request_len} bytes");
+        assert_eq!(response.header("connection"), Some("close"));
+        assert_closed(&mut reader);
+        write.join().unwrap();
+    }
+}
+
+#[test]
+fn paths_that_escape_the_root_are_not_served() {
+    let scratch = TempDir::new("http-escape");
+    let root = scratch.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("ok.txt"), "ok").unwrap();
+    std::fs::write(scratch.path().join("secret.txt"), "TOP SECRET").unwrap();
+    std::os::unix::fs::symlink(scratch.path().join("secret.txt"), root.join("link.txt")).unwrap();
+    std::os::unix::fs::symlink(scratch.path(), root.join("up")).unwrap();
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[("root", root.to_str().unwrap())]);
+
+    assert_eq!(exchange(address, b"GET /static/ok.txt HTTP/1.0\r\n\r\n").0.text(), "ok");
+    let attempts = [
+        "/static/../secret.txt",
+        "/static/../Cargo.toml",
+        "/static/%2e%2e/secret.txt",
+        "/static/%2E%2E/%2e%2e/etc/passwd",
+        "/static/.%2e/secret.txt",
+        "/static/..%2fsecret.txt",
+        "/static/%2fetc%2fpasswd",
+        "/static/ok.txt%00.png",
+        "/static/link.txt",
+        "/static/up/secret.txt",
+        "/static/up/root/../secret.txt",
+        "/static%2f..%2fsecret.txt",
+        "/static/%",
+        "http://h/static/../secret.txt",
+    ];
+    for target in attempts {
+        let request = format!("GET {target} HTTP/1.0\r\n\r\n");
+        let (response, _) = exchange(address, request.as_bytes());
+        assert!(matches!(response.status, 400 | 404), "{target}: {response:?}");
+        assert!(!response.text().contains("SECRET"), "{target}: {response:?}");
+    }
+}
+
+#[test]
+fn a_root_that_is_not_a_directory_is_refused_at_listener_start() {
+    let daemon = start_daemon();
+    let scratch = TempDir::new("http-bad-root");
+    let missing = scratch.path().join("missing");
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let request = v1::StartListenerRequest {
+            address: "127.0.0.1:0".to_string(),
+            plugin: "http".to_string(),
+            config: [("root".to_string(), missing.to_str().unwrap().to_string())].into(),
+        };
+        let status = client.listeners.start_listener(request).await.expect_err("a missing root is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("config root"), "{status:?}");
+    });
+}
+
+const BIG_CHUNKS: u64 = 100;
+const MIB: usize = 1 << 20;
+
+/// The 100 MiB file: a random MiB repeated, with the first eight bytes of
+/// each repetition replaced by its index, so that a chunk out of place
+/// shows as well as a byte out of place.
+struct BigFile {
+    block: Vec<u8>,
+}
+
+impl BigFile {
+    fn new(seed: u64) -> BigFile {
+        BigFile { block: Rng::new(seed).bytes(MIB) }
+    }
+
+    fn chunk(&self, index: u64) -> Vec<u8> {
+        let mut chunk = self.block.clone();
+        chunk[..8].copy_from_slice(&index.to_le_bytes());
+        chunk
+    }
+
+    /// Writes it as `big.bin` into `dir`, one MiB at a time.
+    fn write(&self, dir: &Path) {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(dir.join("big.bin")).unwrap());
+        for index in 0..BIG_CHUNKS {
+            file.write_all(&self.chunk(index)).unwrap();
+        }
+        file.into_inner().unwrap().sync_all().unwrap();
+    }
+
+    /// Checks `data`, read at `offset` of the file.
+    #[track_caller]
+    fn check(&self, offset: usize, data: &[u8]) {
+        let (mut offset, mut data) = (offset, data);
+        while !data.is_empty() {
+            let (index, within) = (offset / MIB, offset % MIB);
+            let n = data.len().min(MIB - within);
+            let expected = &self.chunk(index as u64)[within..within + n];
+            assert!(&data[..n] == expected, "bytes {offset}..{} of the big file differ", offset + n);
+            offset += n;
+            data = &data[n..];
+        }
+    }
+}
+
+/// Requests `big.bin` and checks its head; the body follows in `reader`.
+fn request_big_file(address: SocketAddr) -> BufReader<TcpStream> {
+    let mut stream = connect(address);
+    stream.write_all(b"GET /static/big.bin HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let head = read_head(&mut reader);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.content_length(), BIG_CHUNKS as usize * MIB);
+    assert_eq!(head.header("content-type"), Some("application/octet-stream"));
+    reader
+}
+
+#[test]
+fn a_100_mib_file_streams_exactly_in_bounded_memory() {
+    let root = TempDir::new("http-big");
+    let big = BigFile::new(100);
+    big.write(root.path());
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[("root", root.path().to_str().unwrap())]);
+
+    let mut reader = request_big_file(address);
+    let mut buf = vec![0u8; MIB];
+    reader.read_exact(&mut buf).unwrap();
+    big.check(0, &buf);
+    let before = daemon.rss_kib();
+    let mut samples = Vec::new();
+    for index in 1..BIG_CHUNKS as usize {
+        reader.read_exact(&mut buf).unwrap();
+        big.check(index * MIB, &buf);
+        if index % 10 == 0 {
+            samples.push(daemon.rss_kib());
+        }
+    }
+    // Exactly Content-Length bytes, then the close that was asked for.
+    assert_closed(&mut reader);
+    let peak = samples.iter().copied().max().unwrap();
+    assert!(
+        peak < before + 32 * 1024,
+        "resident memory grew from {before} KiB to {peak} KiB while serving 100 MiB (samples {samples:?})"
+    );
+}
+
+#[test]
+fn a_slow_reader_of_a_100_mib_file_does_not_grow_the_daemon() {
+    let root = TempDir::new("http-big-slow");
+    let big = BigFile::new(101);
+    big.write(root.path());
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[("root", root.path().to_str().unwrap()), ("high_water", "65536")]);
+
+    let mut reader = request_big_file(address);
+    let mut offset = 0;
+    let mut buf = vec![0u8; MIB];
+    reader.read_exact(&mut buf).unwrap();
+    big.check(offset, &buf);
+    offset += buf.len();
+    let before = daemon.rss_kib();
+    let mut samples = Vec::new();
+
+    // Not reading at all for a second: the daemon must not read ahead.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        samples.push(daemon.rss_kib());
+    }
+    // Then 64 KiB at a time, slowly, for about two seconds.
+    let mut slow = vec![0u8; 64 * 1024];
+    let started = Instant::now();
+    let mut n_slow = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        reader.read_exact(&mut slow).unwrap();
+        big.check(offset, &slow);
+        offset += slow.len();
+        n_slow += 1;
+        if n_slow % 10 == 0 {
+            samples.push(daemon.rss_kib());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Meanwhile the daemon serves everyone else.
+    let (other, _) = exchange(address, b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(other.status, 200);
+
+    // The rest at full speed, checked, and not a byte more.
+    let total = BIG_CHUNKS as usize * MIB;
+    while offset < total {
+        let n = buf.len().min(total - offset);
+        reader.read_exact(&mut buf[..n]).unwrap();
+        big.check(offset, &buf[..n]);
+        offset += n;
+    }
+    assert_closed(&mut reader);
+    let peak = samples.iter().copied().max().unwrap();
+    assert!(
+        peak < before + 32 * 1024,
+        "resident memory grew from {before} KiB to {peak} KiB while a client read slowly (samples {samples:?})"
+    );
+}
+
+#[test]
+fn a_client_that_pipelines_faster_than_it_reads_is_held_back() {
+    let daemon = start_daemon();
+    let address = listen(&daemon, &[]);
+    let stream = connect(address);
+    let before = daemon.rss_kib();
+
+    // One thread writes small requests as fast as the daemon takes them
+    // (each answered by a page about twenty times its size) while this one
+    // reads the answers slowly: every time the daemon's output dips below
+    // its high-water mark it may read again, so without a bound on queued
+    // responses the queue would grow by a read's worth of requests each
+    // time.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut writer = stream.try_clone().unwrap();
+    writer.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+    let write = std::thread::spawn(move || {
+        let batch = "GET / HTTP/1.1\r\nHost: h\r\n\r\n".repeat(1000);
+        let mut offered = 0usize;
+        let mut at = 0;
+        while Instant::now() < deadline {
+            match writer.write(&batch.as_bytes()[at..]) {
+                Ok(n) => {
+                    offered += n;
+                    at = (at + n) % batch.len();
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        offered
+    });
+    let mut reader = stream;
+    let mut buf = [0u8; 4096];
+    let mut samples = Vec::new();
+    let mut n_reads = 0;
+    while Instant::now() < deadline {
+        reader.read_exact(&mut buf).unwrap();
+        n_reads += 1;
+        if n_reads % 20 == 0 {
+            samples.push(daemon.rss_kib());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let offered = write.join().unwrap();
+    samples.push(daemon.rss_kib());
+    let peak = samples.iter().copied().max().unwrap();
+    assert!(
+        peak < before + 32 * 1024,
+        "resident memory grew from {before} KiB to {peak} KiB while a client offered {offered} bytes of \
+         requests and read slowly (samples {samples:?})"
+    );
+}
