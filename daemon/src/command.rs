@@ -83,10 +83,8 @@ pub enum CommandError {
     NoGeneration { name: String, generation: u32 },
     #[error("plugin {name}@{generation} is retired; load the library again to get a new generation")]
     GenerationRetired { name: String, generation: u32 },
-    #[error(
-        "plugin {name} is in use by listeners {listeners:?} and {channels} channels; stop them first or pass force"
-    )]
-    PluginInUse { name: String, listeners: Vec<u64>, channels: u64 },
+    #[error("plugin {name} is in use ({users}); stop them first, or pass force to close them gracefully")]
+    PluginInUse { name: String, users: String },
     #[error("library {path} is plugin {found:?}, not {expected:?}")]
     WrongPlugin { path: String, found: String, expected: String },
     #[error(transparent)]

@@ -198,7 +198,19 @@ impl Core {
             .collect();
         let channels: u64 = targets.iter().map(|&i| self.plugins[i].live_channels).sum();
         if (!listeners.is_empty() || channels > 0) && !force {
-            return Err(CommandError::PluginInUse { name: name.to_string(), listeners, channels });
+            let mut users = Vec::new();
+            if !listeners.is_empty() {
+                let ids: Vec<String> = listeners.iter().map(u64::to_string).collect();
+                users.push(format!("listener {}", ids.join(", ")));
+            }
+            if channels > 0 {
+                users.push(format!("{channels} open channel{}", if channels == 1 { "" } else { "s" }));
+            }
+            let name = match generation {
+                Some(generation) => format!("{name}@{generation}"),
+                None => name.to_string(),
+            };
+            return Err(CommandError::PluginInUse { name, users: users.join(" and ") });
         }
         for id in &listeners {
             warn!(plugin = %name, listener = id, "unload with force: stopping the listener");
