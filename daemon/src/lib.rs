@@ -9,6 +9,7 @@ pub mod command;
 pub mod config;
 pub mod grpc;
 pub mod lifecycle;
+pub mod limits;
 pub mod plugin_host;
 pub mod poll_loop;
 mod watch;

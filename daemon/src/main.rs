@@ -66,6 +66,12 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     config.allow_any_plugin_path |= flags.allow_any_plugin_path;
     config.watch |= flags.watch;
 
+    match asyncored::limits::raise_fd_limit() {
+        Ok((old, new)) if old != new => tracing::info!(old, new, "raised the open-descriptor limit"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-descriptor limit"),
+    }
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("grpc")

@@ -99,7 +99,9 @@ const READ_BUFFER: usize = 64 * 1024;
 /// Bytes asked of a producer per call. On the stack, like the read buffer.
 const PRODUCER_BUFFER: usize = 64 * 1024;
 /// Default of [`Chat::output_high_water`].
-const DEFAULT_OUTPUT_HIGH_WATER: usize = 256 * 1024;
+pub const DEFAULT_OUTPUT_HIGH_WATER: usize = 256 * 1024;
+/// Default of [`AsyncChat::with_max_queued_producers`].
+pub const DEFAULT_MAX_QUEUED_PRODUCERS: usize = 64;
 
 /// The protocol logic of an [`AsyncChat`]: what to do with each message.
 ///
@@ -250,6 +252,16 @@ impl<H: ChatHandler> AsyncChat<H> {
         self
     }
 
+    /// Stops reading while `max` producers (or more) are queued, default
+    /// [`DEFAULT_MAX_QUEUED_PRODUCERS`]. The byte high-water mark alone does
+    /// not bound a queue of producers that have produced nothing yet (a
+    /// client pipelining requests for large files faster than it reads the
+    /// answers). At least 1.
+    pub fn with_max_queued_producers(mut self, max: usize) -> AsyncChat<H> {
+        self.outbox.max_producers = max.max(1);
+        self
+    }
+
     /// A [`Chat`] over `channel` outside the handler's callbacks: in the
     /// listening dispatcher's [`Dispatcher::handle_accepted`], to push a
     /// greeting or set the first terminator before returning this
@@ -284,9 +296,10 @@ impl<H: ChatHandler> AsyncChat<H> {
 
 impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
     /// Answers `true` while less than the output high-water mark waits to be
-    /// sent, and the peer has not closed.
+    /// sent, fewer than the maximum of producers are queued, and the peer
+    /// has not closed.
     fn readable(&mut self, channel: &Channel<'_>) -> bool {
-        !self.read_eof && channel.pending_output() < self.outbox.high_water
+        !self.read_eof && self.outbox.has_room(channel.pending_output())
     }
 
     /// Answers `true` while producers are queued and less than the output
@@ -575,12 +588,25 @@ enum Closing {
 struct Outbox {
     producers: VecDeque<Box<dyn Producer>>,
     high_water: usize,
+    /// Reading stops while this many producers wait (see
+    /// `AsyncChat::with_max_queued_producers`).
+    max_producers: usize,
     closing: Closing,
 }
 
 impl Outbox {
     fn new() -> Outbox {
-        Outbox { producers: VecDeque::new(), high_water: DEFAULT_OUTPUT_HIGH_WATER, closing: Closing::Open }
+        Outbox {
+            producers: VecDeque::new(),
+            high_water: DEFAULT_OUTPUT_HIGH_WATER,
+            max_producers: DEFAULT_MAX_QUEUED_PRODUCERS,
+            closing: Closing::Open,
+        }
+    }
+
+    /// Whether the queue leaves room to read more requests.
+    fn has_room(&self, pending_output: usize) -> bool {
+        pending_output < self.high_water && self.producers.len() < self.max_producers
     }
 
     fn set_high_water(&mut self, high_water: usize) {
@@ -762,6 +788,19 @@ mod tests {
         assert!(!outbox.writable(out.pending_output()));
         outbox.push(&mut out, b"6");
         assert_eq!(out.sent, b"123456");
+    }
+
+    #[test]
+    fn reading_waits_while_too_many_producers_are_queued() {
+        let (mut outbox, mut out) = (Outbox::new(), FakeChannel { drains: true, ..Default::default() });
+        outbox.max_producers = 3;
+        for _ in 0..3 {
+            assert!(outbox.has_room(out.pending_output()));
+            outbox.push_with_producer(Box::new(SimpleProducer::new(b"x".to_vec())));
+        }
+        assert!(!outbox.has_room(out.pending_output()), "three producers queued: stop reading");
+        pump(&mut outbox, &mut out);
+        assert!(outbox.has_room(out.pending_output()), "drained: read again");
     }
 
     #[test]

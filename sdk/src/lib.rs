@@ -86,7 +86,10 @@ pub mod prelude;
 pub mod testing;
 
 pub use channel::{Channel, ChannelId, TimerId};
-pub use chat::{AsyncChat, Chat, ChatHandler, FileProducer, FrameSink, Framer, Producer, SimpleProducer, Terminator};
+pub use chat::{
+    AsyncChat, Chat, ChatHandler, DEFAULT_MAX_QUEUED_PRODUCERS, DEFAULT_OUTPUT_HIGH_WATER, FileProducer, FrameSink,
+    Framer, Producer, SimpleProducer, Terminator,
+};
 pub use config::Config;
 pub use dispatcher::Dispatcher;
 pub use export::Plugin;
