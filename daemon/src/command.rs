@@ -91,6 +91,8 @@ pub enum CommandError {
     PluginLoad(#[from] PluginLoadError),
     #[error("listener {0} is already stopped")]
     ListenerStopped(u64),
+    #[error("plugin loader failed: {0}")]
+    LoaderFailed(String),
     #[error("the daemon is draining")]
     Draining,
     #[error("the poll loop has stopped")]
@@ -277,6 +279,37 @@ impl EngineHandle {
     pub fn send(&self, command: Command) -> Result<(), CommandError> {
         self.commands.send(command).map_err(|_| CommandError::LoopGone)?;
         self.poller.notify().map_err(|_| CommandError::LoopGone)
+    }
+
+    /// Loads the library at `path` on a blocking thread (copying and
+    /// `dlopen` take milliseconds: never on the loop), then adds it to the
+    /// engine: a new plugin, or a new generation (current when `activate`).
+    /// With `expected_name`, a library of another plugin is refused.
+    ///
+    /// # Errors
+    ///
+    /// The load error, [`CommandError::WrongPlugin`], or the engine's.
+    pub async fn load_plugin(
+        &self,
+        path: std::path::PathBuf,
+        expected_name: Option<&str>,
+        activate: bool,
+        drain_timeout: Option<Duration>,
+    ) -> Result<PluginInfo, CommandError> {
+        let display = path.display().to_string();
+        let loaded = tokio::task::spawn_blocking(move || crate::plugin_host::load(&path))
+            .await
+            .map_err(|e| CommandError::LoaderFailed(e.to_string()))??;
+        if let Some(expected) = expected_name
+            && loaded.name != expected
+        {
+            return Err(CommandError::WrongPlugin {
+                path: display,
+                found: loaded.name.clone(),
+                expected: expected.into(),
+            });
+        }
+        self.request(|reply| Command::AddPlugin { plugin: Box::new(loaded), activate, drain_timeout, reply }).await
     }
 
     /// Sends the command built around a reply channel and awaits the reply.

@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     command::{Command, CommandError, EngineHandle, StatsFilter},
     lifecycle::{Lifecycle, Phase},
-    plugin_host::{self, LoadedPlugin, PluginLoadError, PluginPolicy},
+    plugin_host::{PluginLoadError, PluginPolicy},
 };
 
 pub(crate) use self::incoming::Incoming;
@@ -134,6 +134,7 @@ pub(crate) fn status(error: CommandError) -> Status {
             _ => Status::failed_precondition(message),
         },
         CommandError::Draining | CommandError::LoopGone => Status::unavailable(message),
+        CommandError::LoaderFailed(_) => Status::internal(message),
     }
 }
 
@@ -325,30 +326,20 @@ async fn watch_stats(
 }
 
 impl ControlApi {
-    /// Checks `path` against the plugin policy and loads it, off the loop
-    /// (copying and `dlopen` take milliseconds).
-    async fn load_library(&self, path: &str) -> Result<LoadedPlugin, Status> {
+    /// Checks `path` against the plugin policy, loads it (off the loop) and
+    /// adds it to the engine.
+    async fn load(
+        &self,
+        path: &str,
+        expected_name: Option<&str>,
+        activate: bool,
+        drain_timeout: Option<Duration>,
+    ) -> Result<Response<v1::Plugin>, Status> {
         if path.trim().is_empty() {
             return Err(Status::invalid_argument("path is empty; give the path of a plugin library (.so)"));
         }
         let path = self.policy.check(&PathBuf::from(path)).map_err(|e| status(e.into()))?;
-        tokio::task::spawn_blocking(move || plugin_host::load(&path))
-            .await
-            .map_err(|e| Status::internal(format!("plugin loader failed: {e}")))?
-            .map_err(|e| status(e.into()))
-    }
-
-    async fn add_plugin(
-        &self,
-        loaded: LoadedPlugin,
-        activate: bool,
-        drain_timeout: Option<Duration>,
-    ) -> Result<Response<v1::Plugin>, Status> {
-        let plugin = self
-            .engine
-            .request(|reply| Command::AddPlugin { plugin: Box::new(loaded), activate, drain_timeout, reply })
-            .await
-            .map_err(status)?;
+        let plugin = self.engine.load_plugin(path, expected_name, activate, drain_timeout).await.map_err(status)?;
         Ok(Response::new(convert::plugin(plugin)))
     }
 }
@@ -369,8 +360,7 @@ impl v1::plugins_server::Plugins for ControlApi {
     async fn load_plugin(&self, request: Request<v1::LoadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
         self.check_not_draining()?;
         let request = request.into_inner();
-        let loaded = self.load_library(&request.path).await?;
-        self.add_plugin(loaded, request.activate, None).await
+        self.load(&request.path, None, request.activate, None).await
     }
 
     async fn list_plugins(
@@ -392,11 +382,7 @@ impl v1::plugins_server::Plugins for ControlApi {
         } else {
             request.path
         };
-        let loaded = self.load_library(&path).await?;
-        if loaded.name != request.name {
-            return Err(status(CommandError::WrongPlugin { path, found: loaded.name.clone(), expected: request.name }));
-        }
-        self.add_plugin(loaded, true, drain_timeout(request.drain_timeout_ms)).await
+        self.load(&path, Some(&request.name), true, drain_timeout(request.drain_timeout_ms)).await
     }
 
     async fn activate_plugin(

@@ -187,26 +187,7 @@ async fn load_plugin_dir(engine: &EngineHandle, dir: &Path) {
     };
     paths.sort();
     for path in paths {
-        let loaded = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || plugin_host::load(&path)).await
-        };
-        let result = match loaded {
-            Ok(Ok(plugin)) => engine
-                .request(|reply| Command::AddPlugin {
-                    plugin: Box::new(plugin),
-                    activate: false,
-                    drain_timeout: None,
-                    reply,
-                })
-                .await
-                .map(|_| ()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "plugin loader failed");
-                continue;
-            }
-        };
+        let result = engine.load_plugin(path.clone(), None, false, None).await;
         if let Err(e) = result {
             warn!("skipping {}: {e}", path.display());
         }

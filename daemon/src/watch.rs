@@ -54,26 +54,7 @@ pub(crate) async fn watch_plugins(engine: EngineHandle, policy: PluginPolicy) {
                 continue;
             }
             info!(plugin = %plugin.name, path = %path.display(), "watch: library changed; reloading");
-            let loaded = tokio::task::spawn_blocking({
-                let path = path.clone();
-                move || plugin_host::load(&path)
-            })
-            .await;
-            let result = match loaded {
-                Ok(Ok(loaded)) if loaded.name == plugin.name => engine
-                    .request(|reply| Command::AddPlugin {
-                        plugin: Box::new(loaded),
-                        activate: true,
-                        drain_timeout: None,
-                        reply,
-                    })
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Ok(Ok(loaded)) => Err(format!("the file now holds plugin {:?}", loaded.name)),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+            let result = engine.load_plugin(path.clone(), Some(&plugin.name), true, None).await;
             if let Err(e) = result {
                 // Reloading the same bytes again would fail again: remember
                 // them as seen until the file changes once more.

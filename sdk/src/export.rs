@@ -335,10 +335,19 @@ unsafe fn new_dispatcher(
     out: *mut DispatcherHandle,
     make: impl FnOnce() -> Result<Box<dyn Dispatcher>, String>,
 ) -> i32 {
+    guarded(ctx, make, |dispatcher| {
+        // SAFETY: guaranteed by the caller.
+        unsafe { out.write(into_handle(dispatcher)) };
+    })
+}
+
+/// Runs a fallible plugin function, catching panics: passes its value to
+/// `on_ok`, or reports the refusal or the panic through `ctx`. Returns the
+/// status code for the host.
+fn guarded<T>(ctx: *mut HostCtx, make: impl FnOnce() -> Result<T, String>, on_ok: impl FnOnce(T)) -> i32 {
     match catch_unwind(AssertUnwindSafe(make)) {
-        Ok(Ok(dispatcher)) => {
-            // SAFETY: guaranteed by the caller.
-            unsafe { out.write(into_handle(dispatcher)) };
+        Ok(Ok(value)) => {
+            on_ok(value);
             status::OK
         }
         Ok(Err(message)) => {
@@ -365,17 +374,7 @@ unsafe extern "C" fn plugin_init(vtable: *const HostVtable, data: *mut c_void) -
 }
 
 unsafe extern "C" fn plugin_on_load<P: Plugin>(ctx: *mut HostCtx) -> i32 {
-    match catch_unwind(P::on_load) {
-        Ok(Ok(())) => status::OK,
-        Ok(Err(message)) => {
-            report(ctx, &message);
-            status::DECLINED
-        }
-        Err(payload) => {
-            report_panic(ctx, payload.as_ref());
-            status::PANICKED
-        }
-    }
+    guarded(ctx, P::on_load, |()| {})
 }
 
 unsafe extern "C" fn plugin_listen<P: Plugin>(
