@@ -91,6 +91,8 @@ pub enum CommandError {
     PluginLoad(#[from] PluginLoadError),
     #[error("listener {0} is already stopped")]
     ListenerStopped(u64),
+    #[error("channel {id} is the listening socket of listener {listener}; stop the listener instead")]
+    ListeningChannel { id: u64, listener: u64 },
     #[error("plugin loader failed: {0}")]
     LoaderFailed(String),
     #[error("the daemon is draining")]

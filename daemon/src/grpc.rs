@@ -119,7 +119,9 @@ pub(crate) fn status(error: CommandError) -> Status {
             _ => Status::failed_precondition(message),
         },
         CommandError::PluginRefused { .. } | CommandError::BadConfig { .. } => Status::invalid_argument(message),
-        CommandError::ListenerStopped(_) => Status::failed_precondition(message),
+        CommandError::ListenerStopped(_) | CommandError::ListeningChannel { .. } => {
+            Status::failed_precondition(message)
+        }
         CommandError::PluginLoad(load) => match load {
             PluginLoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 Status::not_found(message)

@@ -21,7 +21,7 @@ mod plugins;
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BinaryHeap, HashMap, VecDeque},
     io,
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{Arc, mpsc},
@@ -54,6 +54,8 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How long a closing channel waits for its peer's close after its output
 /// was flushed.
 const LINGER: Duration = Duration::from_secs(2);
+/// How long a closing channel may take to flush its output.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
 /// Closed-channel records kept for stats watchers.
 const CLOSED_LOG: usize = 65_536;
 
@@ -103,6 +105,9 @@ enum TimerKind {
     IdleCheck,
     /// Close the channels of a plugin's generations other than `keep`.
     DrainGenerations { keep: usize },
+    /// A closing channel that has not flushed its output by now is closed
+    /// anyway (its peer stopped reading).
+    CloseDeadline,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -158,8 +163,8 @@ pub(crate) struct Core {
     /// Plugin name to the index of its current generation.
     current: HashMap<String, usize>,
     timers: BinaryHeap<Reverse<Timer>>,
-    /// `call_later` timers cancelled before they fired.
-    cancelled_timers: HashSet<u64>,
+    /// `call_later` timers not yet fired nor cancelled, to their channel.
+    live_calls: HashMap<u64, u64>,
     next_timer_id: u64,
     /// The clock of the current pass (read once after each wait).
     now: Instant,
@@ -201,7 +206,7 @@ impl Engine {
                 plugins: Vec::new(),
                 current: HashMap::new(),
                 timers: BinaryHeap::new(),
-                cancelled_timers: HashSet::new(),
+                live_calls: HashMap::new(),
                 next_timer_id: 1,
                 now: Instant::now(),
                 closed: VecDeque::new(),
@@ -307,17 +312,20 @@ impl Engine {
         }
         let now = Instant::now();
         self.core.fire_timers(now);
-        self.core.refresh_dirty();
+        let still_dirty = self.core.refresh_dirty();
         self.core.check_drain(now);
         if self.core.exit {
             return Ok(());
         }
 
-        let next_timer = self.core.timers.peek().map(|t| t.0.at.saturating_duration_since(now));
-        let wait = match (timeout, next_timer) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // Wake for the next timer and the drain deadline; do not block at
+        // all while channels wait to be refreshed.
+        let deadlines = [
+            self.core.timers.peek().map(|t| t.0.at),
+            self.core.drain.as_ref().map(|d| d.deadline),
+            still_dirty.then_some(now),
+        ];
+        let wait = deadlines.into_iter().flatten().map(|at| at.saturating_duration_since(now)).chain(timeout).min();
         self.events.clear();
         match self.core.poller.wait(&mut self.events, wait) {
             Ok(_) => {}
@@ -331,6 +339,17 @@ impl Engine {
             self.core.dispatch(event);
         }
         Ok(())
+    }
+}
+
+impl Drop for Engine {
+    /// Closes every channel: sockets leave the poller before they close
+    /// (as `polling` requires), and dispatchers are freed.
+    fn drop(&mut self) {
+        let slots: Vec<usize> = self.core.ids.values().copied().collect();
+        for slot in slots {
+            self.core.finalize(slot);
+        }
     }
 }
 
@@ -369,6 +388,9 @@ impl Core {
             }
             Command::CloseChannel { id, reply } => {
                 let answer = match self.ids.get(&id) {
+                    Some(&slot) if self.channel_ref(slot).kind == ChannelKind::Listening => {
+                        Err(CommandError::ListeningChannel { id, listener: self.channel_ref(slot).listener_id })
+                    }
                     Some(&slot) => {
                         self.begin_close(slot);
                         self.channel_info(id)
@@ -623,9 +645,11 @@ impl Core {
             return;
         }
         ch.phase = Phase::Closing;
+        let channel_id = ch.id;
         if let Some(dispatcher) = ch.dispatcher.take() {
             dispatcher.release();
         }
+        self.push_timer(Instant::now() + CLOSE_DEADLINE, channel_id, TimerKind::CloseDeadline);
         self.mark_dirty(slot);
     }
 
@@ -752,20 +776,24 @@ impl Core {
 
     // ----- interest ---------------------------------------------------------
 
-    fn refresh_dirty(&mut self) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for &slot in &dirty {
-            if let Some(ch) = self.channels[slot].as_mut() {
-                ch.dirty = false;
-                self.refresh(slot);
+    /// Re-asks interest of the dirty channels. Asking runs plugin code,
+    /// which may touch other channels (a `send_to` from `handle_error`); those
+    /// are refreshed too, for a few rounds. Returns true if some are still
+    /// dirty, in which case the next wait must not block.
+    fn refresh_dirty(&mut self) -> bool {
+        for _ in 0..8 {
+            if self.dirty.is_empty() {
+                return false;
+            }
+            let dirty = std::mem::take(&mut self.dirty);
+            for &slot in &dirty {
+                if let Some(ch) = self.channels[slot].as_mut() {
+                    ch.dirty = false;
+                    self.refresh(slot);
+                }
             }
         }
-        // Keep the allocation for the next pass, unless refresh made new
-        // dirty entries.
-        if self.dirty.is_empty() {
-            self.dirty = dirty;
-            self.dirty.clear();
-        }
+        !self.dirty.is_empty()
     }
 
     fn refresh(&mut self, slot: usize) {
@@ -815,8 +843,8 @@ impl Core {
             }
             (_, Phase::Closing) => {
                 if !ch.out.is_empty() {
-                    WRITE
-                } else if ch.read_eof {
+                    if ch.read_eof { WRITE } else { WRITE | READ }
+                } else if ch.read_eof || matches!(ch.socket, Socket::Pipe(_)) {
                     self.finalize(slot);
                     return;
                 } else {
@@ -881,9 +909,18 @@ impl Core {
                 break;
             }
             self.timers.pop();
-            if let TimerKind::DrainGenerations { keep } = timer.kind {
-                self.drain_generations(keep);
-                continue;
+            match timer.kind {
+                TimerKind::DrainGenerations { keep } => {
+                    self.drain_generations(keep);
+                    continue;
+                }
+                TimerKind::Call { timer_id, .. } => {
+                    if self.live_calls.remove(&timer_id).is_none() {
+                        // Cancelled.
+                        continue;
+                    }
+                }
+                _ => {}
             }
             let Some(&slot) = self.ids.get(&timer.channel_id) else { continue };
             match timer.kind {
@@ -896,9 +933,15 @@ impl Core {
                         self.finalize(slot);
                     }
                 }
-                TimerKind::Call { timer_id, token } => {
-                    if !self.cancelled_timers.remove(&timer_id) && self.is_open(slot) {
+                TimerKind::Call { token, .. } => {
+                    if self.is_open(slot) {
                         self.handle_event(slot, ffi::event::TIMER, token as i64);
+                    }
+                }
+                TimerKind::CloseDeadline => {
+                    if self.channel_ref(slot).phase == Phase::Closing {
+                        warn!(channel = timer.channel_id, "output not flushed in time; closing now");
+                        self.finalize(slot);
                     }
                 }
                 // Handled above: it belongs to no channel.
@@ -1011,16 +1054,30 @@ impl Core {
     fn stream_event(&mut self, slot: usize, event: Event) {
         let phase = self.channel_ref(slot).phase;
         match phase {
-            Phase::Lingering => return self.linger_read(slot),
+            Phase::Lingering => {
+                if self.discard_input(slot) {
+                    self.finalize(slot);
+                }
+                return;
+            }
+            Phase::Closing => {
+                // Input is discarded while the output flushes: a peer
+                // blocked writing to us may only read once its write went
+                // through.
+                if event.readable && self.discard_input(slot) {
+                    self.channel(slot).read_eof = true;
+                }
+            }
             Phase::Connecting => {
                 if !self.connect_finished(slot) {
                     return;
                 }
             }
-            Phase::Open | Phase::Closing => {}
+            Phase::Open => {}
         }
 
-        let registered = self.channel_ref(slot).registered;
+        // handle_connect may have failed the channel.
+        let Some(registered) = self.channels[slot].as_ref().map(|ch| ch.registered) else { return };
         if event.is_priority() && registered & READ != 0 && self.is_open(slot) {
             self.handle_event(slot, ffi::event::EXPT, 0);
             self.discard_urgent(slot);
@@ -1109,19 +1166,21 @@ impl Core {
         let _ = socket2::SockRef::from(&*stream).recv_out_of_band(&mut byte);
     }
 
-    fn linger_read(&mut self, slot: usize) {
+    /// Reads and drops what a closing channel's peer still sends (a bounded
+    /// amount per event). Returns true once the peer closed or failed.
+    fn discard_input(&mut self, slot: usize) -> bool {
         let ch = self.channel(slot);
         let mut scratch = [0u8; 16 * 1024];
-        loop {
+        for _ in 0..16 {
             match io::Read::read(&mut ch.socket, &mut scratch) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
             }
         }
-        self.finalize(slot);
+        false
     }
 
     /// Starts an outbound connection for a plugin.

@@ -16,6 +16,7 @@ use asyncore_sdk::ffi::{self, DispatcherHandle, HostCtx, HostVtable, StrRef};
 use tracing::{debug, error, info, trace, warn};
 
 use super::{CallCtx, Core, TimerKind, channel::Phase};
+use crate::command::ChannelKind;
 use crate::plugin_host::{Dispatcher, call_ctx, plugin_name};
 
 const EBADF: i64 = libc::EBADF as i64;
@@ -104,6 +105,9 @@ unsafe extern "C" fn host_channel_id(ctx: *mut HostCtx) -> u64 {
 unsafe extern "C" fn host_send(ctx: *mut HostCtx, data: *const u8, len: usize) -> i64 {
     // SAFETY: ctx is a live call context.
     let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    if !core.takes_output(slot) {
+        return 0;
+    }
     // SAFETY: the plugin lends len bytes for this call.
     let data = unsafe { StrRef { ptr: data, len }.as_bytes() };
     core.queue_output(slot, data)
@@ -113,7 +117,7 @@ unsafe extern "C" fn host_send_to(ctx: *mut HostCtx, channel_id: u64, data: *con
     // SAFETY: ctx is a live call context.
     let Some((core, _)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
     let Some(&target) = core.ids.get(&channel_id) else { return -EBADF };
-    if !matches!(core.channel_ref(target).phase, Phase::Open | Phase::Connecting) {
+    if !core.takes_output(target) {
         return -EBADF;
     }
     // SAFETY: the plugin lends len bytes for this call.
@@ -131,9 +135,7 @@ unsafe extern "C" fn host_pending_output_of(ctx: *mut HostCtx, channel_id: u64) 
     // A closing channel takes no more output (send_to refuses it), so it
     // answers like a closed one.
     match core.ids.get(&channel_id) {
-        Some(&slot) if matches!(core.channel_ref(slot).phase, Phase::Open | Phase::Connecting) => {
-            core.channel_ref(slot).out.len() as i64
-        }
+        Some(&slot) if core.takes_output(slot) => core.channel_ref(slot).out.len() as i64,
         _ => -EBADF,
     }
 }
@@ -157,6 +159,7 @@ unsafe extern "C" fn host_call_later(ctx: *mut HostCtx, delay_ms: u64, token: u6
     core.next_timer_id += 1;
     let at = Instant::now() + Duration::from_millis(delay_ms.min(u64::from(u32::MAX)));
     let channel_id = core.channel_ref(slot).id;
+    core.live_calls.insert(timer_id, channel_id);
     core.push_timer(at, channel_id, TimerKind::Call { timer_id, token });
     timer_id as i64
 }
@@ -165,15 +168,24 @@ unsafe extern "C" fn host_cancel_timer(ctx: *mut HostCtx, timer_id: u64) -> i64 
     // SAFETY: ctx is a live call context.
     let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
     let channel_id = core.channel_ref(slot).id;
-    let pending = core.timers.iter().any(|t| {
-        t.0.channel_id == channel_id && matches!(t.0.kind, TimerKind::Call { timer_id: id, .. } if id == timer_id)
-    });
-    if pending && core.cancelled_timers.insert(timer_id) { 0 } else { -ENOENT }
+    // Only this channel's own timers; the heap entry is skipped when due.
+    if core.live_calls.get(&timer_id) == Some(&channel_id) {
+        core.live_calls.remove(&timer_id);
+        0
+    } else {
+        -ENOENT
+    }
 }
 
 unsafe extern "C" fn host_shutdown_write(ctx: *mut HostCtx) -> i64 {
     // SAFETY: ctx is a live call context.
     let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return -EBADF };
+    if matches!(core.channel_ref(slot).socket, super::channel::Socket::Pipe(_)) {
+        // A pipe end has one direction: shutting its writing down is
+        // closing it (the reader then sees EOF).
+        core.close_requested(slot);
+        return 0;
+    }
     core.channel(slot).shutdown_after_flush = true;
     core.mark_dirty(slot);
     0
@@ -273,8 +285,10 @@ unsafe extern "C" fn host_address(ctx: *mut HostCtx, which: u32, buf: *mut u8, c
     };
     let text = address.to_string();
     let n = text.len().min(cap);
-    // SAFETY: the plugin lends a writable buffer of cap bytes.
-    unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buf, n) };
+    if n > 0 && !buf.is_null() {
+        // SAFETY: the plugin lends a writable buffer of cap bytes.
+        unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buf, n) };
+    }
     text.len() as i64
 }
 
@@ -297,6 +311,13 @@ unsafe extern "C" fn host_connect(ctx: *mut HostCtx, address: StrRef, handle: Di
 }
 
 impl Core {
+    /// Whether a channel takes output: an open (or connecting) stream or
+    /// pipe. A listening socket never does.
+    fn takes_output(&self, slot: usize) -> bool {
+        let ch = self.channel_ref(slot);
+        ch.kind != ChannelKind::Listening && matches!(ch.phase, Phase::Open | Phase::Connecting)
+    }
+
     /// Queues output on a channel, writing at once what the socket takes
     /// when nothing is queued ahead (a request/response exchange then needs
     /// no extra pass). Returns the number of bytes accepted: all of them,

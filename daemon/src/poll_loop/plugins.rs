@@ -138,7 +138,9 @@ impl Core {
             if !self.is_open(slot) {
                 continue;
             }
-            let mut ctx = CallCtx::new(self, Some(slot));
+            // A context naming no channel: the new generation's code may
+            // only report through it.
+            let mut ctx = CallCtx::new(self, None);
             let imported = self.plugins[index].loaded.import_state(&mut ctx, &state);
             let ch = self.channel(slot);
             match imported {
@@ -148,6 +150,10 @@ impl Core {
                         old.release();
                     }
                     ch.plugin = index;
+                    let channel_id = ch.id;
+                    // Timers the old generation set carry its tokens: they
+                    // do not follow the channel.
+                    self.live_calls.retain(|_, owner| *owner != channel_id);
                     self.plugins[old_plugin].live_channels -= 1;
                     self.plugins[index].live_channels += 1;
                     self.mark_dirty(slot);
@@ -168,6 +174,11 @@ impl Core {
     /// channel of the plugin's other generations.
     pub(super) fn drain_generations(&mut self, keep: usize) {
         let name = self.plugins[keep].loaded.name.clone();
+        if self.current.get(&name) != Some(&keep) {
+            // Another generation was made current since: its own
+            // activation decides what drains.
+            return;
+        }
         let slots = self.channel_slots(|ch| ch.kind != ChannelKind::Listening && ch.plugin != keep, &name);
         if !slots.is_empty() {
             info!(plugin = %name, channels = slots.len(), "drain timeout: closing channels of older generations");

@@ -37,6 +37,29 @@ fn sigterm_drains_open_channels_and_exits_cleanly() {
 }
 
 #[test]
+fn a_drain_ends_at_its_deadline_even_with_a_peer_that_never_reads() {
+    let mut daemon = Daemon::start_with(Options {
+        config: "drain_timeout_secs = 1\n[[listener]]\naddress = \"127.0.0.1:0\"\nplugin = \"echo\"\n".into(),
+        ..Options::default()
+    });
+    let address = crate::runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let listeners =
+            client.listeners.list_listeners(asyncore_proto::v1::ListListenersRequest {}).await.unwrap().into_inner();
+        listeners.listeners[0].address.clone()
+    });
+    // A peer that writes and never reads: its echo can never be flushed.
+    let mut peer = TcpStream::connect(&address).unwrap();
+    peer.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    while peer.write(&chunk).is_ok() {}
+
+    let status = daemon.signal_and_wait(15, Duration::from_secs(10)).expect("the drain deadline ends the daemon");
+    assert!(status.success(), "exit status {status}; log:\n{}", daemon.log());
+    assert!(daemon.log().contains("drain deadline passed"), "{}", daemon.log());
+}
+
+#[test]
 fn sigint_stops_at_once() {
     let mut daemon = Daemon::start();
     let status = daemon.signal_and_wait(2, Duration::from_secs(10)).expect("exits after SIGINT");

@@ -357,3 +357,27 @@ fn idle_channels_hand_their_state_over_to_the_new_generation() {
         assert!(daemon.log().contains("handed over with their state"), "{}", daemon.log());
     });
 }
+
+#[test]
+fn a_drain_timer_of_an_older_activation_spares_the_current_generation() {
+    let Versioned { daemon, library, .. } = versioned("");
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        load(&mut client, &library).await;
+        let (_, address) = client.start_listener("versioned", &[]).await;
+        install(&plugin_library("asyncore_fixture_versioned_v2"), &library, false);
+        reload(&mut client, "versioned", 0).await;
+        let activate = |generation, drain_timeout_ms| v1::ActivatePluginRequest {
+            name: "versioned".into(),
+            generation,
+            drain_timeout_ms,
+        };
+        // Roll back with a drain timeout, then forward again at once.
+        client.plugins.activate_plugin(activate(1, 200)).await.unwrap();
+        client.plugins.activate_plugin(activate(2, 0)).await.unwrap();
+        let mut current = TcpStream::connect(address).await.unwrap();
+        assert_eq!(ask(&mut current, b"a").await, b"v2:a");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(ask(&mut current, b"b").await, b"v2:b", "the stale drain timer closed nothing");
+    });
+}
