@@ -914,12 +914,8 @@ impl Core {
                     self.drain_generations(keep);
                     continue;
                 }
-                TimerKind::Call { timer_id, .. } => {
-                    if self.live_calls.remove(&timer_id).is_none() {
-                        // Cancelled.
-                        continue;
-                    }
-                }
+                // Cancelled (or handed over with its channel): skip.
+                TimerKind::Call { timer_id, .. } if self.live_calls.remove(&timer_id).is_none() => continue,
                 _ => {}
             }
             let Some(&slot) = self.ids.get(&timer.channel_id) else { continue };
