@@ -49,6 +49,12 @@ impl<'a> Channel<'a> {
         Channel { ctx, _call: PhantomData }
     }
 
+    /// The same channel for a shorter borrow (to hand it on, like
+    /// `&mut *channel`).
+    pub fn reborrow(&mut self) -> Channel<'_> {
+        Channel { ctx: self.ctx, _call: PhantomData }
+    }
+
     /// This channel's id.
     pub fn id(&self) -> ChannelId {
         // SAFETY: ctx is the live context of the current call.

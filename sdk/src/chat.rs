@@ -22,7 +22,7 @@
 //! }
 //!
 //! impl ChatHandler for Uploads {
-//!     fn found_terminator(&mut self, chat: &mut Chat<'_, '_>) {
+//!     fn found_terminator(&mut self, chat: &mut Chat<'_>) {
 //!         let message = chat.take_incoming();
 //!         if self.in_body {
 //!             let sum: u64 = message.iter().map(|&b| u64::from(b)).sum();
@@ -119,7 +119,7 @@ pub trait ChatHandler: 'static {
     /// [`Chat::incoming`] or [`Chat::take_incoming`]. Override it to process
     /// data as it comes (to stream a large body to a file, say), and raise
     /// [`Chat::set_max_input`] if messages may then grow past 64 KiB.
-    fn collect_incoming_data(&mut self, chat: &mut Chat<'_, '_>, data: &[u8]) {
+    fn collect_incoming_data(&mut self, chat: &mut Chat<'_>, data: &[u8]) {
         chat.incoming.extend_from_slice(data);
     }
 
@@ -133,7 +133,7 @@ pub trait ChatHandler: 'static {
     /// even within the same read. Input that arrives after
     /// [`Chat::close_when_done`] or [`Chat::close`] is read and dropped: this
     /// is not called again.
-    fn found_terminator(&mut self, chat: &mut Chat<'_, '_>);
+    fn found_terminator(&mut self, chat: &mut Chat<'_>);
 
     /// Called when a message grows past [`Chat::max_input`] bytes without
     /// its terminator. Exactly `max_input` bytes of it were collected.
@@ -148,7 +148,7 @@ pub trait ChatHandler: 'static {
     ///
     /// The default logs a warning with the channel id and the limit, and
     /// closes the channel with [`Chat::close`].
-    fn input_overflow(&mut self, chat: &mut Chat<'_, '_>) {
+    fn input_overflow(&mut self, chat: &mut Chat<'_>) {
         let message = format!(
             "channel {}: input overflow: more than {} bytes without finding the terminator {}; closing",
             chat.channel().id(),
@@ -165,7 +165,7 @@ pub trait ChatHandler: 'static {
     /// [`Dispatcher::handle_accepted`], with [`AsyncChat::chat`].
     ///
     /// The default does nothing.
-    fn handle_connect(&mut self, chat: &mut Chat<'_, '_>) {
+    fn handle_connect(&mut self, chat: &mut Chat<'_>) {
         let _ = chat;
     }
 
@@ -177,7 +177,7 @@ pub trait ChatHandler: 'static {
     /// The default calls [`Chat::close_when_done`]: queued producers still
     /// run, then the channel closes, so a peer that half-closes after its
     /// request still gets the whole response.
-    fn handle_close(&mut self, chat: &mut Chat<'_, '_>) {
+    fn handle_close(&mut self, chat: &mut Chat<'_>) {
         chat.close_when_done();
     }
 
@@ -186,7 +186,7 @@ pub trait ChatHandler: 'static {
     /// timeouts go here.
     ///
     /// The default does nothing.
-    fn handle_timer(&mut self, chat: &mut Chat<'_, '_>, token: u64) {
+    fn handle_timer(&mut self, chat: &mut Chat<'_>, token: u64) {
         let _ = (chat, token);
     }
 
@@ -196,7 +196,7 @@ pub trait ChatHandler: 'static {
     /// lost.
     ///
     /// The default logs the error with the channel id.
-    fn handle_error(&mut self, chat: &mut Chat<'_, '_>, error: io::Error) {
+    fn handle_error(&mut self, chat: &mut Chat<'_>, error: io::Error) {
         crate::log::warn(&format!("channel {}: {error}", chat.channel().id()));
     }
 }
@@ -266,7 +266,7 @@ impl<H: ChatHandler> AsyncChat<H> {
     /// listening dispatcher's [`Dispatcher::handle_accepted`], to push a
     /// greeting or set the first terminator before returning this
     /// `AsyncChat`, or from a dispatcher that wraps it.
-    pub fn chat<'a, 'ch>(&'a mut self, channel: &'a mut Channel<'ch>) -> Chat<'a, 'ch> {
+    pub fn chat<'a>(&'a mut self, channel: &'a mut Channel<'_>) -> Chat<'a> {
         self.split(channel).1
     }
 
@@ -281,8 +281,13 @@ impl<H: ChatHandler> AsyncChat<H> {
     }
 
     /// The handler and a [`Chat`] for its callbacks.
-    fn split<'a, 'ch>(&'a mut self, channel: &'a mut Channel<'ch>) -> (&'a mut H, Chat<'a, 'ch>) {
-        let chat = Chat { channel, framer: &mut self.framer, incoming: &mut self.incoming, outbox: &mut self.outbox };
+    fn split<'a>(&'a mut self, channel: &'a mut Channel<'_>) -> (&'a mut H, Chat<'a>) {
+        let chat = Chat {
+            channel: channel.reborrow(),
+            framer: &mut self.framer,
+            incoming: &mut self.incoming,
+            outbox: &mut self.outbox,
+        };
         (&mut self.handler, chat)
     }
 
@@ -381,15 +386,14 @@ impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
 /// What the handler's callbacks can do: asynchat's methods on `self`.
 ///
 /// It is lent to each [`ChatHandler`] callback (and by [`AsyncChat::chat`]).
-/// `'ch` is the lifetime of the [`Channel`] of the current host call.
-pub struct Chat<'a, 'ch> {
-    channel: &'a mut Channel<'ch>,
+pub struct Chat<'a> {
+    channel: Channel<'a>,
     framer: &'a mut Framer,
     incoming: &'a mut Vec<u8>,
     outbox: &'a mut Outbox,
 }
 
-impl<'ch> Chat<'_, 'ch> {
+impl<'a> Chat<'a> {
     /// Sets where messages end. Inside
     /// [`found_terminator`](ChatHandler::found_terminator) it applies from
     /// the byte right after the message just found, even within the same
@@ -416,7 +420,7 @@ impl<'ch> Chat<'_, 'ch> {
     /// and queued behind the producers, so the order is kept. Ignored after
     /// [`close_when_done`](Chat::close_when_done) or [`close`](Chat::close).
     pub fn push(&mut self, data: &[u8]) {
-        self.outbox.push(self.channel, data);
+        self.outbox.push(&mut self.channel, data);
     }
 
     /// Queues `producer`, to be pulled as the peer drains the output, after
@@ -430,7 +434,7 @@ impl<'ch> Chat<'_, 'ch> {
     /// output flushed: at once if none is queued. From now on, pushes are
     /// ignored and input is read and dropped.
     pub fn close_when_done(&mut self) {
-        self.outbox.close_when_done(self.channel);
+        self.outbox.close_when_done(&mut self.channel);
     }
 
     /// Closes the channel now: queued producers are dropped, output already
@@ -438,7 +442,7 @@ impl<'ch> Chat<'_, 'ch> {
     /// this to `chat.channel().close()`, after which the rest of the current
     /// read would still be framed.
     pub fn close(&mut self) {
-        self.outbox.close(self.channel);
+        self.outbox.close(&mut self.channel);
     }
 
     /// Whether [`close_when_done`](Chat::close_when_done) or
@@ -455,7 +459,7 @@ impl<'ch> Chat<'_, 'ch> {
     pub fn discard_buffers(&mut self) {
         self.incoming.clear();
         self.framer.clear();
-        self.outbox.discard(self.channel);
+        self.outbox.discard(&mut self.channel);
     }
 
     /// The data collected for the current message by the default
@@ -480,8 +484,8 @@ impl<'ch> Chat<'_, 'ch> {
     /// The channel, for its id, addresses and [`Channel::connect`]. Output
     /// sent with [`Channel::send`] skips the producer queue: use
     /// [`push`](Chat::push) to keep it in order.
-    pub fn channel(&mut self) -> &mut Channel<'ch> {
-        self.channel
+    pub fn channel(&mut self) -> &mut Channel<'a> {
+        &mut self.channel
     }
 
     /// The most bytes of one message collected before
@@ -525,8 +529,8 @@ impl<'ch, H> Callbacks<'_, 'ch, H> {
         framer: &'s mut Framer,
         incoming: &'s mut Vec<u8>,
         outbox: &'s mut Outbox,
-    ) -> Chat<'s, 'ch> {
-        Chat { channel, framer, incoming, outbox }
+    ) -> Chat<'s> {
+        Chat { channel: channel.reborrow(), framer, incoming, outbox }
     }
 }
 

@@ -580,7 +580,7 @@ mod tests {
     struct Lines;
 
     impl ChatHandler for Lines {
-        fn found_terminator(&mut self, chat: &mut Chat<'_, '_>) {
+        fn found_terminator(&mut self, chat: &mut Chat<'_>) {
             let mut line = chat.take_incoming();
             if line == b"quit" {
                 chat.push(b"bye\n");

@@ -210,7 +210,7 @@ struct Member {
 
 impl Member {
     /// Leaves the room and tells the others.
-    fn leave(&mut self, chat: &mut Chat<'_, '_>) {
+    fn leave(&mut self, chat: &mut Chat<'_>) {
         let mut room = self.room.borrow_mut();
         if let Some(seat) = room.leave(self.channel_id) {
             log!(debug, "channel {}: {} left", self.channel_id, seat.nick);
@@ -220,7 +220,7 @@ impl Member {
 }
 
 impl ChatHandler for Member {
-    fn found_terminator(&mut self, chat: &mut Chat<'_, '_>) {
+    fn found_terminator(&mut self, chat: &mut Chat<'_>) {
         let message = chat.take_incoming();
         let line = message.strip_suffix(b"\r").unwrap_or(&message);
         let mut room = self.room.borrow_mut();
@@ -249,17 +249,17 @@ impl ChatHandler for Member {
 
     /// Refuses the line and carries on: the SDK drops the rest of it, up to
     /// its `\n`.
-    fn input_overflow(&mut self, chat: &mut Chat<'_, '_>) {
+    fn input_overflow(&mut self, chat: &mut Chat<'_>) {
         log!(debug, "channel {}: line longer than max_line {} refused", self.channel_id, chat.max_input());
         chat.push(format!("* line too long (max_line {})\n", chat.max_input()).as_bytes());
     }
 
-    fn handle_close(&mut self, chat: &mut Chat<'_, '_>) {
+    fn handle_close(&mut self, chat: &mut Chat<'_>) {
         self.leave(chat);
         chat.close_when_done();
     }
 
-    fn handle_error(&mut self, chat: &mut Chat<'_, '_>, error: io::Error) {
+    fn handle_error(&mut self, chat: &mut Chat<'_>, error: io::Error) {
         log!(info, "channel {}: {error}", self.channel_id);
         self.leave(chat);
     }

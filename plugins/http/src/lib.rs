@@ -133,13 +133,13 @@ struct HttpHandler {
 }
 
 impl ChatHandler for HttpHandler {
-    fn collect_incoming_data(&mut self, _chat: &mut Chat<'_, '_>, data: &[u8]) {
+    fn collect_incoming_data(&mut self, _chat: &mut Chat<'_>, data: &[u8]) {
         if self.body_of.is_none() {
             self.line.extend_from_slice(data);
         }
     }
 
-    fn found_terminator(&mut self, chat: &mut Chat<'_, '_>) {
+    fn found_terminator(&mut self, chat: &mut Chat<'_>) {
         if let Some(head) = self.body_of.take() {
             // The body is over; the next request's head follows.
             chat.set_terminator(b"\n");
@@ -161,7 +161,7 @@ impl ChatHandler for HttpHandler {
         }
     }
 
-    fn input_overflow(&mut self, chat: &mut Chat<'_, '_>) {
+    fn input_overflow(&mut self, chat: &mut Chat<'_>) {
         self.line = Vec::new();
         let head_only = self.parser.request_line().is_some_and(|line| line.method == "HEAD");
         self.reject(chat, self.parser.overflow_status(), head_only);
@@ -170,7 +170,7 @@ impl ChatHandler for HttpHandler {
 
 impl HttpHandler {
     /// A complete head: answer now, or first read and drop its body.
-    fn request(&mut self, chat: &mut Chat<'_, '_>, head: RequestHead) {
+    fn request(&mut self, chat: &mut Chat<'_>, head: RequestHead) {
         if self.line.capacity() > KEEP_LINE_CAPACITY {
             self.line = Vec::new();
         }
@@ -192,7 +192,7 @@ impl HttpHandler {
 
     /// Queues the answer to `head`, then closes if the connection is not
     /// to be kept.
-    fn respond(&mut self, chat: &mut Chat<'_, '_>, head: &RequestHead, force_close: bool) {
+    fn respond(&mut self, chat: &mut Chat<'_>, head: &RequestHead, force_close: bool) {
         let answer = self.site.answer(head);
         let keep_alive = !force_close && head.keep_alive() && !answer.status.closes_connection();
         let connection = match (keep_alive, head.line.version) {
@@ -208,12 +208,12 @@ impl HttpHandler {
 
     /// Answers with an error and closes: the request could not be framed,
     /// so nothing after it can be trusted to be a request.
-    fn reject(&mut self, chat: &mut Chat<'_, '_>, status: Status, head_only: bool) {
+    fn reject(&mut self, chat: &mut Chat<'_>, status: Status, head_only: bool) {
         self.push(chat, Answer::error(status), Connection::Close, head_only);
         chat.close_when_done();
     }
 
-    fn push(&mut self, chat: &mut Chat<'_, '_>, answer: Answer, connection: Connection, head_only: bool) {
+    fn push(&mut self, chat: &mut Chat<'_>, answer: Answer, connection: Connection, head_only: bool) {
         let head = write_head(answer.status, answer.content_type, answer.body.len(), connection, SystemTime::now());
         let response = Response::new(head, answer.body, head_only, self.in_flight.ticket());
         chat.push_with_producer(Box::new(response));

@@ -46,11 +46,11 @@ struct LineEcho {
 impl ChatHandler for LineEcho {
     // Our own buffer rather than the chat's incoming one: pushing from the
     // handler's field while `chat` is borrowed mutably needs no copy.
-    fn collect_incoming_data(&mut self, _chat: &mut Chat<'_, '_>, data: &[u8]) {
+    fn collect_incoming_data(&mut self, _chat: &mut Chat<'_>, data: &[u8]) {
         self.line.extend_from_slice(data);
     }
 
-    fn found_terminator(&mut self, chat: &mut Chat<'_, '_>) {
+    fn found_terminator(&mut self, chat: &mut Chat<'_>) {
         self.line.extend_from_slice(&self.terminator);
         chat.push(&self.line);
         self.line.clear();
@@ -59,7 +59,7 @@ impl ChatHandler for LineEcho {
         }
     }
 
-    fn input_overflow(&mut self, chat: &mut Chat<'_, '_>) {
+    fn input_overflow(&mut self, chat: &mut Chat<'_>) {
         log!(
             warn,
             "channel {}: line too long: more than max_line {} bytes without the terminator {}; closing",
