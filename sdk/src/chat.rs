@@ -120,7 +120,7 @@ pub trait ChatHandler: 'static {
     /// data as it comes (to stream a large body to a file, say), and raise
     /// [`Chat::set_max_input`] if messages may then grow past 64 KiB.
     fn collect_incoming_data(&mut self, chat: &mut Chat<'_>, data: &[u8]) {
-        chat.incoming.extend_from_slice(data);
+        chat.append_incoming(data);
     }
 
     /// Called at the end of each message: its terminator was found, or its
@@ -471,6 +471,23 @@ impl<'a> Chat<'a> {
     /// Empties the incoming buffer, keeping its allocation for the next
     /// message.
     pub fn clear_incoming(&mut self) {
+        self.incoming.clear();
+    }
+
+    /// Appends to the incoming buffer: what the default
+    /// [`collect_incoming_data`](ChatHandler::collect_incoming_data) does,
+    /// for an override that keeps only some of the data.
+    pub fn append_incoming(&mut self, data: &[u8]) {
+        self.incoming.extend_from_slice(data);
+    }
+
+    /// Pushes the incoming buffer (in order with other output, like
+    /// [`push`](Chat::push)) and empties it, keeping its allocation: an
+    /// echo without a copy.
+    pub fn push_incoming(&mut self) {
+        let incoming = std::mem::take(self.incoming);
+        self.push(&incoming);
+        *self.incoming = incoming;
         self.incoming.clear();
     }
 

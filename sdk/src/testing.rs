@@ -581,17 +581,18 @@ mod tests {
 
     impl ChatHandler for Lines {
         fn found_terminator(&mut self, chat: &mut Chat<'_>) {
-            let mut line = chat.take_incoming();
-            if line == b"quit" {
-                chat.push(b"bye\n");
-                chat.close_when_done();
-                return;
+            match chat.incoming() {
+                b"quit" => {
+                    chat.clear_incoming();
+                    chat.push(b"bye\n");
+                    chat.close_when_done();
+                }
+                b"boom" => panic!("asked to panic"),
+                _ => {
+                    chat.append_incoming(b"\n");
+                    chat.push_incoming();
+                }
             }
-            if line == b"boom" {
-                panic!("asked to panic");
-            }
-            line.push(b'\n');
-            chat.push(&line);
         }
     }
 
