@@ -208,3 +208,21 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
         }
     });
 }
+
+#[test]
+fn stop_listener_with_close_channels_closes_them_gracefully() {
+    let daemon = Daemon::start();
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let (id, address) = client.start_listener("echo", &[]).await;
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(b"bye").await.unwrap();
+        let mut back = [0u8; 3];
+        stream.read_exact(&mut back).await.unwrap();
+        client.listeners.stop_listener(v1::StopListenerRequest { id, close_channels: true }).await.unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.expect("EOF, not a reset");
+        assert!(rest.is_empty());
+        assert!(TcpStream::connect(address).await.is_err());
+    });
+}

@@ -1,5 +1,6 @@
 //! A plugin that panics closes its own channel; the daemon and every other
-//! channel carry on.
+//! channel carry on. Also the other plugin callbacks of the fixture
+//! (`handle_expt`).
 
 use asyncore_proto::v1;
 use asyncore_tests::{Daemon, Options, assert_eventually};
@@ -74,4 +75,27 @@ fn a_panic_in_handle_read_closes_only_that_channel() {
         "forwarded plugin log; log:\n{log}"
     );
     daemon.assert_running();
+}
+
+#[test]
+fn urgent_data_reaches_handle_expt_and_the_stream_goes_on() {
+    let daemon = Daemon::start_with(Options { plugins: vec!["asyncore_fixture_panicky"], ..Options::default() });
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let (_, address) = client.start_listener("panicky", &[]).await;
+        let stream = std::net::TcpStream::connect(address).unwrap();
+        socket2::SockRef::from(&stream).send_out_of_band(b"!").unwrap();
+        let mut stream = TcpStream::from_std({
+            stream.set_nonblocking(true).unwrap();
+            stream
+        })
+        .unwrap();
+        let mut back = [0u8; 7];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"urgent\n");
+        stream.write_all(b"after").await.unwrap();
+        let mut echo = [0u8; 5];
+        stream.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"after", "the urgent byte is not in the stream");
+    });
 }
