@@ -534,20 +534,36 @@ impl Core {
         ch.info(&entry.loaded.name, entry.generation)
     }
 
+    /// Counters for a stats watcher: the live channels it watches (looked
+    /// up by id when it names them, so watching a few channels costs a few
+    /// lookups), then those that closed since its last snapshot (found by
+    /// binary search: the log is in sequence order).
     fn stats_snapshot(&self, filter: &StatsFilter, closed_after: u64) -> StatsSnapshot {
-        let mut channels: Vec<ChannelStats> = self
-            .ids
-            .values()
-            .filter_map(|&slot| self.channels[slot].as_ref())
-            .filter(|ch| ch.kind != ChannelKind::Listening && filter.matches(ch.id, ch.listener_id))
-            .map(|ch| ch.stats(false))
-            .collect();
+        let live = |ch: &&Channel| ch.kind != ChannelKind::Listening && filter.matches(ch.id, ch.listener_id);
+        let mut channels: Vec<ChannelStats> = if filter.channel_ids.is_empty() {
+            self.ids
+                .values()
+                .filter_map(|&slot| self.channels[slot].as_ref())
+                .filter(live)
+                .map(|ch| ch.stats(false))
+                .collect()
+        } else {
+            filter
+                .channel_ids
+                .iter()
+                .filter_map(|id| self.ids.get(id))
+                .filter_map(|&slot| self.channels[slot].as_ref())
+                .filter(live)
+                .map(|ch| ch.stats(false))
+                .collect()
+        };
         let oldest = self.closed.front().map_or(self.closed_seq + 1, |(seq, _)| *seq);
         let closed_missed = oldest.saturating_sub(closed_after.saturating_add(1));
+        let first_new = self.closed.partition_point(|(seq, _)| *seq <= closed_after);
         channels.extend(
             self.closed
-                .iter()
-                .filter(|(seq, s)| *seq > closed_after && filter.matches(s.channel_id, s.listener_id))
+                .range(first_new..)
+                .filter(|(_, s)| filter.matches(s.channel_id, s.listener_id))
                 .map(|(_, s)| *s),
         );
         StatsSnapshot { channels, closed_seq: self.closed_seq, closed_missed }

@@ -138,6 +138,25 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
         assert_eq!(last.bytes_out, closed_size as u64);
         drop(stream);
 
+        // Watching chosen channels reports exactly those.
+        let (watched_peer, watched_size, _) = &clients[3];
+        let watched = by_peer[&watched_peer.to_string()].id;
+        let mut stream = client
+            .channels
+            .watch_stats(v1::WatchStatsRequest {
+                interval_ms: 50,
+                listener_id: None,
+                channel_ids: vec![watched, 999_999],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let update = stream.next().await.unwrap().unwrap();
+        assert_eq!(update.channels.len(), 1);
+        assert_eq!(update.channels[0].channel_id, watched);
+        assert_eq!(update.channels[0].bytes_in, *watched_size as u64);
+        drop(stream);
+
         // CloseChannel: graceful; the client reads every pending byte, then
         // EOF.
         let (_, echoed_before, victim) = clients.remove(0);
