@@ -270,6 +270,44 @@ pub struct Client {
 }
 
 impl Client {
+    /// Every channel of a listener, through all pages of `ListChannels`
+    /// (small pages, so that paging is exercised).
+    pub async fn channels_of(&mut self, listener_id: u64) -> Vec<asyncore_proto::v1::Channel> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .channels
+                .list_channels(asyncore_proto::v1::ListChannelsRequest {
+                    listener_id: Some(listener_id),
+                    page_size: 37,
+                    page_token,
+                })
+                .await
+                .expect("ListChannels")
+                .into_inner();
+            out.extend(page.channels);
+            if page.next_page_token.is_empty() {
+                return out;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// The channel the daemon serves the client at `peer` with, once it is
+    /// accepted (waits up to 10 s).
+    pub async fn channel_by_peer(&mut self, listener_id: u64, peer: SocketAddr) -> asyncore_proto::v1::Channel {
+        let peer = peer.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(found) = self.channels_of(listener_id).await.into_iter().find(|c| c.peer_address == peer) {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "no channel for {peer}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Starts a listener on 127.0.0.1:0 and returns its id and address.
     pub async fn start_listener(&mut self, plugin: &str, config: &[(&str, &str)]) -> (u64, SocketAddr) {
         let listener = self

@@ -56,10 +56,6 @@ impl Member {
     fn expect(&mut self, expected: &str) {
         assert_eq!(self.next_line(), expected);
     }
-
-    fn local_addr(&self) -> String {
-        self.writer.local_addr().unwrap().to_string()
-    }
 }
 
 /// The daemon's channel id of each member, found by address once all are
@@ -70,28 +66,10 @@ fn channel_ids(
     listener_id: u64,
     members: &[&Member],
 ) -> Vec<u64> {
-    let peers: Vec<String> = members.iter().map(|m| m.local_addr()).collect();
-    let mut ids: Vec<u64>;
-    assert_eventually!(
-        {
-            let channels =
-                runtime
-                    .block_on(client.channels.list_channels(v1::ListChannelsRequest {
-                        listener_id: Some(listener_id),
-                        ..Default::default()
-                    }))
-                    .unwrap()
-                    .into_inner()
-                    .channels;
-            ids = peers
-                .iter()
-                .filter_map(|peer| channels.iter().find(|c| &c.peer_address == peer).map(|c| c.id))
-                .collect();
-            ids.len() == peers.len()
-        },
-        "not every member was accepted"
-    );
-    ids
+    members
+        .iter()
+        .map(|m| runtime.block_on(client.channel_by_peer(listener_id, m.writer.local_addr().unwrap())).id)
+        .collect()
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use asyncore_proto::v1::{self, ChannelKind};
-use asyncore_tests::{Client, Daemon, Rng};
+use asyncore_tests::{Daemon, Rng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -22,24 +22,6 @@ async fn echo_round_trip(stream: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
     written.expect("write payload");
     read.expect("read echo");
     back
-}
-
-async fn all_channels(client: &mut Client, listener_id: u64) -> Vec<v1::Channel> {
-    let mut out = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .channels
-            .list_channels(v1::ListChannelsRequest { listener_id: Some(listener_id), page_size: 37, page_token })
-            .await
-            .unwrap()
-            .into_inner();
-        out.extend(page.channels);
-        if page.next_page_token.is_empty() {
-            return out;
-        }
-        page_token = page.next_page_token;
-    }
 }
 
 #[test]
@@ -74,7 +56,8 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
 
         // ListChannels shows each client with exact counters (the echo is
         // complete on the client side, so bytes_out is final too).
-        let channels: Vec<v1::Channel> = all_channels(&mut client, listener_id)
+        let channels: Vec<v1::Channel> = client
+            .channels_of(listener_id)
             .await
             .into_iter()
             .filter(|c| c.kind != ChannelKind::Listening as i32)

@@ -9,18 +9,23 @@ use std::{
 
 use asyncore_tests::{Daemon, Options};
 
+/// The address of the listener the daemon's config started.
+fn boot_listener_address(daemon: &Daemon) -> String {
+    crate::runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let listeners =
+            client.listeners.list_listeners(asyncore_proto::v1::ListListenersRequest {}).await.unwrap().into_inner();
+        listeners.listeners[0].address.clone()
+    })
+}
+
 #[test]
 fn sigterm_drains_open_channels_and_exits_cleanly() {
     let mut daemon = Daemon::start_with(Options {
         config: "[[listener]]\naddress = \"127.0.0.1:0\"\nplugin = \"echo\"\n".into(),
         ..Options::default()
     });
-    let address = crate::runtime().block_on(async {
-        let mut client = daemon.client().await;
-        let listeners =
-            client.listeners.list_listeners(asyncore_proto::v1::ListListenersRequest {}).await.unwrap().into_inner();
-        listeners.listeners[0].address.clone()
-    });
+    let address = boot_listener_address(&daemon);
     let mut peer = TcpStream::connect(&address).unwrap();
     peer.write_all(b"before the drain").unwrap();
     let mut back = [0u8; 16];
@@ -42,12 +47,7 @@ fn a_drain_ends_at_its_deadline_even_with_a_peer_that_never_reads() {
         config: "drain_timeout_secs = 1\n[[listener]]\naddress = \"127.0.0.1:0\"\nplugin = \"echo\"\n".into(),
         ..Options::default()
     });
-    let address = crate::runtime().block_on(async {
-        let mut client = daemon.client().await;
-        let listeners =
-            client.listeners.list_listeners(asyncore_proto::v1::ListListenersRequest {}).await.unwrap().into_inner();
-        listeners.listeners[0].address.clone()
-    });
+    let address = boot_listener_address(&daemon);
     // A peer that writes and never reads: its echo can never be flushed.
     let mut peer = TcpStream::connect(&address).unwrap();
     peer.set_write_timeout(Some(Duration::from_millis(500))).unwrap();

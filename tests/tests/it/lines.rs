@@ -131,25 +131,7 @@ fn custom_terminators_frame_the_lines() {
 
 /// The daemon's id for the channel of `stream`, found by its address.
 fn channel_id(runtime: &tokio::runtime::Runtime, client: &mut Client, listener_id: u64, stream: &TcpStream) -> u64 {
-    let peer = stream.local_addr().unwrap().to_string();
-    let mut found: Option<u64>;
-    assert_eventually!(
-        {
-            let channels =
-                runtime
-                    .block_on(client.channels.list_channels(v1::ListChannelsRequest {
-                        listener_id: Some(listener_id),
-                        ..Default::default()
-                    }))
-                    .unwrap()
-                    .into_inner()
-                    .channels;
-            found = channels.iter().find(|c| c.peer_address == peer).map(|c| c.id);
-            found.is_some()
-        },
-        "no channel for {peer}"
-    );
-    found.unwrap()
+    runtime.block_on(client.channel_by_peer(listener_id, stream.local_addr().unwrap())).id
 }
 
 #[test]

@@ -32,21 +32,7 @@ async fn reload(client: &mut Client, name: &str, drain_timeout_ms: u64) -> v1::P
 
 /// The channel the daemon serves `stream` with.
 async fn channel_of(client: &mut Client, listener_id: u64, stream: &TcpStream) -> v1::Channel {
-    let peer = stream.local_addr().unwrap().to_string();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .channels
-            .list_channels(v1::ListChannelsRequest { listener_id: Some(listener_id), page_size: 1000, page_token })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(found) = page.channels.into_iter().find(|c| c.peer_address == peer) {
-            return found;
-        }
-        assert!(!page.next_page_token.is_empty(), "no channel for {peer}");
-        page_token = page.next_page_token;
-    }
+    client.channel_by_peer(listener_id, stream.local_addr().unwrap()).await
 }
 
 async fn ask(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
