@@ -397,7 +397,7 @@ unsafe extern "C" fn plugin_listen<P: Plugin>(
 /// Exports a [`Plugin`] from a `cdylib` crate: the frozen ABI tag and the
 /// versioned entry point the daemon looks for.
 ///
-/// ```ignore
+/// ```text
 /// asyncore_sdk::export_plugin!(EchoPlugin);
 /// ```
 #[macro_export]
