@@ -709,6 +709,18 @@ impl Core {
         slot: usize,
         f: impl FnOnce(Dispatcher, &mut CallCtx) -> Result<R, crate::plugin_host::Panicked>,
     ) -> Option<R> {
+        let result = self.call_unsettled(slot, f)?;
+        self.settle(slot);
+        Some(result)
+    }
+
+    /// [`call`](Core::call) without acting on what the callback asked for:
+    /// for `handle_error`, after which the channel goes anyway.
+    fn call_unsettled<R>(
+        &mut self,
+        slot: usize,
+        f: impl FnOnce(Dispatcher, &mut CallCtx) -> Result<R, crate::plugin_host::Panicked>,
+    ) -> Option<R> {
         let dispatcher = self.channels[slot].as_ref()?.dispatcher?;
         let mut ctx = CallCtx::new(self, Some(slot));
         // No reference into `self` is alive during the call: the plugin
@@ -716,10 +728,7 @@ impl Core {
         let result = f(dispatcher, &mut ctx);
         let report = ctx.report.take();
         match result {
-            Ok(r) => {
-                self.settle(slot);
-                Some(r)
-            }
+            Ok(r) => Some(r),
             Err(_) => {
                 self.poisoned(slot, report);
                 None
@@ -768,14 +777,7 @@ impl Core {
                 self.stats.handler_calls += 1;
                 // Any further close or error asked from inside handle_error
                 // is moot: the channel goes now.
-                if let Some(dispatcher) = self.channel(slot).dispatcher {
-                    let mut ctx = CallCtx::new(self, Some(slot));
-                    let result = dispatcher.handle_event(&mut ctx, ffi::event::ERROR, i64::from(errno));
-                    let report = ctx.report.take();
-                    if result.is_err() {
-                        self.poisoned(slot, report);
-                    }
-                }
+                self.call_unsettled(slot, |d, ctx| d.handle_event(ctx, ffi::event::ERROR, i64::from(errno)));
             }
             self.finalize(slot);
             return;
@@ -820,11 +822,12 @@ impl Core {
                     0
                 } else {
                     self.stats.interest_queries += 1;
-                    match self.call(slot, |d, ctx| d.interest(ctx)) {
-                        Some((true, _)) if self.channels[slot].is_some() => READ,
-                        Some(_) if self.channels[slot].is_some() => 0,
-                        _ => return,
+                    let answer = self.call(slot, |d, ctx| d.interest(ctx));
+                    // A panic closed the listener: nothing left to register.
+                    if self.channels[slot].is_none() {
+                        return;
                     }
+                    if answer.is_some_and(|(readable, _)| readable) { READ } else { 0 }
                 }
             }
             (_, Phase::Connecting) => WRITE,
@@ -833,29 +836,23 @@ impl Core {
                 let answer = self.call(slot, |d, ctx| d.interest(ctx));
                 // The call may have closed the channel (a panic, a close()
                 // from readable()): then decide from its new phase.
-                match self.channels[slot].as_ref() {
-                    Some(_) if self.channel_ref(slot).phase == Phase::Open => {
-                        let ch = self.channel(slot);
-                        if ch.shutdown_after_flush && !ch.write_shut && ch.out.is_empty() {
-                            ch.write_shut = true;
-                            if let Some(stream) = ch.stream() {
-                                let _ = stream.shutdown(std::net::Shutdown::Write);
-                            }
-                        }
-                        let (readable, writable) = answer.unwrap_or((false, false));
-                        ch.wants_write = writable;
-                        let mut bits = 0;
-                        if readable && !ch.read_eof && ch.dispatcher.is_some() {
-                            bits |= READ;
-                        }
-                        if writable || !ch.out.is_empty() {
-                            bits |= WRITE;
-                        }
-                        bits
-                    }
-                    Some(_) => return self.refresh(slot),
-                    None => return,
+                let Some(ch) = self.channels[slot].as_mut() else { return };
+                if ch.phase != Phase::Open {
+                    return self.refresh(slot);
                 }
+                if ch.shutdown_after_flush && ch.out.is_empty() {
+                    let _ = ch.shut_write();
+                }
+                let (readable, writable) = answer.unwrap_or((false, false));
+                ch.wants_write = writable;
+                let mut bits = 0;
+                if readable && !ch.read_eof && ch.dispatcher.is_some() {
+                    bits |= READ;
+                }
+                if writable || !ch.out.is_empty() {
+                    bits |= WRITE;
+                }
+                bits
             }
             (_, Phase::Closing) => {
                 if !ch.out.is_empty() {
@@ -866,10 +863,7 @@ impl Core {
                 } else {
                     // Flushed: shut down writing (the peer sees EOF after
                     // every byte), then linger for the peer's close.
-                    let already = ch.write_shut;
-                    let shut =
-                        ch.stream().map(|s| if already { Ok(()) } else { s.shutdown(std::net::Shutdown::Write) });
-                    if !matches!(shut, Some(Ok(()))) {
+                    if ch.shut_write().is_err() {
                         self.finalize(slot);
                         return;
                     }

@@ -245,6 +245,18 @@ impl Channel {
         }
     }
 
+    /// Shuts down the write side once (the peer reads EOF after every byte
+    /// already written). Only streams have one.
+    pub(crate) fn shut_write(&mut self) -> io::Result<()> {
+        if self.write_shut {
+            return Ok(());
+        }
+        let stream = self.stream().ok_or(io::ErrorKind::Unsupported)?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        self.write_shut = true;
+        Ok(())
+    }
+
     pub(crate) fn state(&self) -> ChannelState {
         match self.phase {
             Phase::Connecting => ChannelState::Connecting,

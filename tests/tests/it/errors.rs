@@ -65,6 +65,12 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
             Code::AlreadyExists,
             "in use",
         );
+        // 192.0.2.1 (TEST-NET-1) is never a local address.
+        assert_status(
+            client.listeners.start_listener(start("192.0.2.1:0", "echo", &[])).await,
+            Code::InvalidArgument,
+            "192.0.2.1",
+        );
         // Plugins and their config.
         assert_status(client.listeners.start_listener(start("127.0.0.1:0", "nope", &[])).await, Code::NotFound, "nope");
         assert_status(
@@ -161,6 +167,11 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
             ..Default::default()
         };
         assert_status(client.plugins.reload_plugin(wrong_abi).await, Code::FailedPrecondition, "abi version 2.0");
+        let other = plugin_dir.join("libother.so");
+        std::fs::copy(plugin_library("asyncore_fixture_panicky"), &other).unwrap();
+        let wrong_name =
+            v1::ReloadPluginRequest { name: "echo".into(), path: other.display().to_string(), ..Default::default() };
+        assert_status(client.plugins.reload_plugin(wrong_name).await, Code::InvalidArgument, "is plugin \"panicky\"");
         // Still serving: the listener echoes and the API answers.
         let mut stream = TcpStream::connect(echo_address).await.unwrap();
         stream.write_all(b"still here").await.unwrap();

@@ -183,16 +183,18 @@ fn install(library: &Path, path: &Path, in_place: bool) {
     }
 }
 
+/// A daemon with build v1 of the `versioned` fixture in its plugin
+/// directory (not loaded yet). `on_load` fails while `refuse_flag` exists.
 struct Versioned {
     daemon: Daemon,
     library: PathBuf,
     refuse_flag: PathBuf,
+    _flag_dir: asyncore_tests::TempDir,
 }
 
 fn versioned(config: &str) -> Versioned {
     let flag_dir = asyncore_tests::TempDir::new("refuse");
     let refuse_flag = flag_dir.path().join("refuse");
-    std::mem::forget(flag_dir);
     let daemon = Daemon::start_with(Options {
         config: config.into(),
         env: vec![("VERSIONED_REFUSE_IF".into(), refuse_flag.display().to_string())],
@@ -200,7 +202,14 @@ fn versioned(config: &str) -> Versioned {
     });
     let library = daemon.dir().join("plugins").join("libversioned.so");
     install(&plugin_library("asyncore_fixture_versioned_v1"), &library, false);
-    Versioned { daemon, library, refuse_flag }
+    Versioned { daemon, library, refuse_flag, _flag_dir: flag_dir }
+}
+
+/// Loads v1 and serves it on a new listener; returns the listener's id and
+/// address.
+async fn serve_v1(client: &mut Client, library: &Path, config: &[(&str, &str)]) -> (u64, std::net::SocketAddr) {
+    load(client, library).await;
+    client.start_listener("versioned", config).await
 }
 
 async fn load(client: &mut Client, path: &Path) -> v1::Plugin {
@@ -214,11 +223,10 @@ async fn load(client: &mut Client, path: &Path) -> v1::Plugin {
 
 #[test]
 fn rebuilt_in_place_then_reloaded_rolled_back_and_refused() {
-    let Versioned { daemon, library, refuse_flag } = versioned("");
+    let Versioned { daemon, library, refuse_flag, _flag_dir } = versioned("");
     runtime().block_on(async {
         let mut client = daemon.client().await;
-        load(&mut client, &library).await;
-        let (_, address) = client.start_listener("versioned", &[]).await;
+        let (_, address) = serve_v1(&mut client, &library, &[]).await;
         let mut old = TcpStream::connect(address).await.unwrap();
         assert_eq!(ask(&mut old, b"a").await, b"v1:a");
 
@@ -294,8 +302,7 @@ fn watch_reloads_a_library_rebuilt_in_the_plugin_directory() {
     let Versioned { daemon, library, .. } = versioned("watch = true\n");
     runtime().block_on(async {
         let mut client = daemon.client().await;
-        load(&mut client, &library).await;
-        let (_, address) = client.start_listener("versioned", &[]).await;
+        let (_, address) = serve_v1(&mut client, &library, &[]).await;
         let mut old = TcpStream::connect(address).await.unwrap();
         assert_eq!(ask(&mut old, b"a").await, b"v1:a");
 
@@ -321,8 +328,7 @@ fn idle_channels_hand_their_state_over_to_the_new_generation() {
     let Versioned { daemon, library, .. } = versioned("");
     runtime().block_on(async {
         let mut client = daemon.client().await;
-        load(&mut client, &library).await;
-        let (listener_id, address) = client.start_listener("versioned", &[("migrate", "true")]).await;
+        let (listener_id, address) = serve_v1(&mut client, &library, &[("migrate", "true")]).await;
         let mut stream = TcpStream::connect(address).await.unwrap();
         assert_eq!(ask(&mut stream, b"a").await, b"v1:a");
         assert_eq!(ask(&mut stream, b"b").await, b"v1:b");
@@ -349,8 +355,7 @@ fn a_drain_timer_of_an_older_activation_spares_the_current_generation() {
     let Versioned { daemon, library, .. } = versioned("");
     runtime().block_on(async {
         let mut client = daemon.client().await;
-        load(&mut client, &library).await;
-        let (_, address) = client.start_listener("versioned", &[]).await;
+        let (_, address) = serve_v1(&mut client, &library, &[]).await;
         install(&plugin_library("asyncore_fixture_versioned_v2"), &library, false);
         reload(&mut client, "versioned", 0).await;
         let activate = |generation, drain_timeout_ms| v1::ActivatePluginRequest {
@@ -365,5 +370,29 @@ fn a_drain_timer_of_an_older_activation_spares_the_current_generation() {
         assert_eq!(ask(&mut current, b"a").await, b"v2:a");
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(ask(&mut current, b"b").await, b"v2:b", "the stale drain timer closed nothing");
+    });
+}
+
+#[test]
+fn a_generation_that_refuses_a_listeners_config_changes_nothing() {
+    let Versioned { daemon, library, .. } = versioned("");
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let (_, address) = serve_v1(&mut client, &library, &[("refuse", "v2")]).await;
+        install(&plugin_library("asyncore_fixture_versioned_v2"), &library, false);
+        let refused = client
+            .plugins
+            .reload_plugin(v1::ReloadPluginRequest { name: "versioned".into(), ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(refused.message().contains("build v2 refuses this listener"), "{}", refused.message());
+        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+        let versioned = plugins.plugins.iter().find(|p| p.name == "versioned").unwrap();
+        assert_eq!(versioned.current_generation, 1);
+        let v2 = versioned.generations.iter().find(|g| g.generation == 2).unwrap();
+        assert_eq!(v2.state, v1::GenerationState::Standby as i32);
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        assert_eq!(ask(&mut stream, b"a").await, b"v1:a", "the listener still serves generation 1");
     });
 }
