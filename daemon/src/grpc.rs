@@ -24,11 +24,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::{
+use asyncore_engine::{
     command::{Command, CommandError, EngineHandle, StatsFilter},
-    lifecycle::{Lifecycle, Phase},
     plugin_host::{PluginLoadError, PluginPolicy},
 };
+
+use crate::lifecycle::{Lifecycle, Phase};
 
 pub(crate) use self::incoming::Incoming;
 

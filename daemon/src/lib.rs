@@ -5,13 +5,10 @@
 //! in-process; `main.rs` only parses flags and waits for signals. See
 //! `ARCHITECTURE.md` at the repository root for the map.
 
-pub mod command;
 pub mod config;
 pub mod grpc;
 pub mod lifecycle;
 pub mod limits;
-pub mod plugin_host;
-pub mod poll_loop;
 mod watch;
 
 use std::{
@@ -26,11 +23,11 @@ use anyhow::Context as _;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+pub use asyncore_engine::{Command, CommandError, Engine, EngineHandle, PluginPolicy};
+
 pub use crate::{
-    command::{Command, CommandError, EngineHandle},
     config::Config,
     lifecycle::{Lifecycle, Phase},
-    poll_loop::Engine,
 };
 
 /// A started daemon: the poll-loop thread and the control API.
@@ -100,7 +97,7 @@ impl Daemon {
             .with_context(|| format!("cannot bind the control api on {}", config.control))?;
         let control_addr = control.local_addr()?;
         let (stop_server, stopped) = oneshot::channel::<()>();
-        let policy = plugin_host::PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
+        let policy = PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
         if config.watch {
             info!("watching plugin libraries for changes");
             tokio::spawn(watch::watch_plugins(engine.clone(), policy.clone()));

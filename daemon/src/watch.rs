@@ -11,7 +11,7 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use tracing::{info, warn};
 
-use crate::{
+use asyncore_engine::{
     command::{Command, EngineHandle},
     plugin_host::{self, PluginPolicy},
 };

@@ -98,26 +98,9 @@ pub(crate) fn host_log(level: u32, message: &str) {
     }
 }
 
-/// Makes `vtable` the host of this process's plugins (the testing harness),
-/// unless a host is already set. No panic hook is installed: panics of a
-/// test print as usual.
-pub(crate) fn install_test_host(vtable: &'static HostVtable) {
-    let _ = HOST.set(Host { vtable, data: std::ptr::null_mut() });
-}
-
 /// The message of a caught panic.
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     LAST_PANIC.lock().ok().and_then(|mut last| last.take()).unwrap_or_else(|| payload_text(payload))
-}
-
-/// Takes back a dispatcher from a handle made by [`into_handle`].
-///
-/// # Safety
-///
-/// `handle` must come from `into_handle` and not have been dropped.
-pub(crate) unsafe fn from_handle(handle: DispatcherHandle) -> Box<dyn Dispatcher> {
-    // SAFETY: guaranteed by the caller.
-    unsafe { Box::from_raw(handle.instance.cast::<Slot>()) }.dispatcher
 }
 
 /// The last panic message seen by this plugin's panic hook.

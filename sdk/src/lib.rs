@@ -80,10 +80,11 @@ mod chat;
 mod config;
 mod dispatcher;
 mod export;
-pub mod ffi;
+/// The C ABI between the daemon and a plugin library (the `asyncore-abi`
+/// crate). Plugin authors never touch it; the export macro does.
+pub use asyncore_abi as ffi;
 pub mod log;
 pub mod prelude;
-pub mod testing;
 
 pub use channel::{Channel, ChannelId, TimerId};
 pub use chat::{

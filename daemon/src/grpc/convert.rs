@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use asyncore_proto::{timestamp, v1};
 
-use crate::command::{
+use asyncore_engine::command::{
     ChannelInfo, ChannelKind, ChannelState, GenerationInfo, GenerationState, ListenerInfo, LoopStats, PluginInfo,
     StatsSnapshot,
 };

@@ -9,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use asyncore_engine::plugin_host::file_sha256;
 use asyncore_tests::{Daemon, assert_eventually, binary, plugin_library};
-use asyncored::plugin_host::file_sha256;
 use serde_json::Value;
 
 fn ctl(daemon: &Daemon, args: &[&str]) -> Output {

@@ -8,8 +8,8 @@ use std::{
     time::Duration,
 };
 
+use asyncore_engine::{Engine, plugin_host};
 use asyncore_tests::plugin_library;
-use asyncored::{Engine, plugin_host};
 
 #[test]
 fn run_loop_serves_until_the_map_is_empty() {

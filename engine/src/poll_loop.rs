@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use asyncore_sdk::ffi::{self, HostCtx};
+use asyncore_abi::{self as ffi, HostCtx};
 use polling::{Event, Events, PollMode, Poller};
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 use tracing::{debug, error, info, warn};

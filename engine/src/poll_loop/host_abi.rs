@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use asyncore_sdk::ffi::{self, DispatcherHandle, HostCtx, HostVtable, StrRef};
+use asyncore_abi::{self as ffi, DispatcherHandle, HostCtx, HostVtable, StrRef};
 use tracing::{debug, error, info, trace, warn};
 
 use super::{CallCtx, Core, TimerKind, channel::Phase};

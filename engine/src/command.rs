@@ -299,7 +299,7 @@ impl EngineHandle {
         drain_timeout: Option<Duration>,
     ) -> Result<PluginInfo, CommandError> {
         let display = path.display().to_string();
-        let loaded = tokio::task::spawn_blocking(move || crate::plugin_host::load(&path))
+        let loaded = spawn_loader(move || crate::plugin_host::load(&path))
             .await
             .map_err(|e| CommandError::LoaderFailed(e.to_string()))??;
         if let Some(expected) = expected_name
@@ -314,6 +314,18 @@ impl EngineHandle {
         self.request(|reply| Command::AddPlugin { plugin: Box::new(loaded), activate, drain_timeout, reply }).await
     }
 
+    /// [`request`](EngineHandle::request) for a thread that is not in an
+    /// async runtime (the testing harness); blocks until the loop answers.
+    ///
+    /// # Errors
+    ///
+    /// The command's own, or [`CommandError::LoopGone`].
+    pub fn request_blocking<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(make(reply))?;
+        answer.blocking_recv().map_err(|_| CommandError::LoopGone)?
+    }
+
     /// Sends the command built around a reply channel and awaits the reply.
     pub async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, CommandError> {
         let (reply, answer) = oneshot::channel();
@@ -326,4 +338,19 @@ impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineHandle").finish_non_exhaustive()
     }
+}
+
+/// Runs `load` on a short-lived thread of its own (copying and `dlopen` take
+/// milliseconds and may block on the disk: never on the loop, nor on an
+/// async runtime's worker) and awaits its result. The engine does not
+/// assume any particular async runtime.
+async fn spawn_loader<T: Send + 'static>(load: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    let (done, result) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("plugin-loader".to_string())
+        .spawn(move || {
+            let _ = done.send(load());
+        })
+        .map_err(|e| format!("cannot start the loader thread: {e}"))?;
+    result.await.map_err(|_| "the loader thread panicked".to_string())
 }

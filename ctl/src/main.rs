@@ -500,7 +500,7 @@ async fn watch_and_reload(
             if !file_watch.should_hash(stamp) {
                 continue;
             }
-            let sha256 = match asyncored::plugin_host::file_sha256(&path) {
+            let sha256 = match file_sha256(&path) {
                 Ok(sha256) => sha256,
                 Err(error) => {
                     eprintln!("asyncorectl: cannot read {}: {}; still watching", path.display(), io_error_text(&error));
@@ -1649,4 +1649,12 @@ mod tests {
         let error = io::Error::other("Connection refused (os error 111)");
         assert_eq!(io_error_text(&error), "connection refused");
     }
+}
+
+/// SHA-256 of a file, lower-case hex: what `ListPlugins` reports for the
+/// library a generation was loaded from.
+fn file_sha256(path: &Path) -> io::Result<String> {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::digest(std::fs::read(path)?);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }

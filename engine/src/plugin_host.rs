@@ -19,7 +19,7 @@ use std::{
     time::SystemTime,
 };
 
-use asyncore_sdk::ffi::{self, AbiTag, DispatcherHandle, HostCtx, KeyValue, PluginDescriptor, StrRef};
+use asyncore_abi::{self as ffi, AbiTag, DispatcherHandle, HostCtx, KeyValue, PluginDescriptor, StrRef};
 
 use sha2::{Digest, Sha256};
 
@@ -59,8 +59,9 @@ pub struct LoadedPlugin {
     pub(crate) sha256: String,
     pub(crate) loaded_at: SystemTime,
     descriptor: *const PluginDescriptor,
-    // Never dropped: see the module docs.
-    _library: ManuallyDrop<libloading::Library>,
+    // Never dropped: see the module docs. `None` for a plugin linked into
+    // the process.
+    _library: Option<ManuallyDrop<libloading::Library>>,
 }
 
 // SAFETY: the descriptor points into the library's immutable static data,
@@ -132,21 +133,43 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
         .map_err(|_| PluginLoadError::NotAPlugin { path: path.clone(), symbol: ffi::ENTRY_SYMBOL })?;
     // SAFETY: as above; the entry returns a pointer to a static descriptor.
     let descriptor = unsafe { entry() };
+    // From here on plugin code runs, so the library is never unloaded.
+    let library = ManuallyDrop::new(library);
     // SAFETY: the descriptor is static data of the library, which stays
-    // mapped.
-    let desc = unsafe { &*descriptor };
+    // mapped for the life of the process.
+    let descriptor = unsafe { &*descriptor };
+    adopt(descriptor, path, sha256, Some(library))
+}
+
+/// Takes a plugin linked into this process (the `asyncore-testing` crate
+/// serves a plugin crate's own `Plugin` type this way): the same checks,
+/// `init` and `on_load` as a library loaded by [`load`], through the same
+/// descriptor and shims the library would export.
+///
+/// # Errors
+///
+/// As for [`load`], past opening the library.
+pub fn in_process(descriptor: &'static PluginDescriptor) -> Result<LoadedPlugin, PluginLoadError> {
+    adopt(descriptor, PathBuf::from("<in-process>"), String::new(), None)
+}
+
+/// Checks a plugin's descriptor and runs its `init` and `on_load`.
+fn adopt(
+    desc: &'static PluginDescriptor,
+    path: PathBuf,
+    sha256: String,
+    library: Option<ManuallyDrop<libloading::Library>>,
+) -> Result<LoadedPlugin, PluginLoadError> {
     if desc.abi_major != ffi::ABI_MAJOR || (desc.size as usize) < size_of::<PluginDescriptor>() {
         return Err(PluginLoadError::AbiMismatch { path, found_major: desc.abi_major, found_minor: desc.abi_minor });
     }
     if desc.panic_unwind != 1 {
         return Err(PluginLoadError::PanicAbort { path });
     }
-    // SAFETY: the strings are static data of the library.
+    // SAFETY: the strings are static data of the plugin.
     let (name, version, sdk_version) =
         unsafe { (desc.name.to_string_lossy(), desc.version.to_string_lossy(), desc.sdk_version.to_string_lossy()) };
 
-    // From here on plugin code runs, so the library is never unloaded.
-    let library = ManuallyDrop::new(library);
     // The plugin's name, for its log records; lives as long as its code.
     let log_name: &'static &'static str = Box::leak(Box::new(&*Box::leak(name.clone().into_boxed_str())));
     let host_data = (log_name as *const &'static str).cast_mut().cast::<c_void>();
@@ -168,11 +191,11 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
         name,
         version,
         sdk_version,
-        abi: (tag.major, tag.minor),
+        abi: (desc.abi_major, desc.abi_minor),
         path,
         sha256,
         loaded_at: SystemTime::now(),
-        descriptor,
+        descriptor: desc,
         _library: library,
     })
 }
@@ -249,6 +272,11 @@ pub(crate) unsafe fn plugin_name<'a>(host_data: *mut c_void) -> &'a str {
 }
 
 impl LoadedPlugin {
+    /// The plugin's name, as listeners refer to it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Asks the plugin for the listening dispatcher of a new listener.
     ///
     /// On refusal or panic, returns the plugin's message.

@@ -1,0 +1,22 @@
+//! The asyncore engine of asyncored: a level-triggered poll loop over a
+//! channel map, the plugin generations it serves, and the loader that turns
+//! a library into a plugin.
+//!
+//! One [`Engine`] runs on one thread and owns every socket, dispatcher,
+//! output queue and timer. Other threads reach it only through an
+//! [`EngineHandle`]: a closed [`Command`] enum pushed on a queue, a wake-up
+//! of the poller, and a `oneshot` reply. Nothing here knows of protobuf,
+//! serde or a tokio runtime (only `tokio::sync::oneshot` carries replies);
+//! the daemon's gRPC layer converts at its edge.
+
+pub mod command;
+mod config;
+pub mod plugin_host;
+mod poll_loop;
+
+pub use crate::{
+    command::{Command, CommandError, EngineHandle},
+    config::parse_duration,
+    plugin_host::{LoadedPlugin, PluginLoadError, PluginPolicy},
+    poll_loop::Engine,
+};
