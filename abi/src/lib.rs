@@ -2,8 +2,10 @@
 //!
 //! Everything that crosses the `dlopen` boundary is defined here: `#[repr(C)]`
 //! structs, `extern "C"` function pointers and plain integer codes. Trait
-//! objects, `String`, `Vec` and `Box` never cross it. Plugin authors never
-//! touch this module; the daemon uses it to load plugins.
+//! objects, `String`, `Vec` and `Box` never cross it. This crate has no
+//! dependencies: the engine (the host side) and the SDK (the plugin side,
+//! which re-exports it as `asyncore_sdk::ffi`) both build on it. Plugin
+//! authors never touch it; the SDK's export macro does.
 //!
 //! # Versioning
 //!
@@ -14,8 +16,18 @@
 //!   (`asyncore_plugin_v1`): a library of another major fails at `dlsym`.
 //! * Structs that may grow ([`PluginDescriptor`], [`HostVtable`],
 //!   [`DispatcherVtable`]) start with their own `size`; fields are only ever
-//!   appended, with a minor version bump, and readers check `size` before
-//!   touching a field that came later.
+//!   appended, with a minor version bump. A reader reads `size` first and
+//!   treats a field that ends past it as absent ([`has_field`]); a table
+//!   smaller than the first version's ([`v1_0`]) is refused, naming both
+//!   sizes.
+//!
+//! # History
+//!
+//! * **1.0**: the first tables, whose sizes [`v1_0`] keeps.
+//! * **1.1** appended `HostVtable::{send_to, pending_output_of, wake,
+//!   call_later, cancel_timer, shutdown_write, attach_fd, hand_over}`,
+//!   `DispatcherVtable::export_state` and `PluginDescriptor::import_state`
+//!   (cooperating channels, timers, pipes, state handover).
 //!
 //! # Ownership
 //!
@@ -30,7 +42,7 @@ use std::ffi::c_void;
 /// Major version of the ABI. A library whose major differs is refused.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version of the ABI: grows when fields are appended.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// First bytes of [`AbiTag`].
 pub const ABI_MAGIC: [u8; 8] = *b"ASYNCABI";
 /// Name of the static [`AbiTag`] every plugin exports.
@@ -313,6 +325,50 @@ unsafe impl Sync for PluginDescriptor {}
 unsafe impl Sync for DispatcherVtable {}
 // SAFETY: as above.
 unsafe impl Sync for HostVtable {}
+
+/// The sizes of the first version's (1.0) tables: every reader needs at
+/// least these fields, and reads what came later only where `size` covers
+/// it.
+pub mod v1_0 {
+    use core::mem::offset_of;
+
+    use super::{DispatcherVtable, HostVtable, PluginDescriptor};
+
+    /// `PluginDescriptor` of ABI 1.0 ends before `import_state`.
+    pub const PLUGIN_DESCRIPTOR_SIZE: usize = offset_of!(PluginDescriptor, import_state);
+    /// `HostVtable` of ABI 1.0 ends before `send_to`.
+    pub const HOST_VTABLE_SIZE: usize = offset_of!(HostVtable, send_to);
+    /// `DispatcherVtable` of ABI 1.0 ends before `export_state`.
+    pub const DISPATCHER_VTABLE_SIZE: usize = offset_of!(DispatcherVtable, export_state);
+}
+
+/// Whether a table of `size` bytes (its own `size` field) holds the
+/// pointer-sized field at `offset`: every field appended after 1.0 is a
+/// function pointer (or an optional one).
+///
+/// ```
+/// use asyncore_abi::{HostVtable, has_field, v1_0};
+/// use std::mem::offset_of;
+///
+/// let old_host = v1_0::HOST_VTABLE_SIZE as u32;
+/// assert!(has_field(old_host, offset_of!(HostVtable, connect)));
+/// assert!(!has_field(old_host, offset_of!(HostVtable, call_later)));
+/// ```
+pub const fn has_field(size: u32, offset: usize) -> bool {
+    size as usize >= offset + size_of::<*const ()>()
+}
+
+/// Reads the `size` that begins every growable table.
+///
+/// # Safety
+///
+/// `table` must point to a live table of this ABI (any version): its first
+/// field is always its `u32` size.
+pub unsafe fn table_size<T>(table: *const T) -> u32 {
+    // SAFETY: guaranteed by the caller; `size` is the first field of every
+    // growable table, in every version.
+    unsafe { table.cast::<u32>().read() }
+}
 
 /// Type of the entry function named [`ENTRY_SYMBOL`].
 pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;

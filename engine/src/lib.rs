@@ -9,6 +9,9 @@
 //! serde or a tokio runtime (only `tokio::sync::oneshot` carries replies);
 //! the daemon's gRPC layer converts at its edge.
 
+/// The C ABI the engine hosts plugins over (the `asyncore-abi` crate).
+pub use asyncore_abi as abi;
+
 pub mod command;
 mod config;
 pub mod plugin_host;

@@ -36,6 +36,11 @@ pub enum PluginLoadError {
     NotAPlugin { path: PathBuf, symbol: &'static str },
     #[error("plugin {path}: abi version {found_major}.{found_minor}, expected {}.{}", ffi::ABI_MAJOR, ffi::ABI_MINOR)]
     AbiMismatch { path: PathBuf, found_major: u32, found_minor: u32 },
+    #[error(
+        "plugin {path}: its descriptor is {size} bytes, smaller than the {minimum} bytes of abi {}.0 (it claims abi {found_major}.{found_minor})",
+        ffi::ABI_MAJOR
+    )]
+    DescriptorTooSmall { path: PathBuf, size: u32, minimum: usize, found_major: u32, found_minor: u32 },
     #[error("plugin {path}: built with panic = \"abort\"; a panic would kill the daemon, so it is refused")]
     PanicAbort { path: PathBuf },
     #[error("plugin {path}: refused the host's abi version {}.{}", ffi::ABI_MAJOR, ffi::ABI_MINOR)]
@@ -58,15 +63,17 @@ pub struct LoadedPlugin {
     /// SHA-256 of the file as loaded, hex.
     pub(crate) sha256: String,
     pub(crate) loaded_at: SystemTime,
-    descriptor: *const PluginDescriptor,
+    listen: ListenFn,
+    /// Absent in a plugin of ABI 1.0, or one that does not import state.
+    import_state: Option<ImportStateFn>,
     // Never dropped: see the module docs. `None` for a plugin linked into
     // the process.
     _library: Option<ManuallyDrop<libloading::Library>>,
 }
 
-// SAFETY: the descriptor points into the library's immutable static data,
-// which stays mapped for the life of the process; plugin calls are made from
-// one thread at a time (the loader, then only the poll loop).
+// SAFETY: the function pointers point into the library's code, which stays
+// mapped for the life of the process; plugin calls are made from one thread
+// at a time (the loader, then only the poll loop).
 unsafe impl Send for LoadedPlugin {}
 
 impl fmt::Debug for LoadedPlugin {
@@ -135,9 +142,6 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
     let descriptor = unsafe { entry() };
     // From here on plugin code runs, so the library is never unloaded.
     let library = ManuallyDrop::new(library);
-    // SAFETY: the descriptor is static data of the library, which stays
-    // mapped for the life of the process.
-    let descriptor = unsafe { &*descriptor };
     adopt(descriptor, path, sha256, Some(library))
 }
 
@@ -153,35 +157,67 @@ pub fn in_process(descriptor: &'static PluginDescriptor) -> Result<LoadedPlugin,
     adopt(descriptor, PathBuf::from("<in-process>"), String::new(), None)
 }
 
-/// Checks a plugin's descriptor and runs its `init` and `on_load`.
+type ListenFn = unsafe extern "C" fn(*mut HostCtx, *const KeyValue, usize, *mut DispatcherHandle) -> i32;
+type ImportStateFn = unsafe extern "C" fn(*mut HostCtx, StrRef, *mut DispatcherHandle) -> i32;
+
+/// Reads field `$field` of a table at `$table` through a raw pointer: the
+/// table may be shorter than this build's struct, so no reference to the
+/// whole of it is ever made.
+macro_rules! read_field {
+    ($table:expr, $field:ident) => {
+        // SAFETY: the caller checked that the table's size covers the field;
+        // the table is static data of a library that stays mapped.
+        unsafe { std::ptr::addr_of!((*$table).$field).read() }
+    };
+}
+
+/// Checks a plugin's descriptor (its size first, then the fields it covers)
+/// and runs its `init` and `on_load`.
 fn adopt(
-    desc: &'static PluginDescriptor,
+    desc: *const PluginDescriptor,
     path: PathBuf,
     sha256: String,
     library: Option<ManuallyDrop<libloading::Library>>,
 ) -> Result<LoadedPlugin, PluginLoadError> {
-    if desc.abi_major != ffi::ABI_MAJOR || (desc.size as usize) < size_of::<PluginDescriptor>() {
-        return Err(PluginLoadError::AbiMismatch { path, found_major: desc.abi_major, found_minor: desc.abi_minor });
+    // SAFETY: the entry point returned a pointer to its static descriptor,
+    // which begins with its size in every version.
+    let size = unsafe { ffi::table_size(desc) };
+    // `size`, `abi_major` and `abi_minor` lead every version's descriptor.
+    let (found_major, found_minor) = (read_field!(desc, abi_major), read_field!(desc, abi_minor));
+    if (size as usize) < ffi::v1_0::PLUGIN_DESCRIPTOR_SIZE {
+        let minimum = ffi::v1_0::PLUGIN_DESCRIPTOR_SIZE;
+        return Err(PluginLoadError::DescriptorTooSmall { path, size, minimum, found_major, found_minor });
     }
-    if desc.panic_unwind != 1 {
+    if found_major != ffi::ABI_MAJOR {
+        return Err(PluginLoadError::AbiMismatch { path, found_major, found_minor });
+    }
+    if read_field!(desc, panic_unwind) != 1 {
         return Err(PluginLoadError::PanicAbort { path });
     }
+    let (init, on_load, listen) = (read_field!(desc, init), read_field!(desc, on_load), read_field!(desc, listen));
+    let import_state = if ffi::has_field(size, std::mem::offset_of!(PluginDescriptor, import_state)) {
+        read_field!(desc, import_state)
+    } else {
+        None
+    };
+    let (name, version, sdk_version) =
+        (read_field!(desc, name), read_field!(desc, version), read_field!(desc, sdk_version));
     // SAFETY: the strings are static data of the plugin.
     let (name, version, sdk_version) =
-        unsafe { (desc.name.to_string_lossy(), desc.version.to_string_lossy(), desc.sdk_version.to_string_lossy()) };
+        unsafe { (name.to_string_lossy(), version.to_string_lossy(), sdk_version.to_string_lossy()) };
 
     // The plugin's name, for its log records; lives as long as its code.
     let log_name: &'static &'static str = Box::leak(Box::new(&*Box::leak(name.clone().into_boxed_str())));
     let host_data = (log_name as *const &'static str).cast_mut().cast::<c_void>();
     // SAFETY: HOST_VTABLE is static; host_data points to a leaked
     // &'static str we get back in `log`.
-    let status = unsafe { (desc.init)(&HOST_VTABLE, host_data) };
+    let status = unsafe { init(&HOST_VTABLE, host_data) };
     if status != ffi::status::OK {
         return Err(PluginLoadError::InitRefused { path });
     }
     let mut ctx = CallCtx::detached();
     // SAFETY: ctx lives across the call.
-    let status = unsafe { (desc.on_load)(ctx.as_ffi()) };
+    let status = unsafe { on_load(ctx.as_ffi()) };
     if status != ffi::status::OK {
         let message = ctx.take_report().unwrap_or_else(|| "refused without a message".to_string());
         return Err(PluginLoadError::OnLoad { name, message });
@@ -191,11 +227,12 @@ fn adopt(
         name,
         version,
         sdk_version,
-        abi: (desc.abi_major, desc.abi_minor),
+        abi: (found_major, found_minor),
         path,
         sha256,
         loaded_at: SystemTime::now(),
-        descriptor: desc,
+        listen,
+        import_state,
         _library: library,
     })
 }
@@ -284,13 +321,12 @@ impl LoadedPlugin {
         let entries: Vec<KeyValue> =
             config.iter().map(|(k, v)| KeyValue { key: StrRef::new(k), value: StrRef::new(v) }).collect();
         let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
-        // SAFETY: the descriptor is live static data; entries and out live
-        // across the call.
-        let status = unsafe { ((*self.descriptor).listen)(ctx.as_ffi(), entries.as_ptr(), entries.len(), &mut out) };
-        if status == ffi::status::OK && !out.instance.is_null() {
-            Ok(Dispatcher(out))
-        } else {
-            Err(ctx.take_report().unwrap_or_else(|| "refused without a message".to_string()))
+        // SAFETY: listen is code of a library that stays mapped; entries
+        // and out live across the call.
+        let status = unsafe { (self.listen)(ctx.as_ffi(), entries.as_ptr(), entries.len(), &mut out) };
+        match Dispatcher::adopt(out) {
+            Some(dispatcher) if status == ffi::status::OK => Ok(dispatcher),
+            _ => Err(ctx.take_report().unwrap_or_else(|| "refused without a message".to_string())),
         }
     }
 }
@@ -298,24 +334,21 @@ impl LoadedPlugin {
 impl LoadedPlugin {
     /// Whether this generation takes channels handed over by older ones.
     pub(crate) fn imports_state(&self) -> bool {
-        // SAFETY: the descriptor is live static data.
-        unsafe { (*self.descriptor).import_state.is_some() }
+        self.import_state.is_some()
     }
 
     /// Creates a dispatcher from state an older generation exported.
     pub(crate) fn import_state(&self, ctx: &mut CallCtx, state: &[u8]) -> Result<Dispatcher, String> {
-        // SAFETY: the descriptor is live static data.
-        let Some(import) = (unsafe { (*self.descriptor).import_state }) else {
+        let Some(import) = self.import_state else {
             return Err("this generation does not import state".to_string());
         };
         let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
         let bytes = StrRef { ptr: state.as_ptr(), len: state.len() };
         // SAFETY: the state and out live across the call.
         let status = unsafe { import(ctx.as_ffi(), bytes, &mut out) };
-        if status == ffi::status::OK && !out.instance.is_null() {
-            Ok(Dispatcher(out))
-        } else {
-            Err(ctx.take_report().unwrap_or_else(|| "refused without a message".to_string()))
+        match Dispatcher::adopt(out) {
+            Some(dispatcher) if status == ffi::status::OK => Ok(dispatcher),
+            _ => Err(ctx.take_report().unwrap_or_else(|| "refused without a message".to_string())),
         }
     }
 }
@@ -323,28 +356,50 @@ impl LoadedPlugin {
 /// A dispatcher instance living in a plugin. Copyable handle: the channel
 /// table holds the one that owns it and calls [`Dispatcher::release`] once.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Dispatcher(DispatcherHandle);
+pub(crate) struct Dispatcher {
+    handle: DispatcherHandle,
+    /// The vtable's own `size`, read once when the handle was taken.
+    vtable_size: u32,
+}
 
 /// A plugin callback panicked; its message was reported through the call's
 /// context.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Panicked;
 
-impl Dispatcher {
-    /// Takes ownership of a handle a plugin passed to the host.
-    pub(crate) fn from_ffi(handle: DispatcherHandle) -> Dispatcher {
-        Dispatcher(handle)
-    }
+/// Reads a function of a dispatcher's vtable that ABI 1.0 already had
+/// ([`Dispatcher::adopt`] refused smaller tables).
+macro_rules! vtable_fn {
+    ($dispatcher:expr, $field:ident) => {
+        // SAFETY: adopt checked the table covers every 1.0 field; vtables
+        // are static data of a library that stays mapped.
+        unsafe { std::ptr::addr_of!((*$dispatcher.handle.vtable).$field).read() }
+    };
+}
 
-    fn vtable(&self) -> &ffi::DispatcherVtable {
-        // SAFETY: vtables are static data of a library that stays mapped.
-        unsafe { &*self.0.vtable }
+impl Dispatcher {
+    /// Takes ownership of a handle a plugin passed to the host, after
+    /// checking it: `None` for a null instance or vtable, or a vtable
+    /// smaller than ABI 1.0's (which cannot even be dropped safely, so it
+    /// is leaked).
+    pub(crate) fn adopt(handle: DispatcherHandle) -> Option<Dispatcher> {
+        if handle.instance.is_null() || handle.vtable.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null vtable of a dispatcher handle is a static
+        // table that begins with its size.
+        let vtable_size = unsafe { ffi::table_size(handle.vtable) };
+        if (vtable_size as usize) < ffi::v1_0::DISPATCHER_VTABLE_SIZE {
+            return None;
+        }
+        Some(Dispatcher { handle, vtable_size })
     }
 
     /// `readable()` and `writable()` as interest bits.
     pub(crate) fn interest(self, ctx: &mut CallCtx) -> Result<(bool, bool), Panicked> {
+        let interest = vtable_fn!(self, interest);
         // SAFETY: the instance is live until release; ctx lives across the call.
-        let bits = unsafe { (self.vtable().interest)(self.0.instance, ctx.as_ffi()) };
+        let bits = unsafe { interest(self.handle.instance, ctx.as_ffi()) };
         if bits & ffi::interest::PANICKED != 0 {
             return Err(Panicked);
         }
@@ -353,27 +408,35 @@ impl Dispatcher {
 
     /// Calls the `handle_*` method for `event`.
     pub(crate) fn handle_event(self, ctx: &mut CallCtx, event: u32, arg: i64) -> Result<(), Panicked> {
+        let handle_event = vtable_fn!(self, handle_event);
         // SAFETY: as for interest.
-        let status = unsafe { (self.vtable().handle_event)(self.0.instance, ctx.as_ffi(), event, arg) };
+        let status = unsafe { handle_event(self.handle.instance, ctx.as_ffi(), event, arg) };
         if status == ffi::status::PANICKED { Err(Panicked) } else { Ok(()) }
     }
 
     /// Calls `handle_accepted`; `ctx` is the new channel.
     pub(crate) fn handle_accepted(self, ctx: &mut CallCtx) -> Result<Option<Dispatcher>, Panicked> {
+        let handle_accepted = vtable_fn!(self, handle_accepted);
         let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
         // SAFETY: as for interest; out lives across the call.
-        let status = unsafe { (self.vtable().handle_accepted)(self.0.instance, ctx.as_ffi(), &mut out) };
+        let status = unsafe { handle_accepted(self.handle.instance, ctx.as_ffi(), &mut out) };
         match status {
-            ffi::status::OK if !out.instance.is_null() => Ok(Some(Dispatcher(out))),
+            ffi::status::OK => Ok(Dispatcher::adopt(out)),
             ffi::status::PANICKED => Err(Panicked),
             _ => Ok(None),
         }
     }
 
-    /// Asks the dispatcher for state to hand over to a newer generation.
+    /// Asks the dispatcher for state to hand over to a newer generation;
+    /// `None` when it declines or its vtable (ABI 1.0) has no
+    /// `export_state`.
     pub(crate) fn export_state(self, ctx: &mut CallCtx) -> Result<Option<Vec<u8>>, Panicked> {
+        if !ffi::has_field(self.vtable_size, std::mem::offset_of!(ffi::DispatcherVtable, export_state)) {
+            return Ok(None);
+        }
+        let export_state = vtable_fn!(self, export_state);
         // SAFETY: as for interest.
-        let status = unsafe { (self.vtable().export_state)(self.0.instance, ctx.as_ffi()) };
+        let status = unsafe { export_state(self.handle.instance, ctx.as_ffi()) };
         match status {
             ffi::status::OK => Ok(ctx.take_state()),
             ffi::status::PANICKED => Err(Panicked),
@@ -384,8 +447,9 @@ impl Dispatcher {
     /// Frees the instance. Called exactly once, never during one of its own
     /// callbacks.
     pub(crate) fn release(self) {
+        let drop = vtable_fn!(self, drop);
         // SAFETY: the channel table releases each handle once.
-        unsafe { (self.vtable().drop)(self.0.instance) }
+        unsafe { drop(self.handle.instance) }
     }
 }
 

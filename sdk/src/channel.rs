@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     dispatcher::Dispatcher,
-    export::{host, into_handle},
+    export::{host, host_opt, into_handle},
     ffi::{self, HostCtx, StrRef},
 };
 
@@ -57,8 +57,9 @@ impl<'a> Channel<'a> {
 
     /// This channel's id.
     pub fn id(&self) -> ChannelId {
+        let channel_id = host!(channel_id);
         // SAFETY: ctx is the live context of the current call.
-        ChannelId(unsafe { (host().channel_id)(self.ctx) })
+        ChannelId(unsafe { channel_id(self.ctx) })
     }
 
     /// Reads into `buf`, like `socket.recv`.
@@ -71,9 +72,10 @@ impl<'a> Channel<'a> {
     /// [`io::ErrorKind::WouldBlock`] when nothing is waiting (wake-ups can be
     /// spurious), or the socket's error.
     pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let recv = host!(recv);
         // SAFETY: buf is a live, writable buffer of buf.len() bytes for the
         // duration of the call; ctx is the live context.
-        let n = unsafe { (host().recv)(self.ctx, buf.as_mut_ptr(), buf.len()) };
+        let n = unsafe { recv(self.ctx, buf.as_mut_ptr(), buf.len()) };
         errno_result(n)
     }
 
@@ -85,24 +87,27 @@ impl<'a> Channel<'a> {
     /// [`Dispatcher::readable`]) to stop reading while a slow peer lets
     /// output pile up.
     pub fn send(&mut self, data: &[u8]) -> usize {
+        let send = host!(send);
         // SAFETY: data is live for the call; the host copies it before
         // returning.
-        let n = unsafe { (host().send)(self.ctx, data.as_ptr(), data.len()) };
+        let n = unsafe { send(self.ctx, data.as_ptr(), data.len()) };
         usize::try_from(n).unwrap_or(0)
     }
 
     /// Bytes queued for output and not yet written to the socket.
     pub fn pending_output(&self) -> usize {
+        let pending_output = host!(pending_output);
         // SAFETY: ctx is the live context.
-        let n = unsafe { (host().pending_output)(self.ctx) };
+        let n = unsafe { pending_output(self.ctx) };
         usize::try_from(n).unwrap_or(usize::MAX)
     }
 
     /// Closes the channel once its queued output has been flushed. No
     /// handler of this dispatcher is called after the current one returns.
     pub fn close(&mut self) {
+        let close = host!(close);
         // SAFETY: ctx is the live context.
-        unsafe { (host().close)(self.ctx) };
+        unsafe { close(self.ctx) };
     }
 
     /// The remote address, if the socket has one.
@@ -117,8 +122,9 @@ impl<'a> Channel<'a> {
 
     fn address(&self, which: u32) -> Option<SocketAddr> {
         let mut buf = [0u8; 64];
+        let address = host!(address);
         // SAFETY: buf is writable for its length; ctx is the live context.
-        let n = unsafe { (host().address)(self.ctx, which, buf.as_mut_ptr(), buf.len()) };
+        let n = unsafe { address(self.ctx, which, buf.as_mut_ptr(), buf.len()) };
         let n = usize::try_from(n).ok().filter(|&n| n <= buf.len())?;
         std::str::from_utf8(&buf[..n]).ok()?.parse().ok()
     }
@@ -135,9 +141,10 @@ impl<'a> Channel<'a> {
     /// or the error of creating the socket.
     pub fn connect(&mut self, addr: SocketAddr, dispatcher: Box<dyn Dispatcher>) -> io::Result<ChannelId> {
         let text = addr.to_string();
+        let connect = host!(connect);
         // SAFETY: the string is live for the call; ownership of the handle
         // passes to the host, which frees it through its vtable.
-        let n = unsafe { (host().connect)(self.ctx, StrRef::new(&text), into_handle(dispatcher)) };
+        let n = unsafe { connect(self.ctx, StrRef::new(&text), into_handle(dispatcher)) };
         errno_result(n).map(|id| ChannelId(id as u64))
     }
 }
@@ -151,8 +158,9 @@ impl Channel<'_> {
     /// `EBADF` (raw OS error 9) when `channel` names no open channel (it
     /// closed or is closing: ids are never reused).
     pub fn send_to(&mut self, channel: ChannelId, data: &[u8]) -> io::Result<usize> {
+        let send_to = host_opt!(send_to).ok_or_else(|| older_host("send_to"))?;
         // SAFETY: data is live for the call; the host copies it.
-        let n = unsafe { (host().send_to)(self.ctx, channel.0, data.as_ptr(), data.len()) };
+        let n = unsafe { send_to(self.ctx, channel.0, data.as_ptr(), data.len()) };
         errno_result(n)
     }
 
@@ -162,8 +170,9 @@ impl Channel<'_> {
     /// backpressure to another (a proxy stops reading from one side while
     /// the other side's output is piling up).
     pub fn pending_output_of(&self, channel: ChannelId) -> Option<usize> {
+        let pending_output_of = host_opt!(pending_output_of)?;
         // SAFETY: ctx is the live context.
-        let n = unsafe { (host().pending_output_of)(self.ctx, channel.0) };
+        let n = unsafe { pending_output_of(self.ctx, channel.0) };
         usize::try_from(n).ok()
     }
 
@@ -172,33 +181,44 @@ impl Channel<'_> {
     /// handler runs; call this when something that channel's answers depend
     /// on changed here.
     pub fn wake(&self, channel: ChannelId) -> bool {
+        let Some(wake) = host_opt!(wake) else { return false };
         // SAFETY: ctx is the live context.
-        unsafe { (host().wake)(self.ctx, channel.0) == 0 }
+        unsafe { wake(self.ctx, channel.0) == 0 }
     }
 
     /// Calls [`Dispatcher::handle_timer`] with `token` after `delay`, on the
     /// loop thread (no extra thread). Returns an id for
     /// [`cancel_timer`](Channel::cancel_timer). Timers die with their
-    /// channel.
+    /// channel. A daemon older than ABI 1.1 has no timers: the timer never
+    /// fires and its id is `TimerId(0)`.
     pub fn call_later(&mut self, delay: Duration, token: u64) -> TimerId {
+        let Some(call_later) = host_opt!(call_later) else { return TimerId(0) };
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         // SAFETY: ctx is the live context.
-        TimerId(unsafe { (host().call_later)(self.ctx, ms, token) } as u64)
+        TimerId(u64::try_from(unsafe { call_later(self.ctx, ms, token) }).unwrap_or(0))
     }
 
     /// Cancels a timer set by this channel. Returns false if it already
     /// fired or was cancelled.
     pub fn cancel_timer(&mut self, timer: TimerId) -> bool {
+        let Some(cancel_timer) = host_opt!(cancel_timer) else { return false };
         // SAFETY: ctx is the live context.
-        unsafe { (host().cancel_timer)(self.ctx, timer.0) == 0 }
+        unsafe { cancel_timer(self.ctx, timer.0) == 0 }
     }
 
     /// Shuts down the write side once queued output is flushed: the peer
     /// reads EOF, and this channel can still read (a proxy passing on a
-    /// half-close).
+    /// half-close). A daemon older than ABI 1.1 cannot half-close: the
+    /// channel then closes once its output is flushed, as with
+    /// [`close`](Channel::close).
     pub fn shutdown_write(&mut self) {
-        // SAFETY: ctx is the live context.
-        unsafe { (host().shutdown_write)(self.ctx) };
+        match host_opt!(shutdown_write) {
+            Some(shutdown_write) => {
+                // SAFETY: ctx is the live context.
+                unsafe { shutdown_write(self.ctx) };
+            }
+            None => self.close(),
+        }
     }
 
     /// asyncore's `file_dispatcher`: serves a file descriptor (a pipe, a
@@ -210,9 +230,10 @@ impl Channel<'_> {
     ///
     /// The error of registering the descriptor.
     pub fn attach_fd(&mut self, fd: OwnedFd, dispatcher: Box<dyn Dispatcher>) -> io::Result<ChannelId> {
+        let attach_fd = host_opt!(attach_fd).ok_or_else(|| older_host("attach_fd"))?;
         // SAFETY: ownership of the descriptor and of the handle passes to
         // the host.
-        let n = unsafe { (host().attach_fd)(self.ctx, fd.into_raw_fd(), into_handle(dispatcher)) };
+        let n = unsafe { attach_fd(self.ctx, fd.into_raw_fd(), into_handle(dispatcher)) };
         errno_result(n).map(|id| ChannelId(id as u64))
     }
 }
@@ -225,6 +246,11 @@ impl fmt::Debug for Channel<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Channel").field("id", &self.id()).finish()
     }
+}
+
+/// The error of a host function this SDK knows and the daemon does not.
+fn older_host(function: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, format!("the daemon's plugin abi predates {function} (abi 1.1)"))
 }
 
 /// Turns a host return value (a count, or a negative errno) into a result.

@@ -73,12 +73,19 @@ pub trait Plugin: 'static {
     }
 }
 
-struct Host {
-    vtable: &'static HostVtable,
+pub(crate) struct Host {
+    /// The host's table. Its fields are read through raw pointers
+    /// ([`host!`], [`host_opt!`]): an older host's table is shorter than
+    /// this SDK's `HostVtable`, so no reference to the whole struct is made.
+    pub(crate) vtable: *const HostVtable,
+    /// The table's own `size`, read before any other field.
+    pub(crate) size: u32,
     data: *mut c_void,
 }
 
-// SAFETY: `data` is an opaque token the host handed us; we only pass it back.
+// SAFETY: `vtable` points to the host's immutable static table and `data` is
+// an opaque token the host handed us; we only read the one and pass the
+// other back.
 unsafe impl Send for Host {}
 // SAFETY: as above.
 unsafe impl Sync for Host {}
@@ -86,15 +93,44 @@ unsafe impl Sync for Host {}
 static HOST: OnceLock<Host> = OnceLock::new();
 
 /// The host's function table; set by `init` before any other call.
-pub(crate) fn host() -> &'static HostVtable {
-    HOST.get().expect("asyncore-sdk: plugin used before the host called init").vtable
+pub(crate) fn host_table() -> &'static Host {
+    HOST.get().expect("asyncore-sdk: plugin used before the host called init")
 }
+
+/// Reads a function of the host's table that ABI 1.0 already had: `init`
+/// refused hosts whose table is smaller than that.
+macro_rules! host {
+    ($field:ident) => {{
+        let host = $crate::export::host_table();
+        // SAFETY: `init` checked that the table holds every 1.0 field; it is
+        // static data of the host.
+        unsafe { ::core::ptr::addr_of!((*host.vtable).$field).read() }
+    }};
+}
+
+/// Reads a function appended to the host's table after ABI 1.0, or `None`
+/// when the host's table ends before it (a daemon older than this SDK).
+macro_rules! host_opt {
+    ($field:ident) => {{
+        let host = $crate::export::host_table();
+        if $crate::ffi::has_field(host.size, ::core::mem::offset_of!($crate::ffi::HostVtable, $field)) {
+            // SAFETY: the host's own size says the field is there; the table
+            // is static data of the host.
+            Some(unsafe { ::core::ptr::addr_of!((*host.vtable).$field).read() })
+        } else {
+            None
+        }
+    }};
+}
+
+pub(crate) use {host, host_opt};
 
 /// Forwards a log record to the host, if there is one yet.
 pub(crate) fn host_log(level: u32, message: &str) {
     if let Some(host) = HOST.get() {
+        let log = host!(log);
         // SAFETY: the message is live for the call; the host copies it.
-        unsafe { (host.vtable.log)(host.data, level, StrRef::new(message)) }
+        unsafe { log(host.data, level, StrRef::new(message)) }
     }
 }
 
@@ -138,9 +174,10 @@ fn report_panic(ctx: *mut HostCtx, payload: &(dyn Any + Send)) {
 }
 
 fn report(ctx: *mut HostCtx, message: &str) {
+    let report = host!(report);
     // SAFETY: ctx is the live context of the current call; the host copies
     // the message.
-    unsafe { (host().report)(ctx, StrRef::new(message)) }
+    unsafe { report(ctx, StrRef::new(message)) }
 }
 
 /// What the host holds for each dispatcher instance.
@@ -255,11 +292,15 @@ unsafe extern "C" fn dispatcher_export_state(instance: *mut c_void, ctx: *mut Ho
     // SAFETY: forwarded from the host's contract for vtable calls.
     let state = unsafe { with_slot(instance, ctx, |d, ch| d.export_state(ch)) };
     match state {
-        Ok(Some(bytes)) => {
-            // SAFETY: ctx is live; the host copies the bytes.
-            unsafe { (host().hand_over)(ctx, bytes.as_ptr(), bytes.len()) };
-            status::OK
-        }
+        Ok(Some(bytes)) => match host_opt!(hand_over) {
+            Some(hand_over) => {
+                // SAFETY: ctx is live; the host copies the bytes.
+                unsafe { hand_over(ctx, bytes.as_ptr(), bytes.len()) };
+                status::OK
+            }
+            // A host without state handover keeps the channel where it is.
+            None => status::DECLINED,
+        },
         Ok(None) => status::DECLINED,
         Err(()) => status::PANICKED,
     }
@@ -345,12 +386,21 @@ fn guarded<T>(ctx: *mut HostCtx, make: impl FnOnce() -> Result<T, String>, on_ok
 }
 
 unsafe extern "C" fn plugin_init(vtable: *const HostVtable, data: *mut c_void) -> i32 {
-    // SAFETY: the host passes a pointer to its static vtable.
-    let vtable = unsafe { &*vtable };
-    if vtable.abi_major != ffi::ABI_MAJOR || (vtable.size as usize) < size_of::<HostVtable>() {
+    if vtable.is_null() {
         return status::DECLINED;
     }
-    if HOST.set(Host { vtable, data }).is_ok() {
+    // SAFETY: the host passes a pointer to its static table, which begins
+    // with its size in every version.
+    let size = unsafe { ffi::table_size(vtable) };
+    if (size as usize) < ffi::v1_0::HOST_VTABLE_SIZE {
+        return status::DECLINED;
+    }
+    // SAFETY: a 1.0 table holds `abi_major`.
+    let abi_major = unsafe { std::ptr::addr_of!((*vtable).abi_major).read() };
+    if abi_major != ffi::ABI_MAJOR {
+        return status::DECLINED;
+    }
+    if HOST.set(Host { vtable, size, data }).is_ok() {
         install_panic_hook();
     }
     status::OK

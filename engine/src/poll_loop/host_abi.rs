@@ -192,7 +192,13 @@ unsafe extern "C" fn host_shutdown_write(ctx: *mut HostCtx) -> i64 {
 }
 
 unsafe extern "C" fn host_attach_fd(ctx: *mut HostCtx, fd: i32, handle: DispatcherHandle) -> i64 {
-    let dispatcher = Dispatcher::from_ffi(handle);
+    let Some(dispatcher) = Dispatcher::adopt(handle) else {
+        if fd >= 0 {
+            // SAFETY: the plugin passed ownership of an open descriptor.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        return -EINVAL;
+    };
     if fd < 0 {
         dispatcher.release();
         return -EBADF;
@@ -293,7 +299,7 @@ unsafe extern "C" fn host_address(ctx: *mut HostCtx, which: u32, buf: *mut u8, c
 }
 
 unsafe extern "C" fn host_connect(ctx: *mut HostCtx, address: StrRef, handle: DispatcherHandle) -> i64 {
-    let dispatcher = Dispatcher::from_ffi(handle);
+    let Some(dispatcher) = Dispatcher::adopt(handle) else { return -EINVAL };
     // SAFETY: ctx is a live call context.
     let Some((core, slot)) = (unsafe { channel_of(ctx) }) else {
         dispatcher.release();

@@ -37,7 +37,7 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
     });
     // The abi-v2 fixture in the plugin directory was reported and skipped;
     // echo loaded.
-    assert!(daemon.log().contains("abi version 2.0, expected 1.0"), "log: {}", daemon.log());
+    assert!(daemon.log().contains("abi version 2.0, expected 1.1"), "log: {}", daemon.log());
     let scratch = TempDir::new("errors");
     runtime().block_on(async {
         let mut client = daemon.client().await;
@@ -128,7 +128,7 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
         assert_status(
             client.plugins.load_plugin(load(&plugin_dir.join("libasyncore_fixture_abi_v2.so"))).await,
             Code::FailedPrecondition,
-            "abi version 2.0, expected 1.0",
+            "abi version 2.0, expected 1.1",
         );
         assert_status(
             client.plugins.load_plugin(load(&plugin_dir.join("missing.so"))).await,

@@ -1,6 +1,7 @@
 //! Integration tests against the real `asyncored` binary. One test binary
 //! with a module per area keeps link times down.
 
+mod abi;
 mod chat;
 mod cli;
 mod cli_plugins;
