@@ -9,10 +9,11 @@
 
 use std::{
     any::Any,
+    cell::Cell,
     ffi::c_void,
     io,
     panic::{AssertUnwindSafe, catch_unwind},
-    sync::{Mutex, OnceLock},
+    sync::OnceLock,
 };
 
 use crate::{
@@ -136,25 +137,44 @@ pub(crate) fn host_log(level: u32, message: &str) {
 
 /// The message of a caught panic.
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
-    LAST_PANIC.lock().ok().and_then(|mut last| last.take()).unwrap_or_else(|| payload_text(payload))
+    LAST_PANIC.with(|last| last.take()).unwrap_or_else(|| payload_text(payload))
 }
 
-/// The last panic message seen by this plugin's panic hook.
-static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+thread_local! {
+    /// How many shims on this thread's stack are catching panics now.
+    static CATCHING: Cell<u32> = const { Cell::new(0) };
+    /// The last panic message this plugin's hook kept for a catch site on
+    /// this thread.
+    static LAST_PANIC: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// `catch_unwind`, telling the panic hook that this panic will be caught
+/// and reported through the host.
+fn catching<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    CATCHING.with(|depth| depth.set(depth.get() + 1));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    CATCHING.with(|depth| depth.set(depth.get() - 1));
+    result
+}
 
 fn install_panic_hook() {
-    // The plugin has its own copy of std and so its own hook. The default
-    // would print to stderr without saying which plugin or channel; we keep
-    // the message (with its location) for the catch site, which hands it to
-    // the host to log with the channel id.
-    std::panic::set_hook(Box::new(|info| {
+    // The plugin has its own copy of std and so its own hook. For a panic
+    // inside a callback the default would print to stderr without saying
+    // which plugin or channel; we keep the message (with its location) for
+    // the catch site, which hands it to the host to log with the channel id.
+    // Any other panic (a thread of the plugin's own, or a test's assertion
+    // when the plugin is linked into a test binary) goes to the hook that
+    // was there before.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if CATCHING.with(Cell::get) == 0 {
+            return previous(info);
+        }
         let message = match info.location() {
             Some(at) => format!("{} at {}:{}", payload_text(info.payload()), at.file(), at.line()),
             None => payload_text(info.payload()),
         };
-        if let Ok(mut last) = LAST_PANIC.lock() {
-            *last = Some(message);
-        }
+        LAST_PANIC.with(|last| last.set(Some(message)));
     }));
 }
 
@@ -221,7 +241,7 @@ unsafe fn with_slot<R>(
     }
     // SAFETY: ctx is the live context of this call.
     let mut channel = unsafe { Channel::from_ctx(ctx) };
-    match catch_unwind(AssertUnwindSafe(|| f(slot.dispatcher.as_mut(), &mut channel))) {
+    match catching(|| f(slot.dispatcher.as_mut(), &mut channel)) {
         Ok(r) => Ok(r),
         Err(payload) => {
             slot.poisoned = true;
@@ -315,7 +335,7 @@ unsafe extern "C" fn dispatcher_drop(instance: *mut c_void) {
     if slot.poisoned {
         std::mem::forget(slot);
     } else {
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(slot)));
+        let _ = catching(move || drop(slot));
     }
 }
 
@@ -369,7 +389,7 @@ unsafe fn new_dispatcher(
 /// `on_ok`, or reports the refusal or the panic through `ctx`. Returns the
 /// status code for the host.
 fn guarded<T>(ctx: *mut HostCtx, make: impl FnOnce() -> Result<T, String>, on_ok: impl FnOnce(T)) -> i32 {
-    match catch_unwind(AssertUnwindSafe(make)) {
+    match catching(make) {
         Ok(Ok(value)) => {
             on_ok(value);
             status::OK
