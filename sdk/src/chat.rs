@@ -76,12 +76,24 @@
 //!
 //! # Bounded memory
 //!
-//! Whatever the peer does, an `AsyncChat` holds at most
-//! [`max_input`](Chat::max_input) bytes of one message (64 KiB unless set;
-//! past it [`ChatHandler::input_overflow`] runs), and stops reading while
-//! [`output_high_water`](Chat::output_high_water) bytes or more wait to be
-//! sent (256 KiB unless set). Producers are pulled only below that mark, one
-//! 64 KiB buffer at a time.
+//! Whatever the peer does and whatever the handler pushes, an `AsyncChat`
+//! holds about one high-water mark of output, plus one answer, plus one
+//! message, plus one read:
+//!
+//! * at most [`max_input`](Chat::max_input) bytes of one message (64 KiB
+//!   unless set; past it [`ChatHandler::input_overflow`] runs);
+//! * once [`output_high_water`](Chat::output_high_water) bytes or more wait
+//!   to be sent (256 KiB unless set), or too many producers are queued, no
+//!   further complete message is handed to
+//!   [`found_terminator`](ChatHandler::found_terminator): the rest of the
+//!   current read waits in the `AsyncChat`, and the socket is not read,
+//!   until the output has drained below the mark. So a client that sends a
+//!   thousand requests in one write and reads nothing gets them answered
+//!   one high-water mark at a time, not all at once into memory;
+//! * producers are pulled only below that mark, one 64 KiB buffer at a time.
+//!
+//! Every limit can come from the listener's configuration: see
+//! [`AsyncChat::configured`].
 
 mod producer;
 mod terminator;
@@ -217,8 +229,15 @@ pub struct AsyncChat<H> {
     framer: Framer,
     incoming: Vec<u8>,
     outbox: Outbox,
+    /// Input read but not framed yet: the rest of a read whose framing
+    /// stopped because the output went over the high-water mark. Framed
+    /// (before the socket is read again) once the output drained.
+    unread: Vec<u8>,
     /// The peer closed its side: nothing more will come.
     read_eof: bool,
+    /// The peer closed while `unread` still held input: the handler hears
+    /// of the close once that input was framed.
+    close_pending: bool,
 }
 
 impl<H: ChatHandler> AsyncChat<H> {
@@ -226,7 +245,35 @@ impl<H: ChatHandler> AsyncChat<H> {
     /// until a terminator is set), a 64 KiB input limit and a 256 KiB output
     /// high-water mark.
     pub fn new(handler: H) -> AsyncChat<H> {
-        AsyncChat { handler, framer: Framer::new(), incoming: Vec::new(), outbox: Outbox::new(), read_eof: false }
+        AsyncChat {
+            handler,
+            framer: Framer::new(),
+            incoming: Vec::new(),
+            outbox: Outbox::new(),
+            unread: Vec::new(),
+            read_eof: false,
+            close_pending: false,
+        }
+    }
+
+    /// [`new`](AsyncChat::new), with the limits a listener's configuration
+    /// sets, so that operators can size them per listener (memcached values
+    /// are often 1 MiB; a chat line is short):
+    ///
+    /// | key | default | what |
+    /// | --- | --- | --- |
+    /// | `max_input` | 65536 | [`Chat::set_max_input`] |
+    /// | `output_high_water` | 262144 | [`Chat::set_output_high_water`] |
+    /// | `max_queued_producers` | 64 | [`AsyncChat::with_max_queued_producers`] |
+    ///
+    /// # Errors
+    ///
+    /// A message naming the key whose value is not a number.
+    pub fn configured(handler: H, config: &crate::Config) -> Result<AsyncChat<H>, String> {
+        Ok(AsyncChat::new(handler)
+            .with_max_input(config.parse_or("max_input", Framer::DEFAULT_MAX_INPUT)?)
+            .with_output_high_water(config.parse_or("output_high_water", DEFAULT_OUTPUT_HIGH_WATER)?)
+            .with_max_queued_producers(config.parse_or("max_queued_producers", DEFAULT_MAX_QUEUED_PRODUCERS)?))
     }
 
     /// Sets the first terminator, as [`Chat::set_terminator`] does.
@@ -287,30 +334,77 @@ impl<H: ChatHandler> AsyncChat<H> {
             framer: &mut self.framer,
             incoming: &mut self.incoming,
             outbox: &mut self.outbox,
+            unread: &mut self.unread,
         };
         (&mut self.handler, chat)
     }
 
-    /// The framer's callbacks, for feeding it.
-    fn callbacks<'a, 'ch>(&'a mut self, channel: &'a mut Channel<'ch>) -> (&'a mut Framer, Callbacks<'a, 'ch, H>) {
-        let callbacks =
-            Callbacks { handler: &mut self.handler, channel, incoming: &mut self.incoming, outbox: &mut self.outbox };
-        (&mut self.framer, callbacks)
+    /// Frames `input` until the output goes over the high-water mark after
+    /// a complete message; what is left of it waits in `unread`.
+    fn frame(&mut self, channel: &mut Channel<'_>, input: &[u8]) {
+        let mut callbacks = Callbacks {
+            handler: &mut self.handler,
+            channel,
+            incoming: &mut self.incoming,
+            outbox: &mut self.outbox,
+            unread: &mut self.unread,
+            message_ended: false,
+        };
+        let consumed = self.framer.feed(input, &mut callbacks);
+        if consumed < input.len() && self.outbox.is_open() {
+            self.unread.extend_from_slice(&input[consumed..]);
+        }
+    }
+
+    /// Frames the input that waited for the output to drain, then tells
+    /// the handler of a close that came in the meantime.
+    fn frame_unread(&mut self, channel: &mut Channel<'_>) {
+        if !self.unread.is_empty() && self.outbox.has_room(channel.pending_output()) {
+            let unread = std::mem::take(&mut self.unread);
+            self.frame(channel, &unread);
+        }
+        if self.close_pending && self.unread.is_empty() {
+            self.close_pending = false;
+            self.peer_closed(channel);
+        }
+    }
+
+    /// Passes the held-back tail of the input on, then calls the handler's
+    /// `handle_close`.
+    fn peer_closed(&mut self, channel: &mut Channel<'_>) {
+        if self.outbox.is_open() {
+            let mut callbacks = Callbacks {
+                handler: &mut self.handler,
+                channel: &mut *channel,
+                incoming: &mut self.incoming,
+                outbox: &mut self.outbox,
+                unread: &mut self.unread,
+                message_ended: false,
+            };
+            self.framer.finish(&mut callbacks);
+        }
+        if self.outbox.closing != Closing::Closed {
+            let (handler, mut chat) = self.split(channel);
+            handler.handle_close(&mut chat);
+        }
     }
 }
 
 impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
     /// Answers `true` while less than the output high-water mark waits to be
-    /// sent, fewer than the maximum of producers are queued, and the peer
-    /// has not closed.
+    /// sent, fewer than the maximum of producers are queued, no input read
+    /// earlier waits to be framed, and the peer has not closed.
     fn readable(&mut self, channel: &Channel<'_>) -> bool {
-        !self.read_eof && self.outbox.has_room(channel.pending_output())
+        !self.read_eof && self.unread.is_empty() && self.outbox.has_room(channel.pending_output())
     }
 
-    /// Answers `true` while producers are queued and less than the output
-    /// high-water mark waits to be sent.
+    /// Answers `true` while producers are queued, or input read earlier
+    /// waits to be framed, and less than the output high-water mark waits
+    /// to be sent.
     fn writable(&mut self, channel: &Channel<'_>) -> bool {
-        self.outbox.writable(channel.pending_output())
+        let pending = channel.pending_output();
+        self.outbox.writable(pending)
+            || ((!self.unread.is_empty() || self.close_pending) && self.outbox.has_room(pending))
     }
 
     /// Reads one buffer (64 KiB at most) and frames it, calling the
@@ -334,19 +428,23 @@ impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
             // the close into a reset) and dropped.
             return;
         }
-        let (framer, mut callbacks) = self.callbacks(channel);
-        framer.feed(&buf[..n], &mut callbacks);
+        self.frame(channel, &buf[..n]);
     }
 
     /// Pulls queued producers into the channel's output, up to the
     /// high-water mark; closes the channel once they are exhausted after
-    /// [`Chat::close_when_done`].
+    /// [`Chat::close_when_done`]. Then, below the mark, frames the input
+    /// that waited for the output to drain.
     fn handle_write(&mut self, channel: &mut Channel<'_>) {
         let mut buf = [0u8; PRODUCER_BUFFER];
         if let Err(error) = self.outbox.pump(channel, &mut buf) {
             let (handler, mut chat) = self.split(channel);
             handler.handle_error(&mut chat, error);
             chat.close();
+            return;
+        }
+        if self.outbox.is_open() {
+            self.frame_unread(channel);
         }
     }
 
@@ -356,17 +454,15 @@ impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
     }
 
     /// Passes the held-back tail of the input on, then calls the handler's
-    /// `handle_close`.
+    /// `handle_close`; after the input that waits for the output to drain,
+    /// if there is any.
     fn handle_close(&mut self, channel: &mut Channel<'_>) {
         self.read_eof = true;
-        if self.outbox.is_open() {
-            let (framer, mut callbacks) = self.callbacks(channel);
-            framer.finish(&mut callbacks);
+        if !self.unread.is_empty() && self.outbox.is_open() {
+            self.close_pending = true;
+            return;
         }
-        if self.outbox.closing != Closing::Closed {
-            let (handler, mut chat) = self.split(channel);
-            handler.handle_close(&mut chat);
-        }
+        self.peer_closed(channel);
     }
 
     fn handle_timer(&mut self, channel: &mut Channel<'_>, token: u64) {
@@ -391,6 +487,7 @@ pub struct Chat<'a> {
     framer: &'a mut Framer,
     incoming: &'a mut Vec<u8>,
     outbox: &'a mut Outbox,
+    unread: &'a mut Vec<u8>,
 }
 
 impl<'a> Chat<'a> {
@@ -458,6 +555,7 @@ impl<'a> Chat<'a> {
     /// a pending [`close_when_done`](Chat::close_when_done) happens now.
     pub fn discard_buffers(&mut self) {
         self.incoming.clear();
+        self.unread.clear();
         self.framer.clear();
         self.outbox.discard(&mut self.channel);
     }
@@ -538,6 +636,10 @@ struct Callbacks<'a, 'ch, H> {
     channel: &'a mut Channel<'ch>,
     incoming: &'a mut Vec<u8>,
     outbox: &'a mut Outbox,
+    unread: &'a mut Vec<u8>,
+    /// The last call ended a message (`found` or `overflow`): framing may
+    /// pause here without losing a message end.
+    message_ended: bool,
 }
 
 impl<'ch, H> Callbacks<'_, 'ch, H> {
@@ -546,31 +648,38 @@ impl<'ch, H> Callbacks<'_, 'ch, H> {
         framer: &'s mut Framer,
         incoming: &'s mut Vec<u8>,
         outbox: &'s mut Outbox,
+        unread: &'s mut Vec<u8>,
     ) -> Chat<'s> {
-        Chat { channel: channel.reborrow(), framer, incoming, outbox }
+        Chat { channel: channel.reborrow(), framer, incoming, outbox, unread }
     }
 }
 
 impl<H: ChatHandler> FrameSink for Callbacks<'_, '_, H> {
     fn collect(&mut self, framer: &mut Framer, data: &[u8]) {
-        let mut chat = Self::chat(self.channel, framer, self.incoming, self.outbox);
+        self.message_ended = false;
+        let mut chat = Self::chat(self.channel, framer, self.incoming, self.outbox, self.unread);
         self.handler.collect_incoming_data(&mut chat, data);
     }
 
     fn found(&mut self, framer: &mut Framer) {
-        let mut chat = Self::chat(self.channel, framer, self.incoming, self.outbox);
+        self.message_ended = true;
+        let mut chat = Self::chat(self.channel, framer, self.incoming, self.outbox, self.unread);
         self.handler.found_terminator(&mut chat);
     }
 
     fn overflow(&mut self, framer: &mut Framer) {
-        let mut chat = Self::chat(self.channel, framer, self.incoming, self.outbox);
+        self.message_ended = true;
+        let mut chat = Self::chat(self.channel, framer, self.incoming, self.outbox, self.unread);
         self.handler.input_overflow(&mut chat);
         self.incoming.clear();
     }
 
-    /// Once closing, the handler gets no more input.
+    /// Once closing, the handler gets no more input. After a complete
+    /// message, framing pauses while the output is over the high-water mark
+    /// (the rest of the input waits in the `AsyncChat`): that is what bounds
+    /// the memory of a pipelining peer that does not read.
     fn stop(&self) -> bool {
-        !self.outbox.is_open()
+        !self.outbox.is_open() || (self.message_ended && !self.outbox.has_room(self.channel.pending_output()))
     }
 }
 
