@@ -28,6 +28,10 @@
 //!   call_later, cancel_timer, shutdown_write, attach_fd, hand_over}`,
 //!   `DispatcherVtable::export_state` and `PluginDescriptor::import_state`
 //!   (cooperating channels, timers, pipes, state handover).
+//! * **1.2** added [`event::SHUTDOWN`] with its [`close_reason`] codes, and
+//!   appended `DispatcherVtable::import_channel` and
+//!   `PluginDescriptor::resume` (state that survives a reload: a listener's
+//!   shared state, and channels that find their listener again).
 //!
 //! # Ownership
 //!
@@ -42,7 +46,7 @@ use std::ffi::c_void;
 /// Major version of the ABI. A library whose major differs is refused.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version of the ABI: grows when fields are appended.
-pub const ABI_MINOR: u32 = 1;
+pub const ABI_MINOR: u32 = 2;
 /// First bytes of [`AbiTag`].
 pub const ABI_MAGIC: [u8; 8] = *b"ASYNCABI";
 /// Name of the static [`AbiTag`] every plugin exports.
@@ -173,6 +177,31 @@ pub mod event {
     pub const ERROR: u32 = 6;
     /// `handle_timer`; the argument is the token given to `call_later`.
     pub const TIMER: u32 = 7;
+    /// `handle_shutdown` (ABI 1.2): the host closes the channel gracefully
+    /// for a reason of its own; the argument is a [`close_reason`](super::close_reason)
+    /// code. The dispatcher is asked for output until it has none left.
+    /// Older plugins ignore event codes they do not know.
+    pub const SHUTDOWN: u32 = 8;
+}
+
+/// Why the host closes a channel the dispatcher did not close itself: the
+/// argument of [`event::SHUTDOWN`]. Readers treat an unknown code as
+/// [`close_reason::OTHER`].
+pub mod close_reason {
+    /// A reason this build does not know.
+    pub const OTHER: i64 = 0;
+    /// The listener's `idle_timeout` passed without traffic.
+    pub const IDLE_TIMEOUT: i64 = 1;
+    /// The control plane closed it (`CloseChannel`, `StopListener` with
+    /// `close_channels`).
+    pub const CONTROL: i64 = 2;
+    /// The daemon is draining (SIGTERM).
+    pub const DRAIN: i64 = 3;
+    /// A newer generation of the plugin is current and this generation's
+    /// drain timeout passed.
+    pub const RELOAD: i64 = 4;
+    /// The plugin's generation is being unloaded (`force`).
+    pub const UNLOAD: i64 = 5;
 }
 
 /// Which address `HostVtable::address` returns.
@@ -216,8 +245,22 @@ pub struct DispatcherVtable {
     pub drop: unsafe extern "C" fn(instance: *mut c_void),
     /// Asks `export_state()`: on [`status::OK`] the state was passed to
     /// `HostVtable::hand_over`; [`status::DECLINED`] keeps the channel on
-    /// its generation.
+    /// its generation. Asked of listening dispatchers too: their state goes
+    /// to the new generation's `PluginDescriptor::resume`.
     pub export_state: unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx) -> i32,
+    /// (1.2) Calls `import_channel` on a listening dispatcher: `ctx` is a
+    /// channel an older generation handed over with `state`. On
+    /// [`status::OK`] the channel's new dispatcher was written to `out`;
+    /// [`status::DECLINED`] keeps the channel on its old generation. Null
+    /// when the dispatcher does not import channels.
+    pub import_channel: Option<
+        unsafe extern "C" fn(
+            instance: *mut c_void,
+            ctx: *mut HostCtx,
+            state: StrRef,
+            out: *mut DispatcherHandle,
+        ) -> i32,
+    >,
 }
 
 /// Functions the host offers a plugin, passed once to `init`.
@@ -316,6 +359,20 @@ pub struct PluginDescriptor {
     /// from the state it exported; writes it to `out` on [`status::OK`].
     /// Null when the plugin does not import state.
     pub import_state: Option<unsafe extern "C" fn(ctx: *mut HostCtx, state: StrRef, out: *mut DispatcherHandle) -> i32>,
+    /// (1.2) Like `listen`, for a listener whose older generation's
+    /// listening dispatcher exported `state` (a reload or a rollback): the
+    /// listener's shared state carries over. Null when the plugin does not
+    /// resume state; the host then calls `listen` and says that the state
+    /// was left behind.
+    pub resume: Option<
+        unsafe extern "C" fn(
+            ctx: *mut HostCtx,
+            config: *const KeyValue,
+            n_config: usize,
+            state: StrRef,
+            out: *mut DispatcherHandle,
+        ) -> i32,
+    >,
 }
 
 // SAFETY: the descriptor is immutable static data (function pointers and

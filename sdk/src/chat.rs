@@ -104,7 +104,13 @@ pub use self::{
     producer::{FileProducer, Producer, SimpleProducer},
     terminator::{FrameSink, Framer, Terminator},
 };
-use crate::{channel::Channel, dispatcher::Dispatcher};
+use crate::{
+    channel::Channel,
+    dispatcher::{CloseReason, Dispatcher},
+};
+
+/// First bytes of an `AsyncChat`'s exported state.
+const STATE_MAGIC: &[u8] = b"asynchat1";
 
 /// Bytes read per `handle_read`. On the stack: no buffer per connection.
 const READ_BUFFER: usize = 64 * 1024;
@@ -200,6 +206,32 @@ pub trait ChatHandler: 'static {
     /// The default does nothing.
     fn handle_timer(&mut self, chat: &mut Chat<'_>, token: u64) {
         let _ = (chat, token);
+    }
+
+    /// The daemon closes the channel for a reason of its own (an idle
+    /// timeout, the control plane, a drain, a reload's drain timeout, an
+    /// unload): see [`Dispatcher::handle_shutdown`]. No more input is read
+    /// or framed.
+    ///
+    /// The default calls [`Chat::close_when_done`]: queued producers still
+    /// run and everything pushed reaches the peer, then the channel closes.
+    /// Push a goodbye first, or tell the rest of a room that this member
+    /// left, here.
+    fn handle_shutdown(&mut self, chat: &mut Chat<'_>, reason: CloseReason) {
+        let _ = reason;
+        chat.close_when_done();
+    }
+
+    /// Hot reload: the state of this conversation to carry to the new
+    /// generation (see [`Dispatcher::export_state`]). Asked only between
+    /// messages, with nothing queued to send: the `AsyncChat` adds its own
+    /// state (the terminator and the limits) around what this returns, and
+    /// [`AsyncChat::import`] rebuilds both.
+    ///
+    /// The default answers `None`: the channel stays on its generation.
+    fn export_state(&mut self, channel: &Channel<'_>) -> Option<Vec<u8>> {
+        let _ = channel;
+        None
     }
 
     /// An I/O error: the socket's, or one returned by a
@@ -307,6 +339,45 @@ impl<H: ChatHandler> AsyncChat<H> {
     pub fn with_max_queued_producers(mut self, max: usize) -> AsyncChat<H> {
         self.outbox.max_producers = max.max(1);
         self
+    }
+
+    /// Rebuilds an `AsyncChat` from what [`Dispatcher::export_state`]
+    /// returned for one in an older generation (in
+    /// [`Dispatcher::import_channel`] or [`Plugin::import_state`]): the
+    /// terminator and the limits come back as they were, and `handler`
+    /// makes the handler from the bytes its
+    /// [`ChatHandler::export_state`] returned. `None` when the state is not
+    /// an `AsyncChat`'s, or `handler` refuses it.
+    ///
+    /// [`Plugin::import_state`]: crate::Plugin::import_state
+    pub fn import(state: &[u8], handler: impl FnOnce(&[u8]) -> Option<H>) -> Option<AsyncChat<H>> {
+        let mut state = state.strip_prefix(STATE_MAGIC)?;
+        let mut take_u64 = || -> Option<u64> {
+            let (bytes, rest) = state.split_first_chunk::<8>()?;
+            state = rest;
+            Some(u64::from_le_bytes(*bytes))
+        };
+        let (kind, value) = (take_u64()?, take_u64()?);
+        let (max_input, high_water, max_producers) = (take_u64()?, take_u64()?, take_u64()?);
+        let terminator = match kind {
+            0 => Terminator::None,
+            1 => Terminator::Count(usize::try_from(value).ok()?),
+            2 => {
+                let len = usize::try_from(value).ok().filter(|&n| n > 0 && n <= state.len())?;
+                let (bytes, rest) = state.split_at(len);
+                state = rest;
+                Terminator::Bytes(bytes.to_vec())
+            }
+            _ => return None,
+        };
+        let usize_of = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Some(
+            AsyncChat::new(handler(state)?)
+                .with_terminator(terminator)
+                .with_max_input(usize_of(max_input))
+                .with_output_high_water(usize_of(high_water))
+                .with_max_queued_producers(usize_of(max_producers)),
+        )
     }
 
     /// A [`Chat`] over `channel` outside the handler's callbacks: in the
@@ -468,6 +539,45 @@ impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
     fn handle_timer(&mut self, channel: &mut Channel<'_>, token: u64) {
         let (handler, mut chat) = self.split(channel);
         handler.handle_timer(&mut chat, token);
+    }
+
+    /// Drops input read but not framed yet (new requests), then calls the
+    /// handler's `handle_shutdown`, whose default lets queued producers
+    /// finish before the channel closes.
+    fn handle_shutdown(&mut self, channel: &mut Channel<'_>, reason: CloseReason) {
+        self.unread.clear();
+        self.close_pending = false;
+        let (handler, mut chat) = self.split(channel);
+        handler.handle_shutdown(&mut chat, reason);
+    }
+
+    /// Hands the conversation over only between messages, with nothing
+    /// queued or unread: the terminator, the limits and what the handler's
+    /// `export_state` returns. See [`AsyncChat::import`].
+    fn export_state(&mut self, channel: &Channel<'_>) -> Option<Vec<u8>> {
+        let idle = self.framer.is_between_messages()
+            && self.incoming.is_empty()
+            && self.unread.is_empty()
+            && self.outbox.producers.is_empty()
+            && self.outbox.is_open()
+            && !self.read_eof;
+        if !idle {
+            return None;
+        }
+        let handler_state = self.handler.export_state(channel)?;
+        let (kind, value, bytes): (u64, u64, &[u8]) = match self.framer.get_terminator() {
+            Terminator::None => (0, 0, &[]),
+            Terminator::Count(n) => (1, *n as u64, &[]),
+            Terminator::Bytes(bytes) => (2, bytes.len() as u64, bytes),
+        };
+        let mut state = STATE_MAGIC.to_vec();
+        for n in [kind, value, self.framer.max_input() as u64, self.outbox.high_water as u64] {
+            state.extend_from_slice(&n.to_le_bytes());
+        }
+        state.extend_from_slice(&(self.outbox.max_producers as u64).to_le_bytes());
+        state.extend_from_slice(bytes);
+        state.extend_from_slice(&handler_state);
+        Some(state)
     }
 
     fn handle_error(&mut self, channel: &mut Channel<'_>, error: io::Error) {

@@ -138,4 +138,95 @@ pub trait Dispatcher: 'static {
         let _ = channel;
         None
     }
+
+    /// The daemon closes this channel gracefully for a reason of its own
+    /// (`reason`): an idle timeout, the control plane, the daemon draining,
+    /// a reload's drain timeout, an unload. Not called when the dispatcher
+    /// closed the channel itself, nor when the peer closed
+    /// ([`handle_close`](Dispatcher::handle_close)) or the socket failed
+    /// ([`handle_error`](Dispatcher::handle_error)).
+    ///
+    /// From now on the channel is not read. The daemon keeps asking
+    /// [`writable`](Dispatcher::writable) and calling
+    /// [`handle_write`](Dispatcher::handle_write) until `writable` answers
+    /// `false` or the dispatcher calls [`Channel::close`]; then it flushes
+    /// what was sent, shuts down writing and closes. So output the
+    /// dispatcher still holds (a file being streamed, a last answer, a
+    /// goodbye) reaches the peer. The whole close is bounded by the drain
+    /// timeout; what could not be delivered by then is logged with its
+    /// byte count.
+    ///
+    /// The default calls [`Channel::close`]: output already sent is
+    /// flushed, output still held is not produced.
+    fn handle_shutdown(&mut self, channel: &mut Channel<'_>, reason: CloseReason) {
+        let _ = reason;
+        channel.close();
+    }
+
+    /// Only for listening dispatchers of a generation that became current
+    /// by a reload or a rollback: `channel` is a connection an older
+    /// generation handed over, with the `state` its dispatcher's
+    /// [`export_state`](Dispatcher::export_state) returned. Return the
+    /// dispatcher that serves it from now on, or `None` to leave it on its
+    /// old generation. Because it is asked of the listener's (new)
+    /// listening dispatcher, the new dispatcher can share the listener's
+    /// state, as one made by [`handle_accepted`](Dispatcher::handle_accepted)
+    /// would.
+    ///
+    /// The default answers `None`: [`Plugin::import_state`] is tried next.
+    ///
+    /// [`Plugin::import_state`]: crate::Plugin::import_state
+    fn import_channel(&mut self, channel: &mut Channel<'_>, state: &[u8]) -> Option<Box<dyn Dispatcher>> {
+        let _ = (channel, state);
+        None
+    }
+}
+
+/// Why the daemon closes a channel: the argument of
+/// [`Dispatcher::handle_shutdown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The listener's `idle_timeout` passed without traffic.
+    IdleTimeout,
+    /// The control plane closed it (`asyncorectl channels close`, or a
+    /// listener stopped with `--close-channels`).
+    Control,
+    /// The daemon is draining (SIGTERM).
+    Drain,
+    /// A newer generation of the plugin is current and this generation's
+    /// drain timeout passed.
+    Reload,
+    /// This generation of the plugin is being unloaded.
+    Unload,
+    /// A reason this SDK does not know (from a newer daemon).
+    Other,
+}
+
+impl CloseReason {
+    /// The reason of an ABI close-reason code.
+    pub(crate) fn from_code(code: i64) -> CloseReason {
+        use crate::ffi::close_reason;
+        match code {
+            close_reason::IDLE_TIMEOUT => CloseReason::IdleTimeout,
+            close_reason::CONTROL => CloseReason::Control,
+            close_reason::DRAIN => CloseReason::Drain,
+            close_reason::RELOAD => CloseReason::Reload,
+            close_reason::UNLOAD => CloseReason::Unload,
+            _ => CloseReason::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::IdleTimeout => "idle timeout",
+            CloseReason::Control => "closed by the control plane",
+            CloseReason::Drain => "the daemon is draining",
+            CloseReason::Reload => "reloaded",
+            CloseReason::Unload => "unloaded",
+            CloseReason::Other => "closed by the daemon",
+        })
+    }
 }

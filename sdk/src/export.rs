@@ -19,7 +19,7 @@ use std::{
 use crate::{
     channel::Channel,
     config::Config,
-    dispatcher::Dispatcher,
+    dispatcher::{CloseReason, Dispatcher},
     ffi::{self, DispatcherHandle, DispatcherVtable, HostCtx, HostVtable, KeyValue, StrRef, status},
 };
 
@@ -71,6 +71,34 @@ pub trait Plugin: 'static {
     fn import_state(state: &[u8]) -> Result<Box<dyn Dispatcher>, String> {
         let _ = state;
         Err(format!("plugin {} does not import state", Self::NAME))
+    }
+
+    /// Whether [`resume`](Plugin::resume) is implemented: only then does a
+    /// listener's shared state carry over to this generation on a reload or
+    /// a rollback.
+    const RESUMES_STATE: bool = false;
+
+    /// A reload or a rollback with a listener's state: like
+    /// [`listen`](Plugin::listen), with the `state` that the older
+    /// generation's listening dispatcher returned from
+    /// [`Dispatcher::export_state`] (a cache, a chat room, a rate limiter,
+    /// serialised however you like). Set
+    /// [`RESUMES_STATE`](Plugin::RESUMES_STATE) too.
+    ///
+    /// Every callback, `listen`, `resume` and `import_state` run on the
+    /// daemon's loop thread, one at a time: the channels of one listener
+    /// can share its state through an `Rc<RefCell<_>>` that the listening
+    /// dispatcher hands to each dispatcher it makes (in
+    /// [`Dispatcher::handle_accepted`] and
+    /// [`Dispatcher::import_channel`]).
+    ///
+    /// # Errors
+    ///
+    /// As for `listen`: the reload is refused and the older generation
+    /// stays current. The default ignores the state and calls `listen`.
+    fn resume(config: &Config, state: &[u8]) -> Result<Box<dyn Dispatcher>, String> {
+        let _ = state;
+        Self::listen(config)
     }
 }
 
@@ -213,6 +241,7 @@ static DISPATCHER_VTABLE: DispatcherVtable = DispatcherVtable {
     handle_accepted: dispatcher_handle_accepted,
     drop: dispatcher_drop,
     export_state: dispatcher_export_state,
+    import_channel: Some(dispatcher_import_channel),
 };
 
 /// Moves a dispatcher behind the C ABI; the host frees it through the
@@ -279,6 +308,7 @@ unsafe extern "C" fn dispatcher_handle_event(instance: *mut c_void, ctx: *mut Ho
             ffi::event::EXPT => d.handle_expt(ch),
             ffi::event::ERROR => d.handle_error(ch, io::Error::from_raw_os_error(arg as i32)),
             ffi::event::TIMER => d.handle_timer(ch, arg as u64),
+            ffi::event::SHUTDOWN => d.handle_shutdown(ch, CloseReason::from_code(arg)),
             // An event this SDK does not know comes from a newer host;
             // ignoring it is what the default handler would do.
             _ => {}
@@ -298,6 +328,27 @@ unsafe extern "C" fn dispatcher_handle_accepted(
     // SAFETY: forwarded from the host's contract for vtable calls.
     let accepted = unsafe { with_slot(instance, ctx, |d, ch| d.handle_accepted(ch)) };
     match accepted {
+        Ok(Some(dispatcher)) => {
+            // SAFETY: the host passes a valid out pointer.
+            unsafe { out.write(into_handle(dispatcher)) };
+            status::OK
+        }
+        Ok(None) => status::DECLINED,
+        Err(()) => status::PANICKED,
+    }
+}
+
+unsafe extern "C" fn dispatcher_import_channel(
+    instance: *mut c_void,
+    ctx: *mut HostCtx,
+    state: StrRef,
+    out: *mut DispatcherHandle,
+) -> i32 {
+    // SAFETY: the host lends the state for the call.
+    let state = unsafe { state.as_bytes() };
+    // SAFETY: forwarded from the host's contract for vtable calls.
+    let imported = unsafe { with_slot(instance, ctx, |d, ch| d.import_channel(ch, state)) };
+    match imported {
         Ok(Some(dispatcher)) => {
             // SAFETY: the host passes a valid out pointer.
             unsafe { out.write(into_handle(dispatcher)) };
@@ -354,7 +405,38 @@ pub const fn descriptor<P: Plugin>() -> ffi::PluginDescriptor {
         on_load: plugin_on_load::<P>,
         listen: plugin_listen::<P>,
         import_state: if P::IMPORTS_STATE { Some(plugin_import_state::<P>) } else { None },
+        resume: if P::RESUMES_STATE { Some(plugin_resume::<P>) } else { None },
     }
+}
+
+unsafe extern "C" fn plugin_resume<P: Plugin>(
+    ctx: *mut HostCtx,
+    config: *const KeyValue,
+    n_config: usize,
+    state: StrRef,
+    out: *mut DispatcherHandle,
+) -> i32 {
+    // SAFETY: the host lends n_config entries for the call.
+    let config = unsafe { config_of(config, n_config) };
+    // SAFETY: the host lends the state for the call.
+    let state = unsafe { state.as_bytes() };
+    // SAFETY: forwarded from the host's contract for this call.
+    unsafe { new_dispatcher(ctx, out, || P::resume(&config, state)) }
+}
+
+/// The configuration the host lends to `listen` and `resume`.
+///
+/// # Safety
+///
+/// `config` must point to `n_config` entries valid for the call.
+unsafe fn config_of(config: *const KeyValue, n_config: usize) -> Config {
+    let entries = if n_config == 0 {
+        &[][..]
+    } else {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts(config, n_config) }
+    };
+    Config::from_ffi(entries)
 }
 
 unsafe extern "C" fn plugin_import_state<P: Plugin>(
@@ -436,13 +518,8 @@ unsafe extern "C" fn plugin_listen<P: Plugin>(
     n_config: usize,
     out: *mut DispatcherHandle,
 ) -> i32 {
-    let entries = if n_config == 0 {
-        &[][..]
-    } else {
-        // SAFETY: the host lends n_config entries for the call.
-        unsafe { std::slice::from_raw_parts(config, n_config) }
-    };
-    let config = Config::from_ffi(entries);
+    // SAFETY: the host lends n_config entries for the call.
+    let config = unsafe { config_of(config, n_config) };
     // SAFETY: forwarded from the host's contract for this call.
     unsafe { new_dispatcher(ctx, out, || P::listen(&config)) }
 }

@@ -92,7 +92,7 @@ pub use chat::{
     Framer, Producer, SimpleProducer, Terminator,
 };
 pub use config::Config;
-pub use dispatcher::Dispatcher;
+pub use dispatcher::{CloseReason, Dispatcher};
 pub use export::Plugin;
 
 #[doc(hidden)]

@@ -1,6 +1,6 @@
 //! Everything a plugin needs: `use asyncore_sdk::prelude::*;`.
 
 pub use crate::{
-    AsyncChat, Channel, ChannelId, Chat, ChatHandler, Config, Dispatcher, FileProducer, Plugin, Producer,
+    AsyncChat, Channel, ChannelId, Chat, ChatHandler, CloseReason, Config, Dispatcher, FileProducer, Plugin, Producer,
     SimpleProducer, Terminator, TimerId, export_plugin, log,
 };

@@ -217,6 +217,13 @@ impl Framer {
         self.discarding
     }
 
+    /// Whether the framer is between messages: nothing of a message was
+    /// collected yet, nothing is held back and nothing is being dropped. A
+    /// channel can move to another generation (or process) only then.
+    pub fn is_between_messages(&self) -> bool {
+        self.collected == 0 && self.held.is_empty() && !self.discarding
+    }
+
     /// Drops all input not yet framed: the held-back bytes and, when called
     /// from a callback of a running [`feed`](Framer::feed), the rest of that
     /// feed's input. The count towards [`max_input`](Framer::max_input)
