@@ -280,7 +280,9 @@ impl Drop for Member {
     }
 }
 
-struct ChatPlugin;
+/// The `chat` plugin: export it with `export_plugin!`, or run it in tests
+/// with `asyncore_testing::TestServer::start::<ChatPlugin>`.
+pub struct ChatPlugin;
 
 impl Plugin for ChatPlugin {
     const NAME: &'static str = "chat";

@@ -37,7 +37,9 @@ impl Dispatcher for EchoHandler {
     }
 }
 
-struct Echo;
+/// The `echo` plugin: export it with `export_plugin!`, or run it in tests
+/// with `asyncore_testing::TestServer::start::<Echo>`.
+pub struct Echo;
 
 impl Plugin for Echo {
     const NAME: &'static str = "echo";

@@ -220,7 +220,9 @@ impl HttpHandler {
     }
 }
 
-struct Http;
+/// The `http` plugin: export it with `export_plugin!`, or run it in tests
+/// with `asyncore_testing::TestServer::start::<Http>`.
+pub struct Http;
 
 impl Plugin for Http {
     const NAME: &'static str = "http";

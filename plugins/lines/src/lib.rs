@@ -96,7 +96,9 @@ fn unescape(value: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-struct Lines;
+/// The `lines` plugin: export it with `export_plugin!`, or run it in tests
+/// with `asyncore_testing::TestServer::start::<Lines>`.
+pub struct Lines;
 
 impl Plugin for Lines {
     const NAME: &'static str = "lines";

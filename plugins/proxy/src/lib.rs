@@ -150,7 +150,9 @@ impl Dispatcher for Side {
     }
 }
 
-struct Proxy;
+/// The `proxy` plugin: export it with `export_plugin!`, or run it in tests
+/// with `asyncore_testing::TestServer::start::<Proxy>`.
+pub struct Proxy;
 
 impl Plugin for Proxy {
     const NAME: &'static str = "proxy";
