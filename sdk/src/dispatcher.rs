@@ -31,7 +31,10 @@ pub trait Dispatcher: 'static {
     /// Answering `false` applies backpressure: the kernel's receive buffer
     /// fills and the peer's sends slow down. The answer is cached until a
     /// handler of this channel runs again, so it costs nothing on idle
-    /// channels.
+    /// channels. If the answer depends on something another channel
+    /// changes (a shared queue, a peer's pending output), that channel must
+    /// call [`Channel::wake`] with this channel's id: otherwise the cached
+    /// answer stands and this channel stalls.
     ///
     /// The default answers `true`.
     fn readable(&mut self, channel: &Channel<'_>) -> bool {
@@ -46,6 +49,8 @@ pub trait Dispatcher: 'static {
     /// Output queued with [`Channel::send`] is flushed by the host whatever
     /// this answers (asyncore's `dispatcher_with_send`), so answer `true` only
     /// to produce more output lazily.
+    /// Cached like `readable`: a channel that fills this one's queue must
+    /// [`wake`](Channel::wake) it.
     ///
     /// The default answers `false`.
     fn writable(&mut self, channel: &Channel<'_>) -> bool {

@@ -39,7 +39,7 @@
 //! }
 //!
 //! let server = TestServer::start::<UpperPlugin>(Config::default()).unwrap();
-//! let mut client = std::net::TcpStream::connect(server.addr()).unwrap();
+//! let mut client = server.connect(); // reads time out instead of hanging
 //! client.write_all(b"hello").unwrap();
 //! let mut back = [0u8; 5];
 //! client.read_exact(&mut back).unwrap();
@@ -54,28 +54,36 @@
 //! directly), or make the crate `crate-type = ["cdylib", "rlib"]` so that
 //! `tests/*.rs` can `use` it. Add this crate under `[dev-dependencies]`.
 //!
-//! # One process, one SDK
+//! # One plugin per test binary
 //!
-//! Every plugin tested in one test binary shares that binary's copy of the
-//! SDK, so the first plugin started registers the engine as the host of
+//! `export_plugin!` exports symbols of fixed names, so two plugin crates
+//! linked into one test binary clash: test each plugin in its own crate's
+//! tests. Plugin types defined inside a test file (without
+//! `export_plugin!`) can share a binary; they all use that binary's copy of
+//! the SDK, so the first one started registers the engine as the host of
 //! them all. That is harmless (the host functions are the same), except
 //! that log records are attributed to the plugin that started first.
+//!
+//! # Waiting
+//!
+//! Tests wait for what they can observe, never for a fixed time:
+//! [`TestServer::connect`] gives a stream whose reads time out, and
+//! [`eventually`] retries a condition until it holds or the patience
+//! (`ASYNCORE_TEST_PATIENCE_MS`, 10 s by default) runs out.
 
 #![forbid(unsafe_code)]
 
 use std::{
     collections::BTreeMap,
     io,
-    net::SocketAddr,
+    net::{SocketAddr, TcpStream},
     sync::{Arc, Mutex},
     thread,
+    time::{Duration, Instant},
 };
 
-use asyncore_engine::{
-    Command, CommandError, Engine, EngineHandle,
-    command::{ChannelKind, ListenerInfo},
-    plugin_host,
-};
+pub use asyncore_engine::command::{ChannelInfo, ChannelKind, ChannelState};
+use asyncore_engine::{Command, CommandError, Engine, EngineHandle, command::ListenerInfo, plugin_host};
 use asyncore_sdk::{Config, Plugin};
 
 /// A plugin served on `127.0.0.1:0` by the real engine on its own thread;
@@ -146,16 +154,47 @@ impl TestServer {
         self.addr
     }
 
-    /// Channels open now (connections and the channels they created, not
-    /// the listener), as the daemon's `ListChannels` counts them.
+    /// A connection to the server whose reads time out after the patience
+    /// (see [`eventually`]), so that a test fails instead of hanging.
+    ///
+    /// # Panics
+    ///
+    /// If the connection fails.
+    #[track_caller]
+    pub fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.addr).expect("connect to the test server");
+        stream.set_read_timeout(Some(patience())).expect("set a read timeout");
+        stream
+    }
+
+    /// Channels open now: connections and the channels they created, not
+    /// the listener, and not those already closing (flushing their output
+    /// or waiting for the peer's close, as the daemon's `ListChannels`
+    /// shows them with state `closing`).
     pub fn n_channels(&self) -> u64 {
+        self.channels().iter().filter(|ch| ch.state != ChannelState::Closing).count() as u64
+    }
+
+    /// Every channel of the listener, the listening one excepted, as the
+    /// daemon's `ListChannels` lists them (closing ones included).
+    pub fn channels(&self) -> Vec<ChannelInfo> {
         let listed = self.engine.request_blocking(|reply| Command::ListChannels {
             listener_id: Some(self.listener_id),
             after: 0,
             limit: usize::MAX,
             reply,
         });
-        listed.map_or(0, |channels| channels.iter().filter(|ch| ch.kind != ChannelKind::Listening).count() as u64)
+        listed.map_or_else(
+            |_| Vec::new(),
+            |channels| channels.into_iter().filter(|ch| ch.kind != ChannelKind::Listening).collect(),
+        )
+    }
+
+    /// The channel serving the client whose local address is `peer` (what
+    /// `TcpStream::local_addr` answers on the test's side), for
+    /// [`close_channel`](TestServer::close_channel).
+    pub fn channel_by_peer(&self, peer: SocketAddr) -> Option<ChannelInfo> {
+        self.channels().into_iter().find(|ch| ch.peer_address == Some(peer))
     }
 
     /// Callbacks that panicked so far.
@@ -196,6 +235,32 @@ impl Drop for TestServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// How long a test waits for something before it fails:
+/// `ASYNCORE_TEST_PATIENCE_MS` milliseconds, 10 s by default (raise it on
+/// a slow machine).
+pub fn patience() -> Duration {
+    let ms = std::env::var("ASYNCORE_TEST_PATIENCE_MS").ok().and_then(|ms| ms.parse().ok()).unwrap_or(10_000);
+    Duration::from_millis(ms)
+}
+
+/// Retries `condition` until it answers `true`; panics naming `what` once
+/// the [`patience`] ran out.
+///
+/// ```no_run
+/// # let server: asyncore_testing::TestServer = unimplemented!();
+/// asyncore_testing::eventually("both clients are served", || server.n_channels() == 2);
+/// ```
+#[track_caller]
+pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + patience();
+    let mut pause = Duration::from_millis(1);
+    while !condition() {
+        assert!(Instant::now() < deadline, "waited {:?} for: {what}", patience());
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

@@ -55,7 +55,7 @@ impl Plugin for LinesPlugin {
 #[test]
 fn an_async_chat_over_real_sockets() {
     let server = TestServer::start::<LinesPlugin>(Config::default()).unwrap();
-    let mut client = TcpStream::connect(server.addr()).unwrap();
+    let mut client = server.connect();
     // Split across writes, one byte at a time for the first line.
     for byte in b"one\n" {
         client.write_all(&[*byte]).unwrap();
@@ -72,8 +72,8 @@ fn an_async_chat_over_real_sockets() {
 #[test]
 fn a_panic_closes_only_its_channel() {
     let server = TestServer::start::<LinesPlugin>(Config::default()).unwrap();
-    let mut calm = BufReader::new(TcpStream::connect(server.addr()).unwrap());
-    let mut doomed = TcpStream::connect(server.addr()).unwrap();
+    let mut calm = BufReader::new(server.connect());
+    let mut doomed = server.connect();
     doomed.write_all(b"boom\n").unwrap();
     let mut rest = Vec::new();
     doomed.read_to_end(&mut rest).unwrap();
