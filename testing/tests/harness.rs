@@ -3,7 +3,6 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::TcpStream,
     thread,
     time::Duration,
 };
