@@ -15,6 +15,12 @@
 //! The room is shared by the dispatchers of one listener, all on the poll
 //! thread: an `Rc<RefCell<Room>>` made in `Plugin::listen`. Members hold
 //! channel ids, never channels; fan-out is `Channel::send_to`.
+//!
+//! A member closed by the daemon (idle timeout, operator, drain, unload) is
+//! told why (`* closing: reason\n`) and the others see it leave. The room
+//! survives a reload or a rollback: the listening dispatcher exports it
+//! (members and their nicks), the new generation resumes it, and every
+//! member between lines moves to the new generation into the same room.
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +40,20 @@ struct ChatServer {
 }
 
 impl Dispatcher for ChatServer {
+    fn export_state(&mut self, _: &Channel<'_>) -> Option<Vec<u8>> {
+        Some(self.room.borrow().encode())
+    }
+
+    /// A member that an older generation handed over: same channel, same
+    /// seat (the resumed room knows its nick).
+    fn import_channel(&mut self, channel: &mut Channel<'_>, state: &[u8]) -> Option<Box<dyn Dispatcher>> {
+        let channel_id = channel.id();
+        self.room.borrow().nick(channel_id)?;
+        let room = self.room.clone();
+        let chat = AsyncChat::import(state, |_| Some(Member { room, channel_id, moved: false }))?;
+        Some(Box::new(chat))
+    }
+
     fn handle_accepted(&mut self, channel: &mut Channel<'_>) -> Option<Box<dyn Dispatcher>> {
         let channel_id = channel.id();
         let mut room = self.room.borrow_mut();
@@ -43,7 +63,7 @@ impl Dispatcher for ChatServer {
         log!(debug, "channel {channel_id}: {nick} joined");
         room.fan_out(channel, Some(channel_id), format!("* {nick} joined\n").as_bytes());
         drop(room);
-        let member = Member { room: self.room.clone(), channel_id };
+        let member = Member { room: self.room.clone(), channel_id, moved: false };
         Some(Box::new(AsyncChat::new(member).with_terminator(b"\n").with_max_input(self.max_line)))
     }
 }
@@ -136,6 +156,37 @@ impl Room {
         self.members.get(&channel_id).map(|seat| seat.nick.as_str())
     }
 
+    /// The room as text for a reload: a `member ID NICK` line per member and
+    /// a `departed NICK` line per leave notice still owed. Nicks hold no
+    /// spaces or newlines.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = String::new();
+        for (id, seat) in &self.members {
+            out.push_str(&format!("member {} {}\n", id.0, seat.nick));
+        }
+        for nick in &self.departed {
+            out.push_str(&format!("departed {nick}\n"));
+        }
+        out.into_bytes()
+    }
+
+    /// The room `encode` wrote.
+    fn decode(state: &[u8], max_backlog: usize) -> Option<Room> {
+        let mut room = Room::new(max_backlog);
+        for line in std::str::from_utf8(state).ok()?.lines() {
+            match line.split(' ').collect::<Vec<_>>().as_slice() {
+                ["member", id, nick] if is_valid_nick(nick) => {
+                    let id = ChannelId(id.parse().ok()?);
+                    room.nicks.insert(nick.to_ascii_lowercase(), id);
+                    room.members.insert(id, Seat { nick: nick.to_string(), slow: false, skipped: 0 });
+                }
+                ["departed", nick] => room.departed.push(nick.to_string()),
+                _ => return None,
+            }
+        }
+        Some(room)
+    }
+
     /// Sends `message` to every member but `except`, after the leave
     /// notices still owed, through `channel` (whichever channel's callback
     /// is running).
@@ -206,6 +257,9 @@ fn is_valid_nick(nick: &str) -> bool {
 struct Member {
     room: Rc<RefCell<Room>>,
     channel_id: ChannelId,
+    /// Handed over to a newer generation: its seat went with it, so
+    /// dropping this old dispatcher is not a leave.
+    moved: bool,
 }
 
 impl Member {
@@ -263,12 +317,30 @@ impl ChatHandler for Member {
         log!(info, "channel {}: {error}", self.channel_id);
         self.leave(chat);
     }
+
+    /// Says why to the member, tells the others it left, and lets its
+    /// output go out before the channel closes.
+    fn handle_shutdown(&mut self, chat: &mut Chat<'_>, reason: CloseReason) {
+        chat.push(format!("* closing: {reason}\n").as_bytes());
+        self.leave(chat);
+        chat.close_when_done();
+    }
+
+    /// Between lines a member holds nothing but its seat, which the room
+    /// carries.
+    fn export_state(&mut self, _: &Channel<'_>) -> Option<Vec<u8>> {
+        self.moved = true;
+        Some(Vec::new())
+    }
 }
 
 /// The safety net: a channel closed without a callback (by the operator,
 /// after a panic) still leaves the room.
 impl Drop for Member {
     fn drop(&mut self) {
+        if self.moved {
+            return;
+        }
         // Dispatchers are dropped between callbacks, when nothing holds the
         // room; try_borrow_mut keeps a surprise from panicking in drop.
         if let Ok(mut room) = self.room.try_borrow_mut()
@@ -287,8 +359,21 @@ pub struct ChatPlugin;
 impl Plugin for ChatPlugin {
     const NAME: &'static str = "chat";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const RESUMES_STATE: bool = true;
 
     fn listen(config: &Config) -> Result<Box<dyn Dispatcher>, String> {
+        ChatPlugin::serve(config, None)
+    }
+
+    fn resume(config: &Config, state: &[u8]) -> Result<Box<dyn Dispatcher>, String> {
+        ChatPlugin::serve(config, Some(state))
+    }
+}
+
+impl ChatPlugin {
+    /// The listening dispatcher, with a new room or the one a reload
+    /// carried.
+    fn serve(config: &Config, state: Option<&[u8]>) -> Result<Box<dyn Dispatcher>, String> {
         let max_backlog = config.parse_or("max_backlog", 1024 * 1024)?;
         if max_backlog == 0 {
             return Err("config max_backlog: must be at least 1".to_string());
@@ -297,7 +382,11 @@ impl Plugin for ChatPlugin {
         if max_line == 0 {
             return Err("config max_line: must be at least 1".to_string());
         }
-        Ok(Box::new(ChatServer { room: Rc::new(RefCell::new(Room::new(max_backlog))), max_line }))
+        let room = match state {
+            None => Room::new(max_backlog),
+            Some(state) => Room::decode(state, max_backlog).ok_or("chat: the room carried by the reload is damaged")?,
+        };
+        Ok(Box::new(ChatServer { room: Rc::new(RefCell::new(room)), max_line }))
     }
 }
 
@@ -306,6 +395,12 @@ export_plugin!(ChatPlugin);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Room {
+        fn clone_nicks(&self) -> HashMap<String, ChannelId> {
+            self.nicks.clone()
+        }
+    }
 
     #[test]
     fn nicks_are_validated() {
@@ -334,6 +429,21 @@ mod tests {
         assert!(room.leave(ChannelId(1)).is_some());
         assert!(room.leave(ChannelId(1)).is_none());
         assert_eq!(room.rename(ChannelId(2), "alice").ok().as_deref(), Some("guest1"));
+    }
+
+    #[test]
+    fn a_room_survives_encoding() {
+        let mut room = Room::new(1024);
+        room.join(ChannelId(3));
+        room.join(ChannelId(7));
+        room.rename(ChannelId(7), "Alice").ok().unwrap();
+        room.departed.push("bob".into());
+        let back = Room::decode(&room.encode(), 1024).unwrap();
+        assert_eq!(back.nick(ChannelId(3)), Some("guest3"));
+        assert_eq!(back.nick(ChannelId(7)), Some("Alice"));
+        assert_eq!(back.departed, ["bob"]);
+        assert!(matches!(back.clone_nicks().get("alice"), Some(&ChannelId(7))));
+        assert!(Room::decode(b"member x y", 1024).is_none());
     }
 
     #[test]
