@@ -1,0 +1,255 @@
+//! The way to the daemon and what to say when it fails: the control
+//! address, connecting with bounded waits, and the mapping of every error to
+//! one line on stderr and an exit code.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+const DEFAULT_CONTROL: &str = "127.0.0.1:50051";
+const CONTROL_ENV: &str = "ASYNCORED_CONTROL";
+
+/// Bounds the TCP connect, and separately the whole connect including the
+/// HTTP/2 handshake: a wrong port that accepts but never speaks HTTP/2 would
+/// otherwise hang the CLI forever.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long to wait for the response headers of a call. tonic only sends
+/// the HTTP/2 preface while connecting, so a peer that accepts and then says
+/// nothing is only noticed here. Streaming calls are bounded until their
+/// first headers only, so `stats` can run for as long as the user wants.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) const EXIT_FAILURE: u8 = 1;
+/// clap's own code for usage errors, which [`Refused`] shares.
+pub(crate) const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_UNREACHABLE: u8 = 3;
+
+/// The daemon's address as the user wrote it (for messages) and as a URI
+/// (for tonic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ControlTarget {
+    shown: String,
+    uri: String,
+}
+
+/// The daemon did not answer: the connect failed, or the connection broke or
+/// timed out before a reply. As opposed to the daemon answering with an
+/// error, it gets its own exit code so scripts can tell "down" from "no".
+#[derive(Debug)]
+struct Unreachable {
+    address: String,
+    reason: String,
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot reach the daemon at {}: {}", self.address, self.reason)
+    }
+}
+
+impl StdError for Unreachable {}
+
+/// A request refused before anything was done, for a reason clap cannot
+/// check (a directory that is not empty, a name Cargo would refuse): exit
+/// code 2 like clap's usage errors, but one line, since the usage text
+/// would not help.
+#[derive(Debug)]
+pub(crate) struct Refused(pub(crate) String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for Refused {}
+
+/// The control address from `--control`, else `ASYNCORED_CONTROL`, else the
+/// default.
+pub(crate) fn control_address(flag: Option<String>) -> String {
+    flag
+        // An empty variable counts as unset, as `ASYNCORED_CONTROL= cmd` means.
+        .or_else(|| std::env::var(CONTROL_ENV).ok().filter(|value| !value.is_empty()))
+        .unwrap_or_else(|| DEFAULT_CONTROL.to_owned())
+}
+
+/// Turns `host:port` or `http://host:port` into the URI tonic wants.
+///
+/// Only plain `http://` is accepted: the daemon's control API has no TLS, and
+/// tonic here is built without it.
+pub(crate) fn control_target(address: &str) -> Result<ControlTarget, String> {
+    let uri = match address.split_once("://") {
+        Some(("http", _)) => address.to_owned(),
+        Some((scheme, _)) => {
+            return Err(format!(
+                "control address {address:?}: scheme {scheme}:// is not supported, use host:port or http://host:port"
+            ));
+        }
+        None => format!("http://{address}"),
+    };
+    Endpoint::from_shared(uri.clone())
+        .map_err(|_| format!("control address {address:?} is not valid, expected host:port or http://host:port"))?;
+    Ok(ControlTarget { shown: address.to_owned(), uri })
+}
+
+pub(crate) async fn connect(target: &ControlTarget) -> anyhow::Result<Channel> {
+    let unreachable = |reason: String| Unreachable { address: target.shown.clone(), reason };
+    let endpoint = Endpoint::from_shared(target.uri.clone())
+        .map_err(|error| unreachable(root_cause_text(&error)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(error)) => Err(unreachable(root_cause_text(&error)).into()),
+        Err(_elapsed) => Err(unreachable("timed out".to_owned()).into()),
+    }
+}
+
+/// A call that failed in the transport (connection reset, peer closed, timed
+/// out) yields a `Status` that tonic made up on our side; unlike a status
+/// the daemon sent, it carries the transport error as its source. Either way
+/// the daemon did not answer, so it is reported like a failed connect.
+pub(crate) fn transport_failure_as_unreachable(error: anyhow::Error, target: &ControlTarget) -> anyhow::Error {
+    match error.downcast::<tonic::Status>() {
+        Ok(status) if status.source().is_some() => {
+            Unreachable { address: target.shown.clone(), reason: root_cause_text(&status) }.into()
+        }
+        Ok(status) => status.into(),
+        Err(error) => error,
+    }
+}
+
+/// The innermost cause of a transport error, which is the useful part:
+/// tonic's own layers only say "transport error".
+fn root_cause_text(error: &(dyn StdError + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    match cause.downcast_ref::<io::Error>() {
+        Some(io_error) => io_error_text(io_error),
+        None => cause.to_string(),
+    }
+}
+
+/// "Connection refused (os error 111)" becomes "connection refused", to
+/// match the lowercase style of every other message we print.
+pub(crate) fn io_error_text(error: &io::Error) -> String {
+    let text = error.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(index) if text.ends_with(')') => &text[..index],
+        _ => &text,
+    };
+    lowercase_first(text)
+}
+
+fn lowercase_first(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// The one line printed after `asyncorectl: ` for a failed command.
+pub(crate) fn describe_error(error: &anyhow::Error) -> String {
+    match error.downcast_ref::<tonic::Status>() {
+        Some(status) if status.message().is_empty() => code_name(status.code()).to_owned(),
+        Some(status) => format!("{}: {}", code_name(status.code()), status.message()),
+        None => format!("{error:#}"),
+    }
+}
+
+pub(crate) fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<Unreachable>().is_some() {
+        EXIT_UNREACHABLE
+    } else if error.downcast_ref::<Refused>().is_some() {
+        EXIT_USAGE
+    } else {
+        EXIT_FAILURE
+    }
+}
+
+pub(crate) fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<io::Error>().is_some_and(|io_error| io_error.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// The gRPC code as lowercase words, as in `not found: no channel 42`.
+/// tonic's `Display` for `Code` is a sentence, and its `Debug` is CamelCase.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_addresses() {
+        assert_eq!(control_target("127.0.0.1:50051").map(|target| target.uri), Ok("http://127.0.0.1:50051".to_owned()));
+        assert_eq!(control_target("http://[::1]:7000").map(|target| target.uri), Ok("http://[::1]:7000".to_owned()));
+        assert!(control_target("https://example:1").is_err());
+        assert!(control_target("not a host").is_err());
+    }
+
+    #[test]
+    fn status_errors_name_their_code() {
+        let error = anyhow::Error::from(tonic::Status::not_found("no channel 42"));
+        assert_eq!(describe_error(&error), "not found: no channel 42");
+        assert_eq!(exit_code(&error), EXIT_FAILURE);
+    }
+
+    #[test]
+    fn refusals_are_usage_errors() {
+        let error = anyhow::Error::from(Refused("plugin name \"9\" must start with a letter".to_owned()));
+        assert_eq!(describe_error(&error), "plugin name \"9\" must start with a letter");
+        assert_eq!(exit_code(&error), EXIT_USAGE);
+    }
+
+    #[test]
+    fn transport_statuses_are_unreachable() {
+        let target = control_target("127.0.0.1:1").unwrap();
+        let mut status = tonic::Status::from_error(Box::new(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "Connection reset by peer (os error 104)",
+        )));
+        let error = transport_failure_as_unreachable(status.into(), &target);
+        assert_eq!(exit_code(&error), EXIT_UNREACHABLE);
+        assert_eq!(describe_error(&error), "cannot reach the daemon at 127.0.0.1:1: connection reset by peer");
+
+        status = tonic::Status::unavailable("daemon draining");
+        let error = transport_failure_as_unreachable(status.into(), &target);
+        assert_eq!(exit_code(&error), EXIT_FAILURE);
+        assert_eq!(describe_error(&error), "unavailable: daemon draining");
+    }
+
+    #[test]
+    fn io_errors_lose_the_os_error_suffix() {
+        let error = io::Error::other("Connection refused (os error 111)");
+        assert_eq!(io_error_text(&error), "connection refused");
+    }
+}
