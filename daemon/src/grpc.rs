@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use asyncore_engine::{
-    command::{Command, CommandError, EngineHandle, StatsFilter},
+    command::{Command, CommandError, EngineHandle, LoadPlugin, StatsFilter},
     plugin_host::{PluginLoadError, PluginPolicy},
 };
 
@@ -277,7 +277,7 @@ impl v1::channels_server::Channels for ControlApi {
             }
             ms => Duration::from_millis(u64::from(ms)),
         };
-        let filter = StatsFilter { listener_id: request.listener_id, channel_ids: request.channel_ids };
+        let filter = StatsFilter::new(request.listener_id, request.channel_ids);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(watch_stats(self.engine.clone(), filter, interval, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -329,22 +329,21 @@ async fn watch_stats(
 }
 
 impl ControlApi {
-    /// Checks `path` against the plugin policy, loads it (off the loop) and
-    /// adds it to the engine.
-    async fn load(
-        &self,
-        path: &str,
-        expected_name: Option<&str>,
-        activate: bool,
-        drain_timeout: Option<Duration>,
-    ) -> Result<Response<v1::Plugin>, Status> {
-        if path.trim().is_empty() {
-            return Err(Status::invalid_argument("path is empty; give the path of a plugin library (.so)"));
-        }
-        let path = self.policy.check(&PathBuf::from(path)).map_err(|e| status(e.into()))?;
-        let plugin = self.engine.load_plugin(path, expected_name, activate, drain_timeout).await.map_err(status)?;
+    /// Checks the request's path against the plugin policy, loads it (off
+    /// the loop) and adds it to the engine.
+    async fn load(&self, request: LoadPlugin) -> Result<Response<v1::Plugin>, Status> {
+        let path = self.policy.check(&request.path).map_err(|e| status(e.into()))?;
+        let plugin = self.engine.load_plugin(LoadPlugin { path, ..request }).await.map_err(status)?;
         Ok(Response::new(convert::plugin(plugin)))
     }
+}
+
+/// The path of a plugin library, as a request gives it.
+fn plugin_path(text: String) -> Result<PathBuf, Status> {
+    if text.trim().is_empty() {
+        return Err(Status::invalid_argument("path is empty; give the path of a plugin library (.so)"));
+    }
+    Ok(PathBuf::from(text))
 }
 
 fn drain_timeout(ms: u64) -> Option<Duration> {
@@ -363,7 +362,8 @@ impl v1::plugins_server::Plugins for ControlApi {
     async fn load_plugin(&self, request: Request<v1::LoadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
         self.check_not_draining()?;
         let request = request.into_inner();
-        self.load(&request.path, None, request.activate, None).await
+        let path = plugin_path(request.path)?;
+        self.load(LoadPlugin { path, activate: request.activate, ..LoadPlugin::default() }).await
     }
 
     async fn list_plugins(
@@ -380,12 +380,17 @@ impl v1::plugins_server::Plugins for ControlApi {
         require_name(&request.name)?;
         let path = if request.path.is_empty() {
             let name = request.name.clone();
-            let source = self.engine.request(|reply| Command::PluginSource { name, reply }).await.map_err(status)?;
-            source.display().to_string()
+            self.engine.request(|reply| Command::PluginSource { name, reply }).await.map_err(status)?
         } else {
-            request.path
+            plugin_path(request.path)?
         };
-        self.load(&path, Some(&request.name), true, drain_timeout(request.drain_timeout_ms)).await
+        self.load(LoadPlugin {
+            path,
+            expected_name: Some(request.name),
+            activate: true,
+            drain_timeout: drain_timeout(request.drain_timeout_ms),
+        })
+        .await
     }
 
     async fn activate_plugin(

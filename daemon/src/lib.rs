@@ -30,51 +30,49 @@ pub use crate::{
     lifecycle::{Lifecycle, Phase},
 };
 
+/// How long dropping a daemon waits for its poll loop to exit. The loop
+/// exits at its next pass; only a plugin callback that blocks, against the
+/// SDK's contract, can hold it up longer.
+const STOP_PATIENCE: Duration = Duration::from_secs(5);
+
 /// A started daemon: the poll-loop thread and the control API.
+///
+/// Dropping it stops everything it started: the poll loop exits (closing
+/// every listener and channel, which the loop thread owns; the drop blocks
+/// until the thread has ended, a few milliseconds), the control API stops
+/// listening and the plugin watcher is cancelled. [`drain`](Daemon::drain)
+/// and [`shutdown`](Daemon::shutdown) are the graceful ways; dropping is what
+/// a failed start or a finished test does.
 #[derive(Debug)]
 pub struct Daemon {
     control: SocketAddr,
     engine: EngineHandle,
     lifecycle: Lifecycle,
-    poll_thread: Option<thread::JoinHandle<()>>,
+    poll_loop: PollThread,
     server: tokio::task::JoinHandle<()>,
     stop_server: Option<oneshot::Sender<()>>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
     drain_timeout: Duration,
 }
 
 impl Daemon {
     /// Starts the poll loop, loads the plugin directories, starts the
     /// configured listeners and serves the control API. Returns once all of
-    /// it is up (the lifecycle is then `Running`).
+    /// it is up (the lifecycle is then `Running`). Must be called within a
+    /// tokio runtime, which then serves the control API.
     ///
     /// # Errors
     ///
     /// If the control address or a configured listener cannot be bound, or
     /// the poll loop cannot start. A plugin that fails to load is reported
-    /// and skipped.
+    /// and skipped. Whatever had started by then is stopped again: the poll
+    /// thread exits and the listeners it had bound are closed.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         let lifecycle = Lifecycle::default();
-        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-        let lifecycle_for_loop = lifecycle.clone();
-        let poll_thread = thread::Builder::new()
-            .name("poll-loop".to_string())
-            .spawn(move || {
-                let mut engine = match Engine::new() {
-                    Ok(engine) => engine,
-                    Err(e) => {
-                        let _ = handle_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = handle_tx.send(Ok(engine.handle()));
-                if let Err(e) = engine.run() {
-                    tracing::error!(error = %e, "poll loop failed");
-                }
-                lifecycle_for_loop.set(Phase::Stopped);
-            })
-            .context("cannot start the poll-loop thread")?;
-        let engine =
-            handle_rx.recv().context("the poll-loop thread died at start")?.context("cannot create the poller")?;
+        // From here on, an early return drops `poll_loop`, which stops the
+        // thread and so closes whatever it bound.
+        let poll_loop = PollThread::spawn(lifecycle.clone())?;
+        let engine = poll_loop.engine.clone();
 
         for dir in &config.plugin_dirs {
             load_plugin_dir(&engine, dir).await;
@@ -96,12 +94,13 @@ impl Daemon {
             .await
             .with_context(|| format!("cannot bind the control api on {}", config.control))?;
         let control_addr = control.local_addr()?;
+        // Nothing below fails: the tasks spawned now are cancelled by `Drop`.
         let (stop_server, stopped) = oneshot::channel::<()>();
         let policy = PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
-        if config.watch {
+        let watcher = config.watch.then(|| {
             info!("watching plugin libraries for changes");
-            tokio::spawn(watch::watch_plugins(engine.clone(), policy.clone()));
-        }
+            tokio::spawn(watch::watch_plugins(engine.clone(), policy.clone()))
+        });
         let api = grpc::ControlApi::new(engine.clone(), lifecycle.clone(), policy);
         let server = tokio::spawn(async move {
             if let Err(e) = api
@@ -119,9 +118,10 @@ impl Daemon {
             control: control_addr,
             engine,
             lifecycle,
-            poll_thread: Some(poll_thread),
+            poll_loop,
             server,
             stop_server: Some(stop_server),
+            watcher,
             drain_timeout: Duration::from_secs(config.drain_timeout_secs),
         })
     }
@@ -158,14 +158,99 @@ impl Daemon {
     }
 
     async fn finish(&mut self) {
-        if let Some(thread) = self.poll_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        self.poll_loop.join().await;
         self.lifecycle.set(Phase::Stopped);
         if let Some(stop) = self.stop_server.take() {
             let _ = stop.send(());
         }
         let _ = (&mut self.server).await;
+    }
+}
+
+impl Drop for Daemon {
+    /// Cancels the control API and the watcher; then `poll_loop`'s own drop
+    /// stops the loop. After [`drain`](Daemon::drain) or
+    /// [`shutdown`](Daemon::shutdown) there is nothing left to stop.
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+        // Aborting drops the server's future, and with it the control
+        // listener, at the runtime's next turn (or with the runtime).
+        self.server.abort();
+        if let Some(watcher) = &self.watcher {
+            watcher.abort();
+        }
+    }
+}
+
+/// The `poll-loop` thread and the handle to it. Dropping it stops the loop
+/// and waits (up to [`STOP_PATIENCE`]) for the thread to end, so that the
+/// sockets the engine owns are closed when the drop returns.
+#[derive(Debug)]
+struct PollThread {
+    engine: EngineHandle,
+    thread: Option<thread::JoinHandle<()>>,
+    /// Disconnected once the engine is dropped on the loop thread: a
+    /// bounded wait for that, which `JoinHandle::join` cannot give.
+    exited: std::sync::mpsc::Receiver<()>,
+}
+
+impl PollThread {
+    /// Starts the thread with a new engine and returns once the engine
+    /// exists.
+    fn spawn(lifecycle: Lifecycle) -> anyhow::Result<PollThread> {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (exited_tx, exited) = std::sync::mpsc::channel::<()>();
+        let thread = thread::Builder::new()
+            .name("poll-loop".to_string())
+            .spawn(move || {
+                // Declared first, so dropped last: after the engine and its
+                // sockets.
+                let _exited = exited_tx;
+                let mut engine = match Engine::new() {
+                    Ok(engine) => engine,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(engine.handle()));
+                if let Err(e) = engine.run() {
+                    tracing::error!(error = %e, "poll loop failed");
+                }
+                drop(engine);
+                lifecycle.set(Phase::Stopped);
+            })
+            .context("cannot start the poll-loop thread")?;
+        let engine =
+            handle_rx.recv().context("the poll-loop thread died at start")?.context("cannot create the poller")?;
+        Ok(PollThread { engine, thread: Some(thread), exited })
+    }
+
+    /// Waits for the loop to end by itself (after a drain or a
+    /// `Shutdown` command), off the async worker threads.
+    async fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for PollThread {
+    fn drop(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        // A failed send means the loop is gone already.
+        let _ = self.engine.send(Command::Shutdown);
+        match self.exited.recv_timeout(STOP_PATIENCE) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                warn!(patience = ?STOP_PATIENCE, "the poll loop did not stop; leaving its thread behind");
+            }
+            // Disconnected: the engine is dropped and the thread is ending.
+            _ => {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -184,7 +269,7 @@ async fn load_plugin_dir(engine: &EngineHandle, dir: &Path) {
     };
     paths.sort();
     for path in paths {
-        let result = engine.load_plugin(path.clone(), None, false, None).await;
+        let result = engine.load_plugin(asyncore_engine::LoadPlugin { path: path.clone(), ..Default::default() }).await;
         if let Err(e) = result {
             warn!("skipping {}: {e}", path.display());
         }

@@ -35,12 +35,21 @@ struct Flags {
 }
 
 fn main() -> ExitCode {
+    // Log records are queued for a writer thread rather than written from
+    // the thread that emits them: a stalled stderr (a full pipe nobody
+    // reads) must not stop the poll loop or the control API. When the queue
+    // is full, records are dropped (lossy) instead of waited for. The guard
+    // flushes what is queued when `main` returns.
+    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .init();
     let flags = Flags::parse();
     match run(flags) {

@@ -1,81 +1,247 @@
 //! `--watch`: reloads a plugin when its library in a plugin directory
 //! changes, for the edit-build-reload loop.
 //!
-//! Polls every 500 ms: the file's size and mtime first, the SHA-256 only when
-//! those moved, and reloads only when the content differs from the current
-//! generation's. A build writes the file in several steps, so a change is
-//! acted on once it has been stable for one poll. Polling needs no inotify
-//! and sees a file replaced by rename just as well.
+//! Polls every 500 ms. Each poll reads only the size and mtime (the stamp)
+//! of every current library; a library is hashed (SHA-256) once when first
+//! seen, and after that only when its stamp moved and then stayed the same
+//! for one poll: a build writes the file in several steps, so a change is
+//! acted on once it is quiet. A reload happens only when the content
+//! differs from the current generation's. Polling needs no inotify and sees
+//! a file replaced by rename just as well.
+//!
+//! Each plugin is tracked on its own: a reload that fails is remembered by
+//! the content's hash (the same bytes would fail again) while every other
+//! plugin is still watched. The decisions live in [`Watched`], a small state
+//! machine fed with observations, so they are tested without files or
+//! sleeps; the file work runs on tokio's blocking threads.
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
 
 use tracing::{info, warn};
 
 use asyncore_engine::{
-    command::{Command, EngineHandle},
+    command::{Command, EngineHandle, LoadPlugin},
     plugin_host::{self, PluginPolicy},
 };
 
 const POLL: Duration = Duration::from_millis(500);
 
-/// What was last seen of a plugin's file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Seen {
+/// What a poll sees of a library without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
     len: u64,
-    modified: Option<std::time::SystemTime>,
+    modified: Option<SystemTime>,
+}
+
+/// What to do after an observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Nothing to do this poll.
+    Wait,
+    /// The file is quiet and its content is not known: hash it and report
+    /// with [`Watched::hashed`].
+    Hash,
+}
+
+/// What the watcher knows of one plugin's library.
+#[derive(Debug, Default)]
+struct Watched {
+    /// The stamp of the previous poll.
+    stamp: Option<Stamp>,
+    /// The content may differ from what was last hashed: set when the
+    /// plugin is first seen and whenever the stamp moves.
+    unhashed: bool,
+    /// The content whose reload failed; not tried again.
+    failed_sha256: Option<String>,
+}
+
+impl Watched {
+    /// Takes this poll's stamp of the file.
+    fn observe(&mut self, stamp: Stamp) -> Next {
+        let moved = self.stamp.is_none_or(|before| before != stamp);
+        self.stamp = Some(stamp);
+        if moved {
+            // First seen, or still being written: wait for one quiet poll.
+            self.unhashed = true;
+            Next::Wait
+        } else if self.unhashed {
+            Next::Hash
+        } else {
+            Next::Wait
+        }
+    }
+
+    /// Takes the hash of the quiet file and the current generation's;
+    /// returns whether to reload.
+    fn hashed(&mut self, sha256: &str, current_sha256: &str) -> bool {
+        self.unhashed = false;
+        if sha256 == current_sha256 {
+            // Back to the running content (or it never changed).
+            self.failed_sha256 = None;
+            return false;
+        }
+        self.failed_sha256.as_deref() != Some(sha256)
+    }
+
+    /// Records how the reload of content `sha256` went.
+    fn reloaded(&mut self, sha256: &str, ok: bool) {
+        self.failed_sha256 = (!ok).then(|| sha256.to_string());
+    }
+}
+
+/// A current library, as the engine reports it.
+#[derive(Debug)]
+struct Library {
+    plugin: String,
+    path: PathBuf,
+    sha256: String,
 }
 
 /// Runs until the engine goes away.
 pub(crate) async fn watch_plugins(engine: EngineHandle, policy: PluginPolicy) {
-    let mut seen: HashMap<String, Seen> = HashMap::new();
+    let mut watched: HashMap<String, Watched> = HashMap::new();
     let mut ticker = tokio::time::interval(POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let Ok(plugins) = engine.request(|reply| Command::ListPlugins { reply }).await else { return };
-        for plugin in plugins {
-            if plugin.current_generation == 0 {
+        let libraries: Vec<Library> = plugins
+            .iter()
+            .filter(|plugin| plugin.current_generation != 0)
+            .map(|plugin| {
+                let current = plugin.headline();
+                Library {
+                    plugin: plugin.name.clone(),
+                    path: PathBuf::from(&current.path),
+                    sha256: current.sha256.clone(),
+                }
+            })
+            .collect();
+        watched.retain(|name, _| libraries.iter().any(|library| library.plugin == *name));
+
+        let paths: Vec<PathBuf> = libraries.iter().map(|library| library.path.clone()).collect();
+        let policy = policy.clone();
+        let Ok(stamps) = tokio::task::spawn_blocking(move || {
+            paths.iter().map(|path| stamp(&policy, path)).collect::<Vec<Option<Stamp>>>()
+        })
+        .await
+        else {
+            return;
+        };
+
+        for (library, stamp) in libraries.into_iter().zip(stamps) {
+            // Missing (mid-rename) or outside the plugin directories.
+            let Some(stamp) = stamp else { continue };
+            let state = watched.entry(library.plugin.clone()).or_default();
+            if state.observe(stamp) != Next::Hash {
                 continue;
             }
-            let current = plugin.headline();
-            let path = PathBuf::from(&current.path);
-            if policy.check(&path).is_err() {
+            let path = library.path.clone();
+            let Ok(Ok(sha256)) = tokio::task::spawn_blocking(move || plugin_host::file_sha256(&path)).await else {
+                // Unreadable now: the next poll hashes again.
+                continue;
+            };
+            if !state.hashed(&sha256, &library.sha256) {
                 continue;
             }
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
-            let now = Seen { len: meta.len(), modified: meta.modified().ok() };
-            let changed = seen.insert(plugin.name.clone(), now.clone()).is_some_and(|before| before != now);
-            if changed {
-                // Still being written: wait for one quiet poll.
-                continue;
+            info!(plugin = %library.plugin, path = %library.path.display(), "watch: library changed; reloading");
+            let request = LoadPlugin {
+                path: library.path.clone(),
+                expected_name: Some(library.plugin.clone()),
+                activate: true,
+                ..LoadPlugin::default()
+            };
+            let result = engine.load_plugin(request).await;
+            if let Err(e) = &result {
+                warn!(plugin = %library.plugin, "watch: reload failed, keeping the current generation: {e}");
             }
-            let Ok(sha256) = plugin_host::file_sha256(&path) else { continue };
-            if sha256 == current.sha256 {
-                continue;
-            }
-            info!(plugin = %plugin.name, path = %path.display(), "watch: library changed; reloading");
-            let result = engine.load_plugin(path.clone(), Some(&plugin.name), true, None).await;
-            if let Err(e) = result {
-                // Reloading the same bytes again would fail again: remember
-                // them as seen until the file changes once more.
-                warn!(plugin = %plugin.name, "watch: reload failed, keeping the current generation: {e}");
-                wait_for_change(&path, &mut seen, &plugin.name).await;
-            }
+            state.reloaded(&sha256, result.is_ok());
         }
     }
 }
 
-/// After a failed reload, waits until the file changes again.
-async fn wait_for_change(path: &std::path::Path, seen: &mut HashMap<String, Seen>, name: &str) {
-    let Ok(failed) = plugin_host::file_sha256(path) else { return };
-    loop {
-        tokio::time::sleep(POLL).await;
-        match plugin_host::file_sha256(path) {
-            Ok(sha256) if sha256 == failed => {}
-            _ => {
-                seen.remove(name);
-                return;
-            }
+/// The stamp of a library the policy allows, or `None`.
+fn stamp(policy: &PluginPolicy, path: &Path) -> Option<Stamp> {
+    policy.check(path).ok()?;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Stamp { len: meta.len(), modified: meta.modified().ok() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(len: u64) -> Stamp {
+        Stamp { len, modified: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(len)) }
+    }
+
+    #[test]
+    fn a_stable_file_is_hashed_once_not_on_every_poll() {
+        let mut watched = Watched::default();
+        assert_eq!(watched.observe(stamp(1)), Next::Wait, "first seen: wait for a quiet poll");
+        assert_eq!(watched.observe(stamp(1)), Next::Hash);
+        assert!(!watched.hashed("a", "a"), "the running content");
+        for _ in 0..10 {
+            assert_eq!(watched.observe(stamp(1)), Next::Wait, "nothing moved: no hashing");
         }
+    }
+
+    #[test]
+    fn a_change_is_hashed_once_it_stayed_quiet_for_a_poll() {
+        let mut watched = Watched::default();
+        watched.observe(stamp(1));
+        watched.observe(stamp(1));
+        watched.hashed("a", "a");
+        // Written in three steps: nothing until the stamp holds still.
+        assert_eq!(watched.observe(stamp(2)), Next::Wait);
+        assert_eq!(watched.observe(stamp(3)), Next::Wait);
+        assert_eq!(watched.observe(stamp(4)), Next::Wait);
+        assert_eq!(watched.observe(stamp(4)), Next::Hash);
+        assert!(watched.hashed("b", "a"), "new content: reload");
+        watched.reloaded("b", true);
+        assert_eq!(watched.observe(stamp(4)), Next::Wait);
+    }
+
+    #[test]
+    fn a_touched_file_with_the_running_content_is_not_reloaded() {
+        let mut watched = Watched::default();
+        watched.observe(stamp(1));
+        watched.observe(stamp(1));
+        watched.hashed("a", "a");
+        watched.observe(stamp(2));
+        assert_eq!(watched.observe(stamp(2)), Next::Hash);
+        assert!(!watched.hashed("a", "a"));
+    }
+
+    #[test]
+    fn failed_content_is_not_retried_but_the_next_build_is() {
+        let mut watched = Watched::default();
+        watched.observe(stamp(1));
+        watched.observe(stamp(1));
+        assert!(watched.hashed("broken", "a"));
+        watched.reloaded("broken", false);
+        // The same bytes again (say, touched): not retried.
+        watched.observe(stamp(2));
+        assert_eq!(watched.observe(stamp(2)), Next::Hash);
+        assert!(!watched.hashed("broken", "a"));
+        // A new build is.
+        watched.observe(stamp(3));
+        assert_eq!(watched.observe(stamp(3)), Next::Hash);
+        assert!(watched.hashed("fixed", "a"));
+        watched.reloaded("fixed", true);
+        assert_eq!(watched.failed_sha256, None);
+    }
+
+    #[test]
+    fn a_file_seen_changed_at_start_is_reloaded() {
+        // Rebuilt between the load and the watcher's first poll.
+        let mut watched = Watched::default();
+        assert_eq!(watched.observe(stamp(1)), Next::Wait);
+        assert_eq!(watched.observe(stamp(1)), Next::Hash);
+        assert!(watched.hashed("b", "a"));
     }
 }

@@ -7,8 +7,9 @@
 //! protobuf type: the gRPC layer converts at its edge.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, mpsc},
     time::{Duration, SystemTime},
 };
@@ -16,7 +17,7 @@ use std::{
 use polling::Poller;
 use tokio::sync::oneshot;
 
-use crate::plugin_host::{LoadedPlugin, PluginLoadError};
+use crate::plugin_host::{self, LoadedPlugin, PluginLoadError};
 
 /// Reply channel of a command.
 pub type Reply<T> = oneshot::Sender<Result<T, CommandError>>;
@@ -27,6 +28,7 @@ pub enum Command {
     /// Bind a listener served by a plugin.
     StartListener { address: SocketAddr, plugin: String, config: BTreeMap<String, String>, reply: Reply<ListenerInfo> },
     /// Stop accepting; optionally close the listener's channels gracefully.
+    /// A listener already stopped answers [`CommandError::ListenerStopped`].
     StopListener { id: u64, close_channels: bool, reply: Reply<ListenerInfo> },
     /// Every listener.
     ListListeners { reply: Reply<Vec<ListenerInfo>> },
@@ -165,18 +167,38 @@ pub struct ChannelInfo {
     pub pending_output: u64,
 }
 
-/// Which channels a stats request is about.
+/// Which channels a stats request is about. The default is every channel.
 #[derive(Debug, Clone, Default)]
 pub struct StatsFilter {
-    pub listener_id: Option<u64>,
-    /// Empty means every channel.
-    pub channel_ids: Vec<u64>,
+    listener_id: Option<u64>,
+    /// The channels asked for, each once, in the order asked; empty means
+    /// every channel.
+    channel_ids: Vec<u64>,
+    /// The same ids, for membership: a tick of a watch costs what it
+    /// watches, not its square.
+    watched: HashSet<u64>,
 }
 
 impl StatsFilter {
+    /// Channels of `listener_id` (any listener when `None`) among
+    /// `channel_ids` (every channel when empty).
+    pub fn new(listener_id: Option<u64>, channel_ids: impl IntoIterator<Item = u64>) -> StatsFilter {
+        let mut watched = HashSet::new();
+        let channel_ids = channel_ids.into_iter().filter(|&id| watched.insert(id)).collect();
+        StatsFilter { listener_id, channel_ids, watched }
+    }
+
+    /// The channels asked for, each once; empty means every channel.
+    pub fn channel_ids(&self) -> &[u64] {
+        &self.channel_ids
+    }
+
     pub(crate) fn matches(&self, channel_id: u64, listener_id: u64) -> bool {
+        self.matches_listener(listener_id) && (self.watched.is_empty() || self.watched.contains(&channel_id))
+    }
+
+    pub(crate) fn matches_listener(&self, listener_id: u64) -> bool {
         self.listener_id.is_none_or(|id| id == listener_id)
-            && (self.channel_ids.is_empty() || self.channel_ids.contains(&channel_id))
     }
 }
 
@@ -265,6 +287,21 @@ pub struct LoopStats {
     pub commands: u64,
 }
 
+/// What [`EngineHandle::load_plugin`] loads, and what becomes of it.
+#[derive(Debug, Clone, Default)]
+pub struct LoadPlugin {
+    /// The library.
+    pub path: PathBuf,
+    /// Refuse a library of another plugin ([`CommandError::WrongPlugin`]).
+    pub expected_name: Option<String>,
+    /// Make it the current generation. A plugin's first generation is
+    /// current anyway.
+    pub activate: bool,
+    /// With `activate`: close the channels of older generations
+    /// (gracefully) after this long.
+    pub drain_timeout: Option<Duration>,
+}
+
 /// The tokio side's way into the poll loop: a command queue and the waker.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -283,33 +320,23 @@ impl EngineHandle {
         self.poller.notify().map_err(|_| CommandError::LoopGone)
     }
 
-    /// Loads the library at `path` on a blocking thread (copying and
-    /// `dlopen` take milliseconds: never on the loop), then adds it to the
-    /// engine: a new plugin, or a new generation (current when `activate`).
-    /// With `expected_name`, a library of another plugin is refused.
+    /// Loads a plugin library on a thread of its own (copying and `dlopen`
+    /// take milliseconds: never on the loop), then adds it to the engine as
+    /// [`LoadPlugin`] says.
     ///
     /// # Errors
     ///
     /// The load error, [`CommandError::WrongPlugin`], or the engine's.
-    pub async fn load_plugin(
-        &self,
-        path: std::path::PathBuf,
-        expected_name: Option<&str>,
-        activate: bool,
-        drain_timeout: Option<Duration>,
-    ) -> Result<PluginInfo, CommandError> {
+    pub async fn load_plugin(&self, request: LoadPlugin) -> Result<PluginInfo, CommandError> {
+        let LoadPlugin { path, expected_name, activate, drain_timeout } = request;
         let display = path.display().to_string();
-        let loaded = spawn_loader(move || crate::plugin_host::load(&path))
+        let loaded = spawn_loader(move || plugin_host::load(&path))
             .await
             .map_err(|e| CommandError::LoaderFailed(e.to_string()))??;
         if let Some(expected) = expected_name
             && loaded.name != expected
         {
-            return Err(CommandError::WrongPlugin {
-                path: display,
-                found: loaded.name.clone(),
-                expected: expected.into(),
-            });
+            return Err(CommandError::WrongPlugin { path: display, found: loaded.name.clone(), expected });
         }
         self.request(|reply| Command::AddPlugin { plugin: Box::new(loaded), activate, drain_timeout, reply }).await
     }
@@ -353,4 +380,38 @@ async fn spawn_loader<T: Send + 'static>(load: impl FnOnce() -> T + Send + 'stat
         })
         .map_err(|e| format!("cannot start the loader thread: {e}"))?;
     result.await.map_err(|_| "the loader thread panicked".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StatsFilter;
+
+    #[test]
+    fn the_default_filter_takes_every_channel() {
+        let filter = StatsFilter::default();
+        assert!(filter.matches(1, 1) && filter.matches(99, 7));
+    }
+
+    #[test]
+    fn a_filter_takes_the_channels_and_listener_asked_for() {
+        let filter = StatsFilter::new(Some(2), [5, 3, 5]);
+        assert_eq!(filter.channel_ids(), [5, 3], "each once, in the order asked");
+        assert!(filter.matches(3, 2));
+        assert!(!filter.matches(4, 2), "a channel not asked for");
+        assert!(!filter.matches(3, 1), "another listener's");
+        let any_channel = StatsFilter::new(Some(2), []);
+        assert!(any_channel.matches(4, 2) && !any_channel.matches(4, 1));
+    }
+
+    /// A tick of a watch over many channels used to look each one up in the
+    /// list of all of them (quadratic in what is watched); the set answers
+    /// each in constant time, and agrees with the list.
+    #[test]
+    fn a_filter_of_many_channels_matches_exactly_those() {
+        let n_channels = 30_000;
+        let filter = StatsFilter::new(None, (1..=n_channels).map(|id| id * 2));
+        let matched = (1..=2 * n_channels).filter(|&id| filter.matches(id, 1)).count();
+        assert_eq!(matched, n_channels as usize);
+        assert!(filter.matches(2 * n_channels, 7) && !filter.matches(2 * n_channels + 2, 7));
+    }
 }

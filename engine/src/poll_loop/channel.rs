@@ -11,7 +11,8 @@ use std::{
 
 use crate::{
     command::{ChannelInfo, ChannelKind, ChannelState, ChannelStats, Counters},
-    plugin_host::Dispatcher,
+    host_abi::Dispatcher,
+    ids::{ChannelId, GenerationIndex, ListenerId},
 };
 
 /// Interest bits as registered with the poller.
@@ -149,15 +150,31 @@ fn write_some(socket: &mut impl Write, data: &[u8]) -> io::Result<(usize, u64)> 
     Ok((written, writes))
 }
 
+/// What a new channel starts with; everything else about it starts empty.
+#[derive(Debug)]
+pub(crate) struct NewChannel {
+    pub(crate) kind: ChannelKind,
+    pub(crate) socket: Socket,
+    pub(crate) listener: ListenerId,
+    /// The channel whose plugin created this one (`connect`, `attach_fd`).
+    pub(crate) parent: Option<ChannelId>,
+    pub(crate) generation: GenerationIndex,
+    pub(crate) dispatcher: Option<Dispatcher>,
+    pub(crate) phase: Phase,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) local: Option<SocketAddr>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Channel {
-    pub(crate) id: u64,
+    pub(crate) id: ChannelId,
     pub(crate) kind: ChannelKind,
-    pub(crate) listener_id: u64,
-    pub(crate) parent_id: u64,
-    /// Index of the plugin generation in the loop's plugin table: a channel
-    /// stays on the generation that created it for its whole life.
-    pub(crate) plugin: usize,
+    pub(crate) listener: ListenerId,
+    pub(crate) parent: Option<ChannelId>,
+    /// The plugin generation serving the channel: it stays on the
+    /// generation that created it for its whole life, unless handed over
+    /// with its state.
+    pub(crate) generation: GenerationIndex,
     pub(crate) socket: Socket,
     /// `None` before `handle_accepted` answered, after a panic, and once
     /// closing.
@@ -187,8 +204,8 @@ pub(crate) struct Channel {
     pub(crate) failed: Option<io::Error>,
     /// In the dirty list: re-ask interest before the next wait.
     pub(crate) dirty: bool,
-    /// A listener out of descriptors stops accepting until then.
-    pub(crate) paused_until: Option<Instant>,
+    /// A listener out of descriptors stops accepting for a while.
+    pub(crate) accept_paused: bool,
     pub(crate) counters: Counters,
     pub(crate) created_at: SystemTime,
     pub(crate) peer: Option<SocketAddr>,
@@ -196,25 +213,14 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
-    /// A new channel; its id is set when it is inserted in the map.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        kind: ChannelKind,
-        socket: Socket,
-        listener_id: u64,
-        parent_id: u64,
-        plugin: usize,
-        dispatcher: Option<Dispatcher>,
-        phase: Phase,
-        peer: Option<SocketAddr>,
-        local: Option<SocketAddr>,
-    ) -> Channel {
+    pub(crate) fn new(id: ChannelId, new: NewChannel) -> Channel {
+        let NewChannel { kind, socket, listener, parent, generation, dispatcher, phase, peer, local } = new;
         Channel {
-            id: 0,
+            id,
             kind,
-            listener_id,
-            parent_id,
-            plugin,
+            listener,
+            parent,
+            generation,
             socket,
             dispatcher,
             phase,
@@ -230,7 +236,7 @@ impl Channel {
             close_event_pending: false,
             failed: None,
             dirty: false,
-            paused_until: None,
+            accept_paused: false,
             counters: Counters::default(),
             created_at: SystemTime::now(),
             peer,
@@ -267,8 +273,8 @@ impl Channel {
 
     pub(crate) fn stats(&self, closed: bool) -> ChannelStats {
         ChannelStats {
-            channel_id: self.id,
-            listener_id: self.listener_id,
+            channel_id: self.id.0,
+            listener_id: self.listener.0,
             counters: self.counters,
             pending_output: self.out.len() as u64,
             closed,
@@ -277,9 +283,9 @@ impl Channel {
 
     pub(crate) fn info(&self, plugin: &str, generation: u32) -> ChannelInfo {
         ChannelInfo {
-            id: self.id,
-            listener_id: self.listener_id,
-            parent_id: self.parent_id,
+            id: self.id.0,
+            listener_id: self.listener.0,
+            parent_id: self.parent.map_or(0, |parent| parent.0),
             plugin: plugin.to_string(),
             generation,
             kind: self.kind,
@@ -290,5 +296,120 @@ impl Channel {
             counters: self.counters,
             pending_output: self.out.len() as u64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, Write};
+
+    use super::OutBuf;
+
+    /// A socket's send buffer: takes at most `per_write` bytes a call and
+    /// `room` bytes in all before it would block.
+    struct Peer {
+        written: Vec<u8>,
+        per_write: usize,
+        room: usize,
+        interrupt_next: bool,
+        broken: bool,
+    }
+
+    impl Peer {
+        fn new(per_write: usize, room: usize) -> Peer {
+            Peer { written: Vec::new(), per_write, room, interrupt_next: false, broken: false }
+        }
+    }
+
+    impl Write for Peer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.broken {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            if std::mem::take(&mut self.interrupt_next) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.per_write).min(self.room);
+            self.written.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn flush_writes_from_the_front_until_the_socket_would_block() {
+        let mut out = OutBuf::default();
+        out.push(b"hello ");
+        out.push(b"world");
+        let mut peer = Peer::new(4, 7);
+        assert_eq!(out.flush_to(&mut peer).unwrap(), (7, 2));
+        assert_eq!(peer.written, b"hello w");
+        assert_eq!(out.len(), 4);
+
+        peer.room = 100;
+        peer.interrupt_next = true;
+        assert_eq!(out.flush_to(&mut peer).unwrap(), (4, 1), "an interrupted write is retried, not counted");
+        assert_eq!(peer.written, b"hello world");
+        assert!(out.is_empty());
+        assert_eq!(out.flush_to(&mut peer).unwrap(), (0, 0), "nothing left to write");
+    }
+
+    #[test]
+    fn push_compacts_once_half_is_consumed() {
+        let mut out = OutBuf::default();
+        out.push(b"0123456789");
+        out.flush_to(&mut Peer::new(100, 3)).unwrap();
+        out.push(b"ab");
+        assert_eq!((out.start, out.len()), (3, 9), "less than half consumed: no copy");
+
+        out.flush_to(&mut Peer::new(100, 4)).unwrap();
+        out.push(b"cd");
+        assert_eq!((out.start, out.len()), (0, 7), "half consumed: compacted");
+        let mut peer = Peer::new(100, 100);
+        out.flush_to(&mut peer).unwrap();
+        assert_eq!(peer.written, b"789abcd", "order survives compaction");
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_memory_back() {
+        let mut out = OutBuf::default();
+        out.push(&[7; 300 * 1024]);
+        out.flush_to(&mut Peer::new(usize::MAX, usize::MAX)).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(out.bytes.capacity(), 0, "a large buffer is freed once drained");
+
+        out.push(&[7; 1024]);
+        out.flush_to(&mut Peer::new(usize::MAX, usize::MAX)).unwrap();
+        assert!(out.bytes.capacity() >= 1024, "a small one is kept for the next burst");
+    }
+
+    #[test]
+    fn write_through_writes_what_the_socket_takes() {
+        let mut out = OutBuf::default();
+        let mut peer = Peer::new(3, 5);
+        assert_eq!(out.write_through(&mut peer, b"abcdefgh").unwrap(), (5, 2));
+        assert_eq!(peer.written, b"abcde");
+        assert!(out.is_empty(), "the caller queues the rest");
+    }
+
+    #[test]
+    fn a_socket_that_takes_nothing_or_fails_is_an_error_and_keeps_the_queue() {
+        let mut out = OutBuf::default();
+        out.push(b"queued");
+        let error = out.flush_to(&mut Peer::new(0, 10)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::WriteZero);
+        let mut broken = Peer::new(10, 10);
+        broken.broken = true;
+        assert_eq!(out.flush_to(&mut broken).unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(out.len(), 6);
+        out.clear();
+        assert!(out.is_empty());
     }
 }

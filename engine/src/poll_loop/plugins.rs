@@ -8,15 +8,73 @@
 //! listener's config) and swaps it in: the listening socket never closes, so
 //! no connection is dropped. Channels keep the generation that created them.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    ops::{Index, IndexMut},
+    time::{Duration, Instant},
+};
 
 use tracing::{info, warn};
 
-use super::{CallCtx, Core, PluginEntry, TimerKind};
+use super::{Core, channel::Phase, timers::TimerKind};
 use crate::{
     command::{ChannelKind, CommandError, GenerationInfo, GenerationState, PluginInfo},
-    plugin_host::{Dispatcher, LoadedPlugin},
+    host_abi::{CallCtx, Dispatcher},
+    ids::{ChannelId, GenerationIndex, ListenerId, Slot},
+    loader::LoadedPlugin,
 };
+
+/// One generation of a plugin.
+pub(super) struct Generation {
+    pub(super) loaded: LoadedPlugin,
+    /// The number users see: 1, 2, ... per plugin name.
+    pub(super) generation: u32,
+    pub(super) retired: bool,
+    pub(super) panics: u64,
+    pub(super) live_channels: u64,
+}
+
+/// Every generation of every plugin, in load order: channels and listeners
+/// refer to theirs by [`GenerationIndex`].
+#[derive(Default)]
+pub(super) struct Generations(Vec<Generation>);
+
+impl Generations {
+    fn push(&mut self, generation: Generation) -> GenerationIndex {
+        self.0.push(generation);
+        GenerationIndex(self.0.len() - 1)
+    }
+
+    /// The generations of plugin `name`, oldest first.
+    fn of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = GenerationIndex> + 'a {
+        self.0.iter().enumerate().filter(move |(_, g)| g.loaded.name == name).map(|(i, _)| GenerationIndex(i))
+    }
+
+    /// Every plugin name, in the order first loaded.
+    fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for entry in &self.0 {
+            if !names.contains(&entry.loaded.name.as_str()) {
+                names.push(&entry.loaded.name);
+            }
+        }
+        names
+    }
+}
+
+impl Index<GenerationIndex> for Generations {
+    type Output = Generation;
+
+    fn index(&self, index: GenerationIndex) -> &Generation {
+        &self.0[index.0]
+    }
+}
+
+impl IndexMut<GenerationIndex> for Generations {
+    fn index_mut(&mut self, index: GenerationIndex) -> &mut Generation {
+        &mut self.0[index.0]
+    }
+}
 
 impl Core {
     pub(super) fn add_plugin(
@@ -26,7 +84,7 @@ impl Core {
         drain_timeout: Option<Duration>,
     ) -> Result<PluginInfo, CommandError> {
         let name = plugin.name.clone();
-        let generation = self.generations(&name).map(|i| self.plugins[i].generation).max().unwrap_or(0) + 1;
+        let generation = self.plugins.of(&name).map(|i| self.plugins[i].generation).max().unwrap_or(0) + 1;
         info!(
             plugin = %name,
             generation,
@@ -35,8 +93,8 @@ impl Core {
             sha256 = %plugin.sha256,
             "plugin loaded"
         );
-        self.plugins.push(PluginEntry { loaded: plugin, generation, retired: false, panics: 0, live_channels: 0 });
-        let index = self.plugins.len() - 1;
+        let index =
+            self.plugins.push(Generation { loaded: plugin, generation, retired: false, panics: 0, live_channels: 0 });
         if activate || !self.current.contains_key(&name) {
             self.activate(index, drain_timeout)?;
         }
@@ -60,22 +118,20 @@ impl Core {
     /// Makes generation `index` current. Every listener of the plugin gets a
     /// listening dispatcher of the new generation, or, if the generation
     /// refuses any listener's config, nothing changes at all.
-    fn activate(&mut self, index: usize, drain_timeout: Option<Duration>) -> Result<(), CommandError> {
+    fn activate(&mut self, index: GenerationIndex, drain_timeout: Option<Duration>) -> Result<(), CommandError> {
         let name = self.plugins[index].loaded.name.clone();
-        let listeners: Vec<u64> = self
+        let entries = self.plugins[index].loaded.entries;
+        let listeners: Vec<(ListenerId, ChannelId)> = self
             .listeners
             .values()
-            .filter(|l| l.plugin_name == name && l.channel_id != 0 && l.plugin != index)
-            .map(|l| l.id)
+            .filter(|l| l.plugin_name == name && l.generation != index)
+            .filter_map(|l| Some((l.id, l.channel?)))
             .collect();
-        let mut fresh: Vec<(u64, u64, Dispatcher)> = Vec::with_capacity(listeners.len());
-        for listener_id in listeners {
-            let (channel_id, config) = {
-                let listener = &self.listeners[&listener_id];
-                (listener.channel_id, listener.config.clone())
-            };
-            let mut ctx = CallCtx::new(self, None);
-            match self.plugins[index].loaded.listen(&mut ctx, &config) {
+        let mut fresh: Vec<(ListenerId, ChannelId, Dispatcher)> = Vec::with_capacity(listeners.len());
+        for (listener_id, channel_id) in listeners {
+            // A copy: no reference into the core while plugin code runs.
+            let config = self.listeners[&listener_id].config.clone();
+            match entries.listen(&mut CallCtx::detached(), &config) {
                 Ok(dispatcher) => fresh.push((listener_id, channel_id, dispatcher)),
                 Err(message) => {
                     for (_, _, dispatcher) in fresh {
@@ -89,30 +145,30 @@ impl Core {
             }
         }
         for (listener_id, channel_id, dispatcher) in fresh {
-            if let Some(&slot) = self.ids.get(&channel_id) {
-                let ch = self.channel(slot);
+            if let Some(slot) = self.channels.slot_of(channel_id) {
+                let ch = &mut self.channels[slot];
                 if let Some(old) = ch.dispatcher.replace(dispatcher) {
                     old.release();
                 }
-                ch.plugin = index;
-                self.mark_dirty(slot);
+                ch.generation = index;
+                self.channels.mark_dirty(slot);
             } else {
                 dispatcher.release();
             }
             if let Some(listener) = self.listeners.get_mut(&listener_id) {
-                listener.plugin = index;
+                listener.generation = index;
             }
         }
         let previous = self.current.insert(name.clone(), index);
         info!(plugin = %name, generation = self.plugins[index].generation, "generation is current");
-        if self.plugins[index].loaded.imports_state() {
+        if entries.imports_state() {
             self.migrate(index);
         }
         if let Some(timeout) = drain_timeout
             && previous.is_some_and(|p| p != index)
         {
-            let at = self.now.max(std::time::Instant::now()) + timeout;
-            self.push_timer(at, 0, TimerKind::DrainGenerations { keep: index });
+            let at = self.now.max(Instant::now()).checked_add(timeout);
+            self.timers.arm(at, None, TimerKind::DrainGenerations { keep: index });
         }
         Ok(())
     }
@@ -121,47 +177,43 @@ impl Core {
     /// generation `index`, each with the state its dispatcher exports.
     /// Runs between callbacks (activation is a command). A channel whose
     /// dispatcher declines (the default) stays on its generation.
-    fn migrate(&mut self, index: usize) {
+    fn migrate(&mut self, index: GenerationIndex) {
         let name = self.plugins[index].loaded.name.clone();
-        let slots = self.channel_slots(
-            |ch| {
-                ch.kind != ChannelKind::Listening
-                    && ch.plugin != index
-                    && ch.phase == super::channel::Phase::Open
-                    && ch.dispatcher.is_some()
-            },
-            &name,
-        );
+        let entries = self.plugins[index].loaded.entries;
+        let slots = self.channel_slots(&name, |ch| {
+            ch.kind != ChannelKind::Listening
+                && ch.generation != index
+                && ch.phase == Phase::Open
+                && ch.dispatcher.is_some()
+        });
         let mut moved = 0u64;
         for slot in slots {
             let Some(state) = self.call(slot, |d, ctx| d.export_state(ctx)).flatten() else { continue };
             if !self.is_open(slot) {
                 continue;
             }
-            // A context naming no channel: the new generation's code may
-            // only report through it.
-            let mut ctx = CallCtx::new(self, None);
-            let imported = self.plugins[index].loaded.import_state(&mut ctx, &state);
-            let ch = self.channel(slot);
+            // The new generation's code may only report through a context
+            // naming no channel.
+            let imported = entries.import_state(&mut CallCtx::detached(), &state);
+            let ch = &mut self.channels[slot];
+            let channel_id = ch.id;
             match imported {
                 Ok(dispatcher) => {
-                    let old_plugin = ch.plugin;
+                    let old_generation = ch.generation;
                     if let Some(old) = ch.dispatcher.replace(dispatcher) {
                         old.release();
                     }
-                    ch.plugin = index;
-                    let channel_id = ch.id;
+                    ch.generation = index;
                     // Timers the old generation set carry its tokens: they
                     // do not follow the channel.
-                    self.live_calls.retain(|_, owner| *owner != channel_id);
-                    self.plugins[old_plugin].live_channels -= 1;
+                    self.timers.cancel_calls_of(channel_id);
+                    self.plugins[old_generation].live_channels -= 1;
                     self.plugins[index].live_channels += 1;
-                    self.mark_dirty(slot);
+                    self.channels.mark_dirty(slot);
                     moved += 1;
                 }
                 Err(message) => {
-                    let channel_id = ch.id;
-                    warn!(plugin = %name, channel = channel_id, "state handover refused, staying on the old generation: {message}");
+                    warn!(plugin = %name, channel = channel_id.0, "state handover refused, staying on the old generation: {message}");
                 }
             }
         }
@@ -172,14 +224,14 @@ impl Core {
 
     /// The drain timeout of an activation passed: close (gracefully) every
     /// channel of the plugin's other generations.
-    pub(super) fn drain_generations(&mut self, keep: usize) {
+    pub(super) fn drain_generations(&mut self, keep: GenerationIndex) {
         let name = self.plugins[keep].loaded.name.clone();
         if self.current.get(&name) != Some(&keep) {
             // Another generation was made current since: its own
             // activation decides what drains.
             return;
         }
-        let slots = self.channel_slots(|ch| ch.kind != ChannelKind::Listening && ch.plugin != keep, &name);
+        let slots = self.channel_slots(&name, |ch| ch.kind != ChannelKind::Listening && ch.generation != keep);
         if !slots.is_empty() {
             info!(plugin = %name, channels = slots.len(), "drain timeout: closing channels of older generations");
         }
@@ -194,24 +246,24 @@ impl Core {
         generation: Option<u32>,
         force: bool,
     ) -> Result<PluginInfo, CommandError> {
-        let targets: Vec<usize> = match generation {
+        let targets: Vec<GenerationIndex> = match generation {
             Some(generation) => vec![self.generation_index(name, generation)?],
-            None => self.generations(name).collect(),
+            None => self.plugins.of(name).collect(),
         };
         if targets.is_empty() {
             return Err(CommandError::NoPlugin(name.to_string()));
         }
-        let listeners: Vec<u64> = self
+        let listeners: Vec<ListenerId> = self
             .listeners
             .values()
-            .filter(|l| l.channel_id != 0 && targets.contains(&l.plugin))
+            .filter(|l| l.channel.is_some() && targets.contains(&l.generation))
             .map(|l| l.id)
             .collect();
         let channels: u64 = targets.iter().map(|&i| self.plugins[i].live_channels).sum();
         if (!listeners.is_empty() || channels > 0) && !force {
             let mut users = Vec::new();
             if !listeners.is_empty() {
-                let ids: Vec<String> = listeners.iter().map(u64::to_string).collect();
+                let ids: Vec<String> = listeners.iter().map(ListenerId::to_string).collect();
                 users.push(format!("listener {}", ids.join(", ")));
             }
             if channels > 0 {
@@ -223,12 +275,11 @@ impl Core {
             };
             return Err(CommandError::PluginInUse { name, users: users.join(" and ") });
         }
-        for id in &listeners {
-            warn!(plugin = %name, listener = id, "unload with force: stopping the listener");
-            let _ = self.stop_listener(*id, false);
+        for &id in &listeners {
+            warn!(plugin = %name, listener = id.0, "unload with force: stopping the listener");
+            let _ = self.stop_listener(id, false);
         }
-        let slots = self.channel_slots(|ch| targets.contains(&ch.plugin), name);
-        for slot in slots {
+        for slot in self.channel_slots(name, |ch| targets.contains(&ch.generation)) {
             self.begin_close(slot);
         }
         for &index in &targets {
@@ -245,22 +296,12 @@ impl Core {
     }
 
     /// Slots of the live channels of plugin `name` matching `filter`.
-    fn channel_slots(&self, filter: impl Fn(&super::Channel) -> bool, name: &str) -> Vec<usize> {
-        self.ids
-            .values()
-            .copied()
-            .filter(|&slot| {
-                self.channels[slot].as_ref().is_some_and(|ch| self.plugins[ch.plugin].loaded.name == name && filter(ch))
-            })
-            .collect()
+    fn channel_slots(&self, name: &str, filter: impl Fn(&super::channel::Channel) -> bool) -> Vec<Slot> {
+        self.channels.slots_where(|ch| self.plugins[ch.generation].loaded.name == name && filter(ch))
     }
 
-    fn generations<'a>(&'a self, name: &'a str) -> impl Iterator<Item = usize> + 'a {
-        (0..self.plugins.len()).filter(move |&i| self.plugins[i].loaded.name == name)
-    }
-
-    fn generation_index(&self, name: &str, generation: u32) -> Result<usize, CommandError> {
-        let mut found = self.generations(name).peekable();
+    fn generation_index(&self, name: &str, generation: u32) -> Result<GenerationIndex, CommandError> {
+        let mut found = self.plugins.of(name).peekable();
         if found.peek().is_none() {
             return Err(CommandError::NoPlugin(name.to_string()));
         }
@@ -270,23 +311,18 @@ impl Core {
     }
 
     pub(super) fn list_plugins(&self) -> Vec<PluginInfo> {
-        let mut names: Vec<&str> = Vec::new();
-        for entry in &self.plugins {
-            if !names.contains(&entry.loaded.name.as_str()) {
-                names.push(&entry.loaded.name);
-            }
-        }
-        names.into_iter().map(|name| self.plugin_info(name)).collect()
+        self.plugins.names().into_iter().map(|name| self.plugin_info(name)).collect()
     }
 
     pub(super) fn plugin_info(&self, name: &str) -> PluginInfo {
         let current = self.current.get(name).copied();
-        let mut listeners: HashMap<usize, Vec<u64>> = HashMap::new();
-        for listener in self.listeners.values().filter(|l| l.channel_id != 0) {
-            listeners.entry(listener.plugin).or_default().push(listener.id);
+        let mut listeners: HashMap<GenerationIndex, Vec<u64>> = HashMap::new();
+        for listener in self.listeners.values().filter(|l| l.channel.is_some()) {
+            listeners.entry(listener.generation).or_default().push(listener.id.0);
         }
         let generations = self
-            .generations(name)
+            .plugins
+            .of(name)
             .map(|index| {
                 let entry = &self.plugins[index];
                 let state = if current == Some(index) {

@@ -6,12 +6,11 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::TcpStream,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use asyncore_engine::{Engine, plugin_host};
-use asyncore_tests::plugin_library;
+use asyncore_tests::{patience, plugin_library};
 
 #[test]
 fn a_plugin_of_abi_1_0_loads_and_serves() {
@@ -23,14 +22,15 @@ fn a_plugin_of_abi_1_0_loads_and_serves() {
     let listener = engine.start_listener("127.0.0.1:0".parse().unwrap(), "old_echo", BTreeMap::new()).unwrap();
 
     let client = std::thread::spawn(move || {
-        let mut stream = TcpStream::connect(listener.address).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut stream = asyncore_tests::connect(listener.address);
         stream.write_all(b"from the past").unwrap();
         let mut back = [0u8; 13];
         stream.read_exact(&mut back).unwrap();
         back
     });
+    let started = Instant::now();
     while !client.is_finished() {
+        assert!(started.elapsed() < patience(), "no round trip within {:?}", patience());
         engine.run_loop(Some(Duration::from_millis(10)), Some(5)).unwrap();
     }
     assert_eq!(&client.join().unwrap(), b"from the past");

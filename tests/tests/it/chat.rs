@@ -5,25 +5,15 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
-    time::Duration,
 };
 
 use asyncore_proto::v1;
-use asyncore_tests::{Client, Daemon, Options, assert_eventually};
+use asyncore_tests::{Client, Daemon, InProcessDaemon, Options, eventually};
 
 use crate::runtime;
 
-/// A daemon with the chat plugin and one chat listener. The runtime must
-/// outlive the client (its connection runs on it).
-fn start(config: &[(&str, &str)]) -> (Daemon, tokio::runtime::Runtime, Client, u64, SocketAddr) {
-    let daemon = Daemon::start_with(Options { plugins: vec!["asyncore_plugin_chat"], ..Options::default() });
-    let runtime = runtime();
-    let (client, listener_id, address) = runtime.block_on(async {
-        let mut client = daemon.client().await;
-        let (listener_id, address) = client.start_listener("chat", config).await;
-        (client, listener_id, address)
-    });
-    (daemon, runtime, client, listener_id, address)
+fn options() -> Options {
+    Options { plugins: vec!["asyncore_plugin_chat"], ..Options::default() }
 }
 
 /// One chat client: a line reader and a writer over one connection.
@@ -34,9 +24,9 @@ struct Member {
 
 impl Member {
     fn connect(address: SocketAddr) -> Member {
-        let stream = TcpStream::connect(address).unwrap();
-        // A missing line fails the test instead of hanging it.
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // With read and write timeouts: a missing line fails the test
+        // instead of hanging it.
+        let stream = asyncore_tests::connect(address);
         Member { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) }
     }
 
@@ -74,7 +64,10 @@ fn channel_ids(
 
 #[test]
 fn three_clients_chat_with_nicks_joins_and_leaves() {
-    let (_daemon, runtime, mut client, listener_id, address) = start(&[]);
+    let runtime = runtime();
+    let daemon = runtime.block_on(InProcessDaemon::start_with(options()));
+    let mut client = runtime.block_on(daemon.client());
+    let (listener_id, address) = runtime.block_on(client.start_listener("chat", &[]));
     // Accepted in connection order, so each sees the joins of the later
     // ones only.
     let mut a = Member::connect(address);
@@ -136,7 +129,11 @@ fn three_clients_chat_with_nicks_joins_and_leaves() {
 #[test]
 fn a_member_that_does_not_read_is_skipped_not_buffered_for() {
     let max_backlog = 64 * 1024;
-    let (daemon, runtime, mut client, listener_id, address) = start(&[("max_backlog", "65536")]);
+    // The binary: the slow reader is seen in its log.
+    let daemon = Daemon::start_with(options());
+    let runtime = runtime();
+    let mut client = runtime.block_on(daemon.client());
+    let (listener_id, address) = runtime.block_on(client.start_listener("chat", &[("max_backlog", "65536")]));
     let mut flooder = Member::connect(address);
     let sleeper = Member::connect(address);
     let ids = channel_ids(&runtime, &mut client, listener_id, &[&flooder, &sleeper]);
@@ -164,7 +161,7 @@ fn a_member_that_does_not_read_is_skipped_not_buffered_for() {
         sleeper_channel.pending_output
     );
     let needle = format!("channel {}: guest{} is a slow reader", ids[1], ids[1]);
-    assert_eventually!(daemon.log().contains(&needle), "no {needle:?} in the log:\n{}", daemon.log());
+    runtime.block_on(eventually!(async || daemon.log().contains(&needle), "{needle:?} in the log:\n{}", daemon.log()));
     assert_eq!(daemon.log().matches(&needle).count(), 1, "the slow reader is logged once");
     drop(sleeper);
 }

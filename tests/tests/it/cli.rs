@@ -5,9 +5,10 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     process::{Command, Output, Stdio},
+    sync::mpsc,
 };
 
-use asyncore_tests::{Daemon, binary};
+use asyncore_tests::{Daemon, binary, output_within, patience};
 use serde_json::Value;
 
 fn ctl(daemon: &Daemon, args: &[&str]) -> Output {
@@ -47,7 +48,7 @@ fn asyncorectl_manages_a_running_daemon() {
     assert_eq!(listed["listeners"][0]["address"], address.as_str(), "{listed}");
 
     // A client, seen by channels ls / get.
-    let mut peer = TcpStream::connect(&address).unwrap();
+    let mut peer = asyncore_tests::connect(address.parse().unwrap());
     peer.write_all(b"ping").unwrap();
     let mut back = [0u8; 4];
     peer.read_exact(&mut back).unwrap();
@@ -71,9 +72,19 @@ fn asyncorectl_manages_a_running_daemon() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(stats.stdout.take().unwrap()).lines();
-    let first = json(&lines.next().unwrap().unwrap());
-    let second = json(&lines.next().unwrap().unwrap());
+    // Its lines come through a thread, so that waiting for one is bounded.
+    let (line_tx, lines) = mpsc::channel();
+    let stdout = stats.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = || lines.recv_timeout(patience()).expect("a line of `asyncorectl stats` in time");
+    let first = json(&next_line());
+    let second = json(&next_line());
     let reported: Vec<u64> =
         first["channels"].as_array().unwrap().iter().map(|c| c["channel_id"].as_u64().unwrap()).collect();
     assert!(reported.contains(&channel_id), "{first}");
@@ -104,7 +115,7 @@ fn asyncorectl_manages_a_running_daemon() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("out of range"));
 
     let unreachable =
-        Command::new(binary("asyncorectl")).args(["--control", "127.0.0.1:1", "plugins", "ls"]).output().unwrap();
+        output_within(Command::new(binary("asyncorectl")).args(["--control", "127.0.0.1:1", "plugins", "ls"]));
     assert_eq!(unreachable.status.code(), Some(3));
     assert_eq!(String::from_utf8_lossy(&unreachable.stderr).lines().count(), 1);
 }

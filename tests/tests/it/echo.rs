@@ -1,10 +1,10 @@
-//! The echo plugin through the real daemon: exact bytes, exact counters,
-//! stats streaming, graceful close and stopping a listener.
+//! The echo plugin through an in-process daemon: exact bytes, exact
+//! counters, stats streaming, graceful close and stopping a listener.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{collections::HashMap, net::SocketAddr};
 
 use asyncore_proto::v1::{self, ChannelKind};
-use asyncore_tests::{Daemon, Rng};
+use asyncore_tests::{InProcessDaemon, Rng, eventually, within};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -18,7 +18,9 @@ use crate::runtime;
 async fn echo_round_trip(stream: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
     let (mut reader, mut writer) = stream.split();
     let mut back = vec![0u8; payload.len()];
-    let (written, read) = tokio::join!(writer.write_all(payload), reader.read_exact(&mut back));
+    let (written, read) =
+        within("an echo round trip", async { tokio::join!(writer.write_all(payload), reader.read_exact(&mut back)) })
+            .await;
     written.expect("write payload");
     read.expect("read echo");
     back
@@ -26,8 +28,8 @@ async fn echo_round_trip(stream: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn hundred_clients_echo_exact_bytes_with_exact_counters() {
-    let daemon = Daemon::start();
     runtime().block_on(async {
+        let daemon = InProcessDaemon::start().await;
         let mut client = daemon.client().await;
         let (listener_id, address) = client.start_listener("echo", &[]).await;
 
@@ -92,10 +94,10 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
             .await
             .unwrap()
             .into_inner();
-        let first = stream.next().await.unwrap().unwrap();
+        let first = within("a stats message", stream.next()).await.unwrap().unwrap();
         assert_eq!(first.channels.len(), 100);
         assert!(first.channels.iter().all(|c| !c.closed));
-        let second = stream.next().await.unwrap().unwrap();
+        let second = within("a stats message", stream.next()).await.unwrap().unwrap();
         assert_eq!(second.seq, first.seq + 1);
         assert_eq!(second.channels.len(), 100);
 
@@ -104,11 +106,11 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
         drop(closed_stream);
         let mut closed_reports = Vec::new();
         for _ in 0..30 {
-            let update = stream.next().await.unwrap().unwrap();
+            let update = within("a stats message", stream.next()).await.unwrap().unwrap();
             closed_reports.extend(update.channels.iter().filter(|c| c.channel_id == closed_id).cloned());
             if closed_reports.iter().any(|c| c.closed) {
                 // One more message: the closed channel must not reappear.
-                let next = stream.next().await.unwrap().unwrap();
+                let next = within("a stats message", stream.next()).await.unwrap().unwrap();
                 assert!(next.channels.iter().all(|c| c.channel_id != closed_id), "closed channel reported twice");
                 assert_eq!(next.channels.len(), 99);
                 break;
@@ -134,7 +136,7 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
             .await
             .unwrap()
             .into_inner();
-        let update = stream.next().await.unwrap().unwrap();
+        let update = within("a stats message", stream.next()).await.unwrap().unwrap();
         assert_eq!(update.channels.len(), 1);
         assert_eq!(update.channels[0].channel_id, watched);
         assert_eq!(update.channels[0].bytes_in, *watched_size as u64);
@@ -156,25 +158,20 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
             (payload, writer)
         });
         // Let output pile up while the client does not read.
-        let mut pending = 0;
-        for _ in 0..200 {
-            let channel = match client.channels.get_channel(v1::GetChannelRequest { id: victim_id }).await {
-                Ok(c) => c.into_inner(),
-                Err(e) => panic!("{e}: {}", daemon.log()),
-            };
-            pending = channel.pending_output;
-            if pending > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(pending > 0, "output queued for a client that does not read");
+        eventually!(
+            async || {
+                let channel = client.channels.get_channel(v1::GetChannelRequest { id: victim_id }).await.unwrap();
+                channel.into_inner().pending_output > 0
+            },
+            "output queued for a client that does not read"
+        )
+        .await;
         let closing =
             client.channels.close_channel(v1::CloseChannelRequest { id: victim_id }).await.unwrap().into_inner();
         assert_eq!(closing.state, v1::ChannelState::Closing as i32);
         let mut received = Vec::new();
-        reader.read_to_end(&mut received).await.expect("read to EOF");
-        let (payload, _writer) = writer_task.await.unwrap();
+        within("EOF after CloseChannel", reader.read_to_end(&mut received)).await.expect("read to EOF");
+        let (payload, _writer) = within("the writer to finish", writer_task).await.unwrap();
         // Everything the daemon had read was echoed before EOF, not one byte
         // more.
         assert_eq!((echoed_before + received.len()) as u64, closing.bytes_in);
@@ -182,16 +179,12 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
         // The daemon lingers, discarding input, until the client closes too;
         // then the channel leaves the map.
         drop((_writer, reader));
-        let mut gone = false;
-        for _ in 0..500 {
-            if let Err(status) = client.channels.get_channel(v1::GetChannelRequest { id: victim_id }).await {
-                assert_eq!(status.code(), tonic::Code::NotFound);
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(gone, "closed channel left the map");
+        let status = eventually!(
+            async || client.channels.get_channel(v1::GetChannelRequest { id: victim_id }).await.err(),
+            "the closed channel to leave the map"
+        )
+        .await;
+        assert_eq!(status.code(), tonic::Code::NotFound);
 
         // StopListener: new connections are refused, existing ones keep
         // echoing.
@@ -213,17 +206,15 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
 
 #[test]
 fn stop_listener_with_close_channels_closes_them_gracefully() {
-    let daemon = Daemon::start();
     runtime().block_on(async {
+        let daemon = InProcessDaemon::start().await;
         let mut client = daemon.client().await;
         let (id, address) = client.start_listener("echo", &[]).await;
         let mut stream = TcpStream::connect(address).await.unwrap();
-        stream.write_all(b"bye").await.unwrap();
-        let mut back = [0u8; 3];
-        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(echo_round_trip(&mut stream, b"bye").await, b"bye");
         client.listeners.stop_listener(v1::StopListenerRequest { id, close_channels: true }).await.unwrap();
         let mut rest = Vec::new();
-        stream.read_to_end(&mut rest).await.expect("EOF, not a reset");
+        within("EOF after StopListener", stream.read_to_end(&mut rest)).await.expect("EOF, not a reset");
         assert!(rest.is_empty());
         assert!(TcpStream::connect(address).await.is_err());
     });

@@ -1,7 +1,7 @@
-//! The http plugin through the real daemon and raw `TcpStream`s: the
+//! The http plugin through an in-process daemon and raw `TcpStream`s: the
 //! asyncore documentation's client, pipelining, HEAD, error statuses and
-//! when they close, path escapes, and a 100 MiB download in bounded memory
-//! for fast and slow readers.
+//! when they close, path escapes; and, on the binary, whose memory is its
+//! own, a 100 MiB download in bounded memory for fast and slow readers.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -11,26 +11,45 @@ use std::{
 };
 
 use asyncore_proto::v1;
-use asyncore_tests::{Daemon, Options, Rng, TempDir};
+use asyncore_tests::{Client, Daemon, InProcessDaemon, Options, Rng, TempDir, connect};
 use tonic::Code;
 
 use crate::runtime;
 
-fn start_daemon() -> Daemon {
-    Daemon::start_with(Options { plugins: vec!["asyncore_plugin_http"], ..Options::default() })
+fn options() -> Options {
+    Options { plugins: vec!["asyncore_plugin_http"], ..Options::default() }
 }
 
-/// Starts an http listener with `config` on `daemon`.
-fn listen(daemon: &Daemon, config: &[(&str, &str)]) -> SocketAddr {
+/// An in-process daemon with the http plugin. Fields drop in order: the
+/// client and the daemon before the runtime they run on.
+struct Server {
+    client: Client,
+    _daemon: InProcessDaemon,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Server {
+    fn start() -> Server {
+        let runtime = runtime();
+        let daemon = runtime.block_on(InProcessDaemon::start_with(options()));
+        let client = runtime.block_on(daemon.client());
+        Server { client, _daemon: daemon, runtime }
+    }
+
+    /// Starts an http listener with `config`.
+    fn listen(&mut self, config: &[(&str, &str)]) -> SocketAddr {
+        self.runtime.block_on(self.client.start_listener("http", config)).1
+    }
+}
+
+/// The binary with the http plugin, for the tests that watch its memory.
+fn start_binary() -> Daemon {
+    Daemon::start_with(options())
+}
+
+/// Starts an http listener with `config` on the binary `daemon`.
+fn listen_on_binary(daemon: &Daemon, config: &[(&str, &str)]) -> SocketAddr {
     runtime().block_on(async { daemon.client().await.start_listener("http", config).await.1 })
-}
-
-#[track_caller]
-fn connect(address: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(address).unwrap();
-    // A test that goes wrong fails instead of hanging.
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    stream
 }
 
 /// A parsed response.
@@ -111,8 +130,8 @@ fn exchange(address: SocketAddr, request: &[u8]) -> (Response, BufReader<TcpStre
 
 #[test]
 fn the_asyncore_docs_client_gets_the_page_then_the_close() {
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[]);
+    let mut server = Server::start();
+    let address = server.listen(&[]);
     // The request of the asyncore documentation's HTTPClient:
     // 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' % (path, host), then it reads
     // until the server closes.
@@ -139,8 +158,8 @@ fn a_hundred_pipelined_requests_in_one_write_are_answered_in_order() {
     for i in 1..=100 {
         std::fs::write(root.path().join(format!("{i}.txt")), contents(i)).unwrap();
     }
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[("root", root.path().to_str().unwrap())]);
+    let mut server = Server::start();
+    let address = server.listen(&[("root", root.path().to_str().unwrap())]);
 
     let mut requests = String::new();
     for i in 1..=100 {
@@ -168,8 +187,8 @@ fn a_hundred_pipelined_requests_in_one_write_are_answered_in_order() {
 fn head_answers_the_fields_of_get_without_a_body() {
     let root = TempDir::new("http-head");
     std::fs::write(root.path().join("style.css"), "body { color: red }\n").unwrap();
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[("root", root.path().to_str().unwrap())]);
+    let mut server = Server::start();
+    let address = server.listen(&[("root", root.path().to_str().unwrap())]);
 
     // Pipelined: a body sent after a HEAD response would show up as
     // garbage where the next status line should be.
@@ -203,8 +222,8 @@ fn head_answers_the_fields_of_get_without_a_body() {
 
 #[test]
 fn http10_keep_alive_is_kept_and_said() {
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[]);
+    let mut server = Server::start();
+    let address = server.listen(&[]);
     let mut stream = connect(address);
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     for _ in 0..3 {
@@ -223,9 +242,9 @@ fn http10_keep_alive_is_kept_and_said() {
 fn not_found_and_method_not_allowed_keep_the_connection() {
     let root = TempDir::new("http-errors");
     std::fs::create_dir(root.path().join("dir")).unwrap();
-    let daemon = start_daemon();
-    let with_root = listen(&daemon, &[("root", root.path().to_str().unwrap())]);
-    let without_root = listen(&daemon, &[]);
+    let mut server = Server::start();
+    let with_root = server.listen(&[("root", root.path().to_str().unwrap())]);
+    let without_root = server.listen(&[]);
     std::fs::write(root.path().join("here.txt"), "here").unwrap();
 
     let mut stream = connect(with_root);
@@ -263,8 +282,8 @@ fn not_found_and_method_not_allowed_keep_the_connection() {
 
 #[test]
 fn untrustworthy_requests_are_refused_and_closed() {
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[]);
+    let mut server = Server::start();
+    let address = server.listen(&[]);
     let cases: [(&[u8], u16); 9] = [
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET / HTTP/1.1 trailing\r\n\r\n", 400),
@@ -290,9 +309,9 @@ fn untrustworthy_requests_are_refused_and_closed() {
 
 #[test]
 fn oversized_heads_get_431_or_414_within_the_configured_limit() {
-    let daemon = start_daemon();
-    let default_limit = listen(&daemon, &[]);
-    let small_limit = listen(&daemon, &[("max_header_bytes", "1024")]);
+    let mut server = Server::start();
+    let default_limit = server.listen(&[]);
+    let small_limit = server.listen(&[("max_header_bytes", "1024")]);
 
     // Just under the limit is fine.
     let request = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n", "p".repeat(900));
@@ -333,8 +352,8 @@ fn paths_that_escape_the_root_are_not_served() {
     std::fs::write(scratch.path().join("secret.txt"), "TOP SECRET").unwrap();
     std::os::unix::fs::symlink(scratch.path().join("secret.txt"), root.join("link.txt")).unwrap();
     std::os::unix::fs::symlink(scratch.path(), root.join("up")).unwrap();
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[("root", root.to_str().unwrap())]);
+    let mut server = Server::start();
+    let address = server.listen(&[("root", root.to_str().unwrap())]);
 
     assert_eq!(exchange(address, b"GET /static/ok.txt HTTP/1.0\r\n\r\n").0.text(), "ok");
     let attempts = [
@@ -363,17 +382,16 @@ fn paths_that_escape_the_root_are_not_served() {
 
 #[test]
 fn a_root_that_is_not_a_directory_is_refused_at_listener_start() {
-    let daemon = start_daemon();
+    let mut server = Server::start();
     let scratch = TempDir::new("http-bad-root");
     let missing = scratch.path().join("missing");
-    runtime().block_on(async {
-        let mut client = daemon.client().await;
+    server.runtime.block_on(async {
         let request = v1::StartListenerRequest {
             address: "127.0.0.1:0".to_string(),
             plugin: "http".to_string(),
             config: [("root".to_string(), missing.to_str().unwrap().to_string())].into(),
         };
-        let status = client.listeners.start_listener(request).await.expect_err("a missing root is refused");
+        let status = server.client.listeners.start_listener(request).await.expect_err("a missing root is refused");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains("config root"), "{status:?}");
     });
@@ -441,8 +459,8 @@ fn a_100_mib_file_streams_exactly_in_bounded_memory() {
     let root = TempDir::new("http-big");
     let big = BigFile::new(100);
     big.write(root.path());
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[("root", root.path().to_str().unwrap())]);
+    let daemon = start_binary();
+    let address = listen_on_binary(&daemon, &[("root", root.path().to_str().unwrap())]);
 
     let mut reader = request_big_file(address);
     let mut buf = vec![0u8; MIB];
@@ -471,8 +489,8 @@ fn a_slow_reader_of_a_100_mib_file_does_not_grow_the_daemon() {
     let root = TempDir::new("http-big-slow");
     let big = BigFile::new(101);
     big.write(root.path());
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[("root", root.path().to_str().unwrap()), ("high_water", "65536")]);
+    let daemon = start_binary();
+    let address = listen_on_binary(&daemon, &[("root", root.path().to_str().unwrap()), ("high_water", "65536")]);
 
     let mut reader = request_big_file(address);
     let mut offset = 0;
@@ -524,8 +542,8 @@ fn a_slow_reader_of_a_100_mib_file_does_not_grow_the_daemon() {
 
 #[test]
 fn a_client_that_pipelines_faster_than_it_reads_is_held_back() {
-    let daemon = start_daemon();
-    let address = listen(&daemon, &[]);
+    let daemon = start_binary();
+    let address = listen_on_binary(&daemon, &[]);
     let stream = connect(address);
     let before = daemon.rss_kib();
 

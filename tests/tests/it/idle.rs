@@ -4,7 +4,7 @@
 //! as with none. Counted, not timed.
 
 use asyncore_proto::v1;
-use asyncore_tests::{Client, Daemon};
+use asyncore_tests::{Client, InProcessDaemon, eventually, within};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -29,7 +29,7 @@ async fn round_trips(client: &mut Client, stream: &mut TcpStream) -> Cost {
         let message = [i as u8; 64];
         stream.write_all(&message).await.unwrap();
         let mut back = [0u8; 64];
-        stream.read_exact(&mut back).await.unwrap();
+        within("an echo round trip", stream.read_exact(&mut back)).await.unwrap();
         assert_eq!(back, message);
     }
     let after = client.daemon.get_loop_stats(v1::GetLoopStatsRequest {}).await.unwrap().into_inner();
@@ -49,8 +49,8 @@ fn assert_about_the_same(what: &str, idle: u64, none: u64) {
 
 #[test]
 fn idle_channels_cost_nothing_per_pass() {
-    let daemon = Daemon::start();
     runtime().block_on(async {
+        let daemon = InProcessDaemon::start().await;
         let mut client = daemon.client().await;
         let (listener_id, address) = client.start_listener("echo", &[]).await;
         let mut active = TcpStream::connect(address).await.unwrap();
@@ -62,14 +62,16 @@ fn idle_channels_cost_nothing_per_pass() {
         for _ in 0..IDLE {
             idle.push(TcpStream::connect(address).await.unwrap());
         }
-        loop {
-            let listeners = client.listeners.list_listeners(v1::ListListenersRequest {}).await.unwrap().into_inner();
-            let listener = listeners.listeners.iter().find(|l| l.id == listener_id).unwrap();
-            if listener.channel_count == IDLE as u64 + 1 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        eventually!(
+            async || {
+                let listeners =
+                    client.listeners.list_listeners(v1::ListListenersRequest {}).await.unwrap().into_inner();
+                let listener = listeners.listeners.iter().find(|l| l.id == listener_id).unwrap();
+                listener.channel_count == IDLE as u64 + 1
+            },
+            "all {IDLE} idle connections accepted"
+        )
+        .await;
         round_trips(&mut client, &mut active).await; // settle
         let with_idle = round_trips(&mut client, &mut active).await;
 

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use asyncore_tests::output_within;
 use serde_json::Value;
 
 /// The workspace's resolved graph: package name to the names of its direct
@@ -20,14 +21,14 @@ impl Graph {
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
         // Only this platform's graph: the others' crates need not be
         // downloaded, and only this one is built here.
-        let rustc = std::process::Command::new("rustc").arg("-vV").output().expect("run rustc -vV");
+        let rustc = output_within(std::process::Command::new("rustc").arg("-vV"));
         let rustc = String::from_utf8_lossy(&rustc.stdout);
         let host = rustc.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc -vV names its host");
-        let output = std::process::Command::new(env!("CARGO"))
-            .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", host])
-            .args(["--manifest-path", manifest])
-            .output()
-            .expect("run cargo metadata");
+        let output = output_within(
+            std::process::Command::new(env!("CARGO"))
+                .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", host])
+                .args(["--manifest-path", manifest]),
+        );
         assert!(output.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&output.stderr));
         let metadata: Value = serde_json::from_slice(&output.stdout).expect("cargo metadata json");
         let name_of: BTreeMap<&str, &str> = metadata["packages"]

@@ -1,23 +1,37 @@
-//! The lines plugin (asynchat through the real daemon): complete lines come
-//! back whatever reads they arrive in, custom terminators, an oversized
-//! line closes only its channel with a logged reason, and a client that
-//! never reads cannot grow the daemon.
+//! The lines plugin (asynchat through the daemon): complete lines come back
+//! whatever reads they arrive in, custom terminators, an oversized line
+//! closes only its channel with a logged reason, and a client that never
+//! reads cannot grow the daemon. The last two watch the binary's log and
+//! memory; the rest run in-process.
 
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
-    time::Duration,
 };
 
 use asyncore_proto::v1;
-use asyncore_tests::{Client, Daemon, Options, Rng, assert_eventually};
+use asyncore_tests::{Client, Daemon, InProcessDaemon, Options, Rng, connect, eventually};
 
 use crate::runtime;
 
-/// A daemon with the lines plugin. The runtime must outlive the client (its
-/// connection runs on it).
-fn start() -> (Daemon, tokio::runtime::Runtime, Client) {
-    let daemon = Daemon::start_with(Options { plugins: vec!["asyncore_plugin_lines"], ..Options::default() });
+fn options() -> Options {
+    Options { plugins: vec!["asyncore_plugin_lines"], ..Options::default() }
+}
+
+/// An in-process daemon with the lines plugin, a client, and the runtime
+/// both run on (which must outlive them: it is returned first, so dropped
+/// last).
+fn start() -> (tokio::runtime::Runtime, InProcessDaemon, Client) {
+    let runtime = runtime();
+    let daemon = runtime.block_on(InProcessDaemon::start_with(options()));
+    let client = runtime.block_on(daemon.client());
+    (runtime, daemon, client)
+}
+
+/// The binary with the lines plugin, for the tests that read its log or
+/// watch its memory.
+fn start_binary() -> (Daemon, tokio::runtime::Runtime, Client) {
+    let daemon = Daemon::start_with(options());
     let runtime = runtime();
     let client = runtime.block_on(daemon.client());
     (daemon, runtime, client)
@@ -25,14 +39,6 @@ fn start() -> (Daemon, tokio::runtime::Runtime, Client) {
 
 fn listen(runtime: &tokio::runtime::Runtime, client: &mut Client, config: &[(&str, &str)]) -> (u64, SocketAddr) {
     runtime.block_on(client.start_listener("lines", config))
-}
-
-/// A client with a read timeout, so that a missing reply fails the test
-/// instead of hanging it.
-fn connect(address: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    stream
 }
 
 /// Writes `input` one byte per segment, half-closes, and returns everything
@@ -52,7 +58,7 @@ fn one_byte_at_a_time(address: SocketAddr, input: &[u8]) -> Vec<u8> {
 
 #[test]
 fn lines_split_into_single_bytes_come_back_whole() {
-    let (_daemon, runtime, mut client) = start();
+    let (runtime, _daemon, mut client) = start();
     let (_, address) = listen(&runtime, &mut client, &[]);
     // A lone \r and \n inside a line are data; only \r\n ends it. The
     // unterminated tail is not a line and never comes back: the echo is by
@@ -66,7 +72,7 @@ fn lines_split_into_single_bytes_come_back_whole() {
 
 #[test]
 fn ten_thousand_lines_in_one_write_come_back_exactly() {
-    let (_daemon, runtime, mut client) = start();
+    let (runtime, _daemon, mut client) = start();
     let (_, address) = listen(&runtime, &mut client, &[]);
     let mut rng = Rng::new(10_000);
     let mut input = Vec::new();
@@ -94,7 +100,7 @@ fn ten_thousand_lines_in_one_write_come_back_exactly() {
 
 #[test]
 fn custom_terminators_frame_the_lines() {
-    let (_daemon, runtime, mut client) = start();
+    let (runtime, _daemon, mut client) = start();
 
     // Typed as `-c terminator='\n'`: the escape is the plugin's to decode.
     let (_, newline) = listen(&runtime, &mut client, &[("terminator", r"\n")]);
@@ -136,7 +142,7 @@ fn channel_id(runtime: &tokio::runtime::Runtime, client: &mut Client, listener_i
 
 #[test]
 fn an_oversized_line_closes_only_its_channel_with_a_logged_reason() {
-    let (daemon, runtime, mut client) = start();
+    let (daemon, runtime, mut client) = start_binary();
     let (listener_id, address) = listen(&runtime, &mut client, &[("max_line", "1024")]);
     let mut good = connect(address);
     let mut bad = connect(address);
@@ -159,14 +165,14 @@ fn an_oversized_line_closes_only_its_channel_with_a_logged_reason() {
 
     round_trip(&mut good, b"after\r\n");
     let needle = format!("channel {bad_id}: line too long: more than max_line 1024 bytes");
-    assert_eventually!(daemon.log().contains(&needle), "no {needle:?} in the log:\n{}", daemon.log());
+    runtime.block_on(eventually!(async || daemon.log().contains(&needle), "{needle:?} in the log:\n{}", daemon.log()));
 }
 
 #[test]
 fn a_client_that_never_reads_does_not_grow_the_daemon() {
-    let (daemon, runtime, mut client) = start();
+    let (daemon, runtime, mut client) = start_binary();
     let (_, address) = listen(&runtime, &mut client, &[]);
-    let mut stream = TcpStream::connect(address).unwrap();
+    let mut stream = connect(address);
     let mut line = Rng::new(4).bytes(1022).into_iter().map(|b| b'a' + b % 26).collect::<Vec<u8>>();
     line.extend_from_slice(b"\r\n");
     let chunk = line.repeat(1024);

@@ -1,24 +1,33 @@
-//! Integration tests against the real `asyncored` binary. One test binary
-//! with a module per area keeps link times down.
+//! Integration tests against the daemon: in-process (`InProcessDaemon`)
+//! where signals, flags, the process's log and memory and the CLI are not
+//! the point, the real `asyncored` binary (`Daemon`) where they are. One
+//! test binary with a module per area keeps link times down.
 
 mod abi;
 mod chat;
 mod cli;
 mod cli_plugins;
 mod echo;
+mod embedding;
 mod engine;
 mod errors;
 mod http;
 mod idle;
+mod layering;
 mod lifecycle;
 mod lines;
+mod listeners;
+mod logging;
 mod panics;
+mod plugin_new;
 mod proxy;
 mod reflection;
 mod reload;
 mod timers;
 
-/// A multi-threaded runtime for one test.
+/// A multi-threaded runtime for one test. An in-process daemon's control API
+/// runs on the runtime it was started on: keep that runtime alive as long as
+/// the daemon.
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }

@@ -3,7 +3,7 @@
 //! (`handle_expt`).
 
 use asyncore_proto::v1;
-use asyncore_tests::{Daemon, Options, assert_eventually};
+use asyncore_tests::{Daemon, InProcessDaemon, Options, eventually, within};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -13,6 +13,8 @@ use crate::runtime;
 
 #[test]
 fn a_panic_in_handle_read_closes_only_that_channel() {
+    // The binary: the panic and the plugin's own records are read from its
+    // log.
     let mut daemon = Daemon::start_with(Options {
         plugins: vec!["asyncore_fixture_panicky", "asyncore_plugin_echo"],
         ..Options::default()
@@ -28,44 +30,42 @@ fn a_panic_in_handle_read_closes_only_that_channel() {
         for stream in [&mut calm, &mut other_plugin, &mut doomed] {
             stream.write_all(b"hello").await.unwrap();
             let mut back = [0u8; 5];
-            stream.read_exact(&mut back).await.unwrap();
+            within("an echo", stream.read_exact(&mut back)).await.unwrap();
             assert_eq!(&back, b"hello");
         }
 
         doomed.write_all(b"PANIC now").await.unwrap();
         let mut rest = Vec::new();
-        let n = doomed.read_to_end(&mut rest).await.unwrap_or(0);
+        let n = within("the panicking channel to close", doomed.read_to_end(&mut rest)).await.unwrap_or(0);
         assert_eq!(n, 0, "the panicking channel is closed without an echo");
 
         for stream in [&mut calm, &mut other_plugin] {
             stream.write_all(b"again").await.unwrap();
             let mut back = [0u8; 5];
-            stream.read_exact(&mut back).await.unwrap();
+            within("an echo", stream.read_exact(&mut back)).await.unwrap();
             assert_eq!(&back, b"again");
         }
 
         // Once the peer closes too, only the calm channel is left.
         drop(doomed);
-        let mut panicky_info = None;
-        for _ in 0..500 {
-            let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
-            let info = plugins.plugins.into_iter().find(|p| p.name == "panicky").unwrap();
-            if info.live_channels == 1 {
-                panicky_info = Some(info);
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let panicky_info = panicky_info.expect("the panicked channel leaves the map");
+        let panicky_info = eventually!(
+            async || {
+                let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+                plugins.plugins.into_iter().find(|p| p.name == "panicky" && p.live_channels == 1)
+            },
+            "the panicked channel to leave the map"
+        )
+        .await;
         assert_eq!(panicky_info.panics, 1);
         let stats = client.daemon.get_loop_stats(v1::GetLoopStatsRequest {}).await.unwrap().into_inner();
         assert_eq!(stats.panics, 1);
+        eventually!(
+            async || daemon.log().contains("fixture asked to panic on channel"),
+            "the panic message in the log:\n{}",
+            daemon.log()
+        )
+        .await;
     });
-    assert_eventually!(
-        daemon.log().contains("fixture asked to panic on channel"),
-        "panic message logged; log:\n{}",
-        daemon.log()
-    );
     let log = daemon.log();
     let line = log.lines().find(|l| l.contains("fixture asked to panic")).unwrap();
     assert!(line.contains("plugin=panicky") && line.contains("channel="), "{line}");
@@ -79,8 +79,10 @@ fn a_panic_in_handle_read_closes_only_that_channel() {
 
 #[test]
 fn urgent_data_reaches_handle_expt_and_the_stream_goes_on() {
-    let daemon = Daemon::start_with(Options { plugins: vec!["asyncore_fixture_panicky"], ..Options::default() });
     runtime().block_on(async {
+        let daemon =
+            InProcessDaemon::start_with(Options { plugins: vec!["asyncore_fixture_panicky"], ..Options::default() })
+                .await;
         let mut client = daemon.client().await;
         let (_, address) = client.start_listener("panicky", &[]).await;
         let stream = std::net::TcpStream::connect(address).unwrap();
@@ -91,11 +93,11 @@ fn urgent_data_reaches_handle_expt_and_the_stream_goes_on() {
         })
         .unwrap();
         let mut back = [0u8; 7];
-        stream.read_exact(&mut back).await.unwrap();
+        within("handle_expt's answer", stream.read_exact(&mut back)).await.unwrap();
         assert_eq!(&back, b"urgent\n");
         stream.write_all(b"after").await.unwrap();
         let mut echo = [0u8; 5];
-        stream.read_exact(&mut echo).await.unwrap();
+        within("the echo", stream.read_exact(&mut echo)).await.unwrap();
         assert_eq!(&echo, b"after", "the urgent byte is not in the stream");
     });
 }

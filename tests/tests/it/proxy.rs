@@ -3,36 +3,40 @@
 
 use std::{
     io::{Read, Write},
-    net::TcpStream,
+    net::SocketAddr,
 };
 
 use asyncore_proto::v1;
-use asyncore_tests::{Client, Daemon, Options, Rng};
+use asyncore_tests::{Client, Daemon, InProcessDaemon, Options, Rng, connect};
 
 use crate::runtime;
 
-/// A daemon with an echo listener and a proxy in front of it. The runtime
-/// must outlive the client (its connection runs on it).
-fn start() -> (Daemon, tokio::runtime::Runtime, Client, std::net::SocketAddr, u64) {
-    let daemon = Daemon::start_with(Options {
-        plugins: vec!["asyncore_plugin_echo", "asyncore_plugin_proxy"],
-        ..Options::default()
-    });
+fn options() -> Options {
+    Options { plugins: vec!["asyncore_plugin_echo", "asyncore_plugin_proxy"], ..Options::default() }
+}
+
+/// Starts an echo listener and a proxy in front of it; returns the proxy
+/// listener's id and address.
+async fn proxy_to_echo(client: &mut Client) -> (u64, SocketAddr) {
+    let (_, echo) = client.start_listener("echo", &[]).await;
+    client.start_listener("proxy", &[("upstream", &echo.to_string())]).await
+}
+
+/// An in-process daemon with a proxy in front of an echo listener, a
+/// client, and the runtime they run on (returned first, so dropped last).
+fn start() -> (tokio::runtime::Runtime, InProcessDaemon, Client, SocketAddr, u64) {
     let runtime = runtime();
-    let (client, proxy, proxy_listener) = runtime.block_on(async {
-        let mut client = daemon.client().await;
-        let (_, echo) = client.start_listener("echo", &[]).await;
-        let (proxy_listener, proxy) = client.start_listener("proxy", &[("upstream", &echo.to_string())]).await;
-        (client, proxy, proxy_listener)
-    });
-    (daemon, runtime, client, proxy, proxy_listener)
+    let daemon = runtime.block_on(InProcessDaemon::start_with(options()));
+    let mut client = runtime.block_on(daemon.client());
+    let (proxy_listener, proxy) = runtime.block_on(proxy_to_echo(&mut client));
+    (runtime, daemon, client, proxy, proxy_listener)
 }
 
 #[test]
 fn proxy_carries_50_mib_both_ways_exactly() {
-    let (daemon, _runtime, _client, proxy, _) = start();
+    let (_runtime, daemon, _client, proxy, _) = start();
     let payload = Rng::new(50).bytes(50 << 20);
-    let mut stream = TcpStream::connect(proxy).unwrap();
+    let mut stream = connect(proxy);
     let mut writer = stream.try_clone().unwrap();
     let sent = payload.clone();
     let write = std::thread::spawn(move || {
@@ -52,8 +56,8 @@ fn proxy_carries_50_mib_both_ways_exactly() {
 
 #[test]
 fn outbound_channels_show_kind_and_creator() {
-    let (_daemon, runtime, mut client, proxy, proxy_listener) = start();
-    let mut stream = TcpStream::connect(proxy).unwrap();
+    let (runtime, _daemon, mut client, proxy, proxy_listener) = start();
+    let mut stream = connect(proxy);
     stream.write_all(b"hello").unwrap();
     let mut back = [0u8; 5];
     stream.read_exact(&mut back).unwrap();
@@ -72,8 +76,10 @@ fn outbound_channels_show_kind_and_creator() {
 
 #[test]
 fn a_client_that_stops_reading_does_not_grow_the_daemon() {
-    let (daemon, _runtime, _client, proxy, _) = start();
-    let mut stream = TcpStream::connect(proxy).unwrap();
+    // The binary: its memory is its own.
+    let daemon = Daemon::start_with(options());
+    let (_, proxy) = runtime().block_on(async { proxy_to_echo(&mut daemon.client().await).await });
+    let mut stream = connect(proxy);
     let chunk = Rng::new(3).bytes(1 << 20);
     asyncore_tests::assert_memory_bounded_while_not_reading(&daemon, &mut stream, &chunk);
 }

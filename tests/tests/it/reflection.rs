@@ -1,7 +1,7 @@
 //! What grpcurl needs with no .proto at hand: server reflection (v1 and
 //! v1alpha) listing and describing the API, and the standard health service.
 
-use asyncore_tests::Daemon;
+use asyncore_tests::{InProcessDaemon, within};
 use tokio_stream::StreamExt;
 use tonic_reflection::pb::{v1, v1alpha};
 
@@ -9,8 +9,8 @@ use crate::runtime;
 
 #[test]
 fn reflection_lists_and_describes_the_api_and_health_serves() {
-    let daemon = Daemon::start();
     runtime().block_on(async {
+        let daemon = InProcessDaemon::start().await;
         let client = daemon.client().await;
 
         // v1, as grpcurl speaks first: `grpcurl -plaintext ADDR list`.
@@ -20,7 +20,7 @@ fn reflection_lists_and_describes_the_api_and_health_serves() {
             message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
         };
         let mut answers = v1_client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-        let answer = answers.next().await.unwrap().unwrap();
+        let answer = within("a reflection answer", answers.next()).await.unwrap().unwrap();
         let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = answer.message_response
         else {
             panic!("unexpected answer {answer:?}");
@@ -47,7 +47,7 @@ fn reflection_lists_and_describes_the_api_and_health_serves() {
             };
             let mut answers =
                 v1_client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-            let answer = answers.next().await.unwrap().unwrap();
+            let answer = within("a reflection answer", answers.next()).await.unwrap().unwrap();
             match answer.message_response {
                 Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) => {
                     assert!(!files.file_descriptor_proto.is_empty(), "{symbol}");
@@ -63,7 +63,7 @@ fn reflection_lists_and_describes_the_api_and_health_serves() {
             message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
         };
         let mut answers = alpha.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-        let answer = answers.next().await.unwrap().unwrap();
+        let answer = within("a reflection answer", answers.next()).await.unwrap().unwrap();
         assert!(
             matches!(
                 answer.message_response,

@@ -1,18 +1,21 @@
 //! Hot reload: generations side by side, reload under traffic with nothing
 //! dropped, drain timeouts, rebuilt files, rollback, validation, unload and
-//! `--watch`.
+//! `--watch`. In-process, but for the tests that need the plugin's
+//! environment, the `--watch` flag or the daemon's log.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
 use asyncore_proto::v1;
-use asyncore_tests::{Client, Daemon, Options, Rng, plugin_library};
+use asyncore_tests::{
+    Client, Daemon, InProcessDaemon, Options, Rng, TempDir, eventually, plugin_library, replace_file, within,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -35,17 +38,47 @@ async fn channel_of(client: &mut Client, listener_id: u64, stream: &TcpStream) -
     client.channel_by_peer(listener_id, stream.local_addr().unwrap()).await
 }
 
+/// Sends `message` and reads the tagged answer of the `versioned` fixture
+/// (`v1:` or `v2:` before it), or the echo of `message` and 3 bytes more.
 async fn ask(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
     stream.write_all(message).await.unwrap();
     let mut back = vec![0u8; message.len() + 3];
-    stream.read_exact(&mut back).await.unwrap();
+    within("an answer", stream.read_exact(&mut back)).await.unwrap();
     back
+}
+
+/// Sends `message` and reads its echo.
+async fn echo_round_trip(stream: &mut TcpStream, message: &[u8]) {
+    stream.write_all(message).await.unwrap();
+    let mut back = vec![0u8; message.len()];
+    within("an echo", stream.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, message);
+}
+
+/// Waits until the workers made `count` round trips in all.
+async fn round_trips_reach(round_trips: &AtomicU64, count: u64) {
+    eventually!(
+        async || round_trips.load(Ordering::Relaxed) >= count,
+        "{count} round trips (at {})",
+        round_trips.load(Ordering::Relaxed)
+    )
+    .await;
+}
+
+async fn get_channel(client: &mut Client, id: u64) -> v1::Channel {
+    client.channels.get_channel(v1::GetChannelRequest { id }).await.unwrap().into_inner()
+}
+
+/// The plugin named `name`, as `ListPlugins` shows it.
+async fn plugin_named(client: &mut Client, name: &str) -> v1::Plugin {
+    let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+    plugins.plugins.into_iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no plugin {name}"))
 }
 
 #[test]
 fn twenty_reloads_under_load_drop_nothing_and_new_connections_get_the_new_generation() {
-    let daemon = Daemon::start();
     runtime().block_on(async {
+        let daemon = InProcessDaemon::start().await;
         let mut client = daemon.client().await;
         let (listener_id, address) = client.start_listener("echo", &[]).await;
 
@@ -63,7 +96,9 @@ fn twenty_reloads_under_load_drop_nothing_and_new_connections_get_the_new_genera
                     let message = rng.bytes(len);
                     stream.write_all(&message).await.map_err(|e| format!("client {i} write: {e}"))?;
                     let mut back = vec![0u8; message.len()];
-                    stream.read_exact(&mut back).await.map_err(|e| format!("client {i} read: {e}"))?;
+                    within(format!("client {i}'s echo"), stream.read_exact(&mut back))
+                        .await
+                        .map_err(|e| format!("client {i} read: {e}"))?;
                     if back != message {
                         return Err(format!("client {i}: bytes lost or reordered"));
                     }
@@ -74,27 +109,20 @@ fn twenty_reloads_under_load_drop_nothing_and_new_connections_get_the_new_genera
             }));
         }
         // Let every worker get going on generation 1.
-        while round_trips.load(Ordering::Relaxed) < 600 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        round_trips_reach(&round_trips, 600).await;
 
         for expected in 2..=21u32 {
             let plugin = reload(&mut client, "echo", 0).await;
             assert_eq!(plugin.current_generation, expected);
             let before = round_trips.load(Ordering::Relaxed);
             let mut fresh = TcpStream::connect(address).await.unwrap();
-            fresh.write_all(b"new").await.unwrap();
-            let mut back = [0u8; 3];
-            fresh.read_exact(&mut back).await.unwrap();
+            echo_round_trip(&mut fresh, b"new").await;
             let channel = channel_of(&mut client, listener_id, &fresh).await;
             assert_eq!(channel.plugin_generation, expected, "a connection after reload {expected} is on it");
             // Traffic keeps flowing between reloads.
-            while round_trips.load(Ordering::Relaxed) < before + 200 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            round_trips_reach(&round_trips, before + 200).await;
         }
-        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
-        let echo = plugins.plugins.iter().find(|p| p.name == "echo").unwrap();
+        let echo = plugin_named(&mut client, "echo").await;
         assert_eq!(echo.generations.len(), 21);
         let first = &echo.generations[0];
         assert_eq!(first.state, v1::GenerationState::Draining as i32, "generation 1 still serves its 200 channels");
@@ -107,7 +135,7 @@ fn twenty_reloads_under_load_drop_nothing_and_new_connections_get_the_new_genera
         stop.store(true, Ordering::Relaxed);
         let mut errors = Vec::new();
         for worker in workers {
-            if let Err(e) = worker.await.unwrap() {
+            if let Err(e) = within("a worker to finish", worker).await.unwrap() {
                 errors.push(e);
             }
         }
@@ -117,16 +145,14 @@ fn twenty_reloads_under_load_drop_nothing_and_new_connections_get_the_new_genera
 
 #[test]
 fn a_drain_timeout_closes_old_channels_after_flushing_them() {
-    let daemon = Daemon::start();
     runtime().block_on(async {
+        let daemon = InProcessDaemon::start().await;
         let mut client = daemon.client().await;
         let (listener_id, address) = client.start_listener("echo", &[]).await;
         let stream = TcpStream::connect(address).await.unwrap();
         let old = {
             let mut probe = TcpStream::connect(address).await.unwrap();
-            probe.write_all(b"x").await.unwrap();
-            let mut b = [0u8; 1];
-            probe.read_exact(&mut b).await.unwrap();
+            echo_round_trip(&mut probe, b"x").await;
             channel_of(&mut client, listener_id, &stream).await
         };
         assert_eq!(old.plugin_generation, 1);
@@ -138,76 +164,67 @@ fn a_drain_timeout_closes_old_channels_after_flushing_them() {
             let _ = writer.write_all(&payload).await;
             (payload, writer)
         });
-        loop {
-            let c = client.channels.get_channel(v1::GetChannelRequest { id: old.id }).await.unwrap().into_inner();
-            if c.pending_output > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually!(
+            async || get_channel(&mut client, old.id).await.pending_output > 0,
+            "output queued for the old channel"
+        )
+        .await;
         reload(&mut client, "echo", 300).await;
+        // A connection made after the reload, before the drain timeout:
+        // on the new generation, so the timeout spares it.
+        let mut fresh = TcpStream::connect(address).await.unwrap();
+        echo_round_trip(&mut fresh, b"early").await;
         // After the timeout the old channel is closing, its counters final.
-        let closing = loop {
-            let c = client.channels.get_channel(v1::GetChannelRequest { id: old.id }).await.unwrap().into_inner();
-            if c.state == v1::ChannelState::Closing as i32 {
-                break c;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let closing = eventually!(
+            async || {
+                let channel = get_channel(&mut client, old.id).await;
+                (channel.state == v1::ChannelState::Closing as i32).then_some(channel)
+            },
+            "the old channel to be closing after the drain timeout"
+        )
+        .await;
         let mut received = Vec::new();
-        reader.read_to_end(&mut received).await.unwrap();
-        let (payload, _writer) = writer_task.await.unwrap();
+        within("EOF on the old channel", reader.read_to_end(&mut received)).await.unwrap();
+        let (payload, _writer) = within("the writer to finish", writer_task).await.unwrap();
         assert_eq!(received.len() as u64, closing.bytes_in, "every byte read was echoed before EOF");
         assert!(received == payload[..received.len()]);
 
-        // A connection made after the reload is not drained.
-        let mut fresh = TcpStream::connect(address).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        fresh.write_all(b"still").await.unwrap();
-        let mut back = [0u8; 5];
-        fresh.read_exact(&mut back).await.unwrap();
-        assert_eq!(&back, b"still");
+        // The drain timeout has passed (the old channel closed): the fresh
+        // connection still echoes.
+        echo_round_trip(&mut fresh, b"still").await;
     });
 }
 
 /// Puts `library` at `path` like a rebuild would. `in_place` overwrites the
 /// existing file's bytes (same inode), which must not disturb the daemon:
-/// it runs private copies.
+/// it runs private copies. Otherwise the new file is renamed over the old.
 fn install(library: &Path, path: &Path, in_place: bool) {
     if in_place {
         std::fs::copy(library, path).unwrap();
     } else {
-        let tmp = path.with_extension("tmp");
-        std::fs::copy(library, &tmp).unwrap();
-        std::fs::rename(&tmp, path).unwrap();
+        replace_file(path, &std::fs::read(library).unwrap());
     }
 }
 
-/// A daemon with build v1 of the `versioned` fixture in its plugin
-/// directory (not loaded yet). `on_load` fails while `refuse_flag` exists.
-struct Versioned {
-    daemon: Daemon,
-    library: PathBuf,
-    refuse_flag: PathBuf,
-    _flag_dir: asyncore_tests::TempDir,
+/// Puts build v1 of the `versioned` fixture in the plugin directory of the
+/// daemon whose directory is `dir` (not loaded yet); returns its path.
+fn install_v1(dir: &Path) -> PathBuf {
+    let library = dir.join("plugins").join("libversioned.so");
+    install(&plugin_library("asyncore_fixture_versioned_v1"), &library, false);
+    library
 }
 
-fn versioned(config: &str) -> Versioned {
-    let flag_dir = asyncore_tests::TempDir::new("refuse");
-    let refuse_flag = flag_dir.path().join("refuse");
-    let daemon = Daemon::start_with(Options {
-        config: config.into(),
-        env: vec![("VERSIONED_REFUSE_IF".into(), refuse_flag.display().to_string())],
-        ..Options::default()
-    });
-    let library = daemon.dir().join("plugins").join("libversioned.so");
-    install(&plugin_library("asyncore_fixture_versioned_v1"), &library, false);
-    Versioned { daemon, library, refuse_flag, _flag_dir: flag_dir }
+/// An in-process daemon with build v1 of the `versioned` fixture in its
+/// plugin directory (not loaded yet); returns it and the library's path.
+async fn versioned(config: &str) -> (InProcessDaemon, PathBuf) {
+    let daemon = InProcessDaemon::start_with(Options { config: config.into(), ..Options::default() }).await;
+    let library = install_v1(daemon.dir());
+    (daemon, library)
 }
 
 /// Loads v1 and serves it on a new listener; returns the listener's id and
 /// address.
-async fn serve_v1(client: &mut Client, library: &Path, config: &[(&str, &str)]) -> (u64, std::net::SocketAddr) {
+async fn serve_v1(client: &mut Client, library: &Path, config: &[(&str, &str)]) -> (u64, SocketAddr) {
     load(client, library).await;
     client.start_listener("versioned", config).await
 }
@@ -223,7 +240,15 @@ async fn load(client: &mut Client, path: &Path) -> v1::Plugin {
 
 #[test]
 fn rebuilt_in_place_then_reloaded_rolled_back_and_refused() {
-    let Versioned { daemon, library, refuse_flag, _flag_dir } = versioned("");
+    // The binary: the fixture's `on_load` reads its environment, which
+    // names a flag file (it fails while the file exists).
+    let flag_dir = TempDir::new("refuse");
+    let refuse_flag = flag_dir.path().join("refuse");
+    let daemon = Daemon::start_with(Options {
+        env: vec![("VERSIONED_REFUSE_IF".into(), refuse_flag.display().to_string())],
+        ..Options::default()
+    });
+    let library = install_v1(daemon.dir());
     runtime().block_on(async {
         let mut client = daemon.client().await;
         let (_, address) = serve_v1(&mut client, &library, &[]).await;
@@ -263,8 +288,7 @@ fn rebuilt_in_place_then_reloaded_rolled_back_and_refused() {
         assert_eq!(refused.code(), Code::FailedPrecondition);
         assert!(refused.message().contains("schema check failed"), "{}", refused.message());
         std::fs::remove_file(&refuse_flag).unwrap();
-        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
-        let versioned = plugins.plugins.iter().find(|p| p.name == "versioned").unwrap();
+        let versioned = plugin_named(&mut client, "versioned").await;
         assert_eq!(versioned.current_generation, 1);
         assert_eq!(versioned.generations.len(), 2);
         let mut after = TcpStream::connect(address).await.unwrap();
@@ -285,7 +309,7 @@ fn rebuilt_in_place_then_reloaded_rolled_back_and_refused() {
         let retired = plugin.generations.iter().find(|g| g.generation == 2).unwrap();
         assert_eq!(retired.state, v1::GenerationState::Retired as i32);
         let mut rest = Vec::new();
-        new.read_to_end(&mut rest).await.unwrap();
+        within("EOF on the forced channel", new.read_to_end(&mut rest)).await.unwrap();
         assert!(rest.is_empty(), "the forced channel got EOF");
         let refused = client
             .plugins
@@ -299,24 +323,19 @@ fn rebuilt_in_place_then_reloaded_rolled_back_and_refused() {
 
 #[test]
 fn watch_reloads_a_library_rebuilt_in_the_plugin_directory() {
-    let Versioned { daemon, library, .. } = versioned("watch = true\n");
     runtime().block_on(async {
+        let (daemon, library) = versioned("watch = true\n").await;
         let mut client = daemon.client().await;
         let (_, address) = serve_v1(&mut client, &library, &[]).await;
         let mut old = TcpStream::connect(address).await.unwrap();
         assert_eq!(ask(&mut old, b"a").await, b"v1:a");
 
         install(&plugin_library("asyncore_fixture_versioned_v2"), &library, false);
-        let mut reloaded = false;
-        for _ in 0..200 {
-            let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
-            if plugins.plugins.iter().any(|p| p.name == "versioned" && p.current_generation == 2) {
-                reloaded = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(reloaded, "--watch reloaded the changed library; log:\n{}", daemon.log());
+        eventually!(
+            async || plugin_named(&mut client, "versioned").await.current_generation == 2,
+            "the watcher to reload the rebuilt library"
+        )
+        .await;
         let mut new = TcpStream::connect(address).await.unwrap();
         assert_eq!(ask(&mut new, b"b").await, b"v2:b");
         assert_eq!(ask(&mut old, b"c").await, b"v1:c");
@@ -324,8 +343,66 @@ fn watch_reloads_a_library_rebuilt_in_the_plugin_directory() {
 }
 
 #[test]
+fn watch_keeps_watching_the_other_plugins_after_a_failed_reload() {
+    // The binary with `--watch`: its log shows when the failed reload has
+    // happened, so that B is rebuilt only after it.
+    let daemon = Daemon::start_with(Options {
+        plugins: vec!["asyncore_plugin_echo", "asyncore_fixture_versioned_v1"],
+        args: vec!["--watch"],
+        ..Options::default()
+    });
+    let plugin_dir = daemon.dir().join("plugins");
+    let echo_library = plugin_dir.join(plugin_library("asyncore_plugin_echo").file_name().unwrap());
+    let versioned_library = plugin_dir.join(plugin_library("asyncore_fixture_versioned_v1").file_name().unwrap());
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let (_, echo) = client.start_listener("echo", &[]).await;
+        let (_, versioned) = client.start_listener("versioned", &[]).await;
+        let mut stream = TcpStream::connect(versioned).await.unwrap();
+        assert_eq!(ask(&mut stream, b"a").await, b"v1:a");
+
+        // A: echo's library replaced by something that does not load.
+        replace_file(&echo_library, b"not a library\n");
+        eventually!(
+            async || daemon.log().lines().any(|l| l.contains("reload failed") && l.contains("plugin=echo")),
+            "the failed reload of echo in the log:\n{}",
+            daemon.log()
+        )
+        .await;
+        assert_eq!(plugin_named(&mut client, "echo").await.current_generation, 1, "echo keeps its generation");
+
+        // B: versioned rebuilt, and reloaded all the same.
+        install(&plugin_library("asyncore_fixture_versioned_v2"), &versioned_library, false);
+        eventually!(
+            async || plugin_named(&mut client, "versioned").await.current_generation == 2,
+            "the watcher to reload versioned after echo's failed reload; log:\n{}",
+            daemon.log()
+        )
+        .await;
+        let mut new = TcpStream::connect(versioned).await.unwrap();
+        assert_eq!(ask(&mut new, b"b").await, b"v2:b");
+        let mut echo_stream = TcpStream::connect(echo).await.unwrap();
+        echo_round_trip(&mut echo_stream, b"still echoing").await;
+
+        // A again, rebuilt properly this time: the failure is not held
+        // against it.
+        let mut rebuilt = std::fs::read(plugin_library("asyncore_plugin_echo")).unwrap();
+        rebuilt.extend_from_slice(b"\nrebuilt\n");
+        replace_file(&echo_library, &rebuilt);
+        eventually!(
+            async || plugin_named(&mut client, "echo").await.current_generation == 2,
+            "the watcher to reload the fixed echo library; log:\n{}",
+            daemon.log()
+        )
+        .await;
+    });
+}
+
+#[test]
 fn idle_channels_hand_their_state_over_to_the_new_generation() {
-    let Versioned { daemon, library, .. } = versioned("");
+    // The binary: the handover is seen in its log.
+    let daemon = Daemon::start();
+    let library = install_v1(daemon.dir());
     runtime().block_on(async {
         let mut client = daemon.client().await;
         let (listener_id, address) = serve_v1(&mut client, &library, &[("migrate", "true")]).await;
@@ -338,22 +415,26 @@ fn idle_channels_hand_their_state_over_to_the_new_generation() {
         // The idle channel moved to generation 2 with its count.
         stream.write_all(b"count?").await.unwrap();
         let mut back = vec![0u8; b"v2:count=3".len()];
-        stream.read_exact(&mut back).await.unwrap();
+        within("the count", stream.read_exact(&mut back)).await.unwrap();
         assert_eq!(back, b"v2:count=3");
         let channel = channel_of(&mut client, listener_id, &stream).await;
         assert_eq!(channel.plugin_generation, 2);
-        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
-        let versioned = plugins.plugins.iter().find(|p| p.name == "versioned").unwrap();
+        let versioned = plugin_named(&mut client, "versioned").await;
         assert_eq!(versioned.generations[0].live_channels, 0);
         assert_eq!(versioned.generations[0].state, v1::GenerationState::Standby as i32);
-        assert!(daemon.log().contains("handed over with their state"), "{}", daemon.log());
+        eventually!(
+            async || daemon.log().contains("handed over with their state"),
+            "the handover in the log:\n{}",
+            daemon.log()
+        )
+        .await;
     });
 }
 
 #[test]
 fn a_drain_timer_of_an_older_activation_spares_the_current_generation() {
-    let Versioned { daemon, library, .. } = versioned("");
     runtime().block_on(async {
+        let (daemon, library) = versioned("").await;
         let mut client = daemon.client().await;
         let (_, address) = serve_v1(&mut client, &library, &[]).await;
         install(&plugin_library("asyncore_fixture_versioned_v2"), &library, false);
@@ -368,15 +449,22 @@ fn a_drain_timer_of_an_older_activation_spares_the_current_generation() {
         client.plugins.activate_plugin(activate(2, 0)).await.unwrap();
         let mut current = TcpStream::connect(address).await.unwrap();
         assert_eq!(ask(&mut current, b"a").await, b"v2:a");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A sentinel on the same timer heap, due after the stale drain
+        // timer: an idle channel with a longer timeout, accepted after the
+        // activations. Once it is closed, the loop's clock has passed the
+        // drain timer too, which fired first.
+        let (_, sentinel) = client.start_listener("echo", &[("idle_timeout", "300ms")]).await;
+        let mut sentinel = TcpStream::connect(sentinel).await.unwrap();
+        let mut rest = Vec::new();
+        within("the idle sentinel to be closed", sentinel.read_to_end(&mut rest)).await.unwrap();
         assert_eq!(ask(&mut current, b"b").await, b"v2:b", "the stale drain timer closed nothing");
     });
 }
 
 #[test]
 fn a_generation_that_refuses_a_listeners_config_changes_nothing() {
-    let Versioned { daemon, library, .. } = versioned("");
     runtime().block_on(async {
+        let (daemon, library) = versioned("").await;
         let mut client = daemon.client().await;
         let (_, address) = serve_v1(&mut client, &library, &[("refuse", "v2")]).await;
         install(&plugin_library("asyncore_fixture_versioned_v2"), &library, false);
@@ -387,8 +475,7 @@ fn a_generation_that_refuses_a_listeners_config_changes_nothing() {
             .unwrap_err();
         assert_eq!(refused.code(), Code::InvalidArgument);
         assert!(refused.message().contains("build v2 refuses this listener"), "{}", refused.message());
-        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
-        let versioned = plugins.plugins.iter().find(|p| p.name == "versioned").unwrap();
+        let versioned = plugin_named(&mut client, "versioned").await;
         assert_eq!(versioned.current_generation, 1);
         let v2 = versioned.generations.iter().find(|g| g.generation == 2).unwrap();
         assert_eq!(v2.state, v1::GenerationState::Standby as i32);

@@ -3,31 +3,32 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::TcpStream,
     time::{Duration, Instant},
 };
 
 use asyncore_proto::v1;
-use asyncore_tests::{Daemon, Options};
+use asyncore_tests::{Daemon, InProcessDaemon, Options, connect, eventually, within};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use crate::runtime;
 
-fn daemon() -> Daemon {
-    Daemon::start_with(Options {
-        plugins: vec!["asyncore_plugin_echo", "asyncore_fixture_ticker"],
-        ..Options::default()
-    })
+fn options() -> Options {
+    Options { plugins: vec!["asyncore_plugin_echo", "asyncore_fixture_ticker"], ..Options::default() }
 }
 
 #[test]
 fn call_later_fires_in_order_and_cancelled_timers_never_fire() {
-    let daemon = daemon();
-    let address = runtime().block_on(async {
+    let runtime = runtime();
+    let daemon = runtime.block_on(InProcessDaemon::start_with(options()));
+    let address = runtime.block_on(async {
         daemon.client().await.start_listener("ticker", &[("ticks", "4"), ("interval_ms", "30")]).await.1
     });
     let started = Instant::now();
     let mut lines = Vec::new();
-    for line in BufReader::new(TcpStream::connect(address).unwrap()).lines() {
+    for line in BufReader::new(connect(address)).lines() {
         lines.push(line.unwrap());
     }
     assert_eq!(lines, ["tick 1", "tick 2", "tick 3", "tick 4"]);
@@ -37,31 +38,41 @@ fn call_later_fires_in_order_and_cancelled_timers_never_fire() {
 
 #[test]
 fn idle_timeout_closes_idle_channels_and_spares_active_ones() {
-    let daemon = daemon();
-    let address = runtime()
-        .block_on(async { daemon.client().await.start_listener("echo", &[("idle_timeout", "400ms")]).await.1 });
-    let mut idle = TcpStream::connect(address).unwrap();
-    let mut active = TcpStream::connect(address).unwrap();
-    let started = Instant::now();
-    // The active client talks every 100 ms for 1.2 s: three timeouts' worth.
-    while started.elapsed() < Duration::from_millis(1200) {
-        active.write_all(b"x").unwrap();
+    // The binary: the close is seen in its log too.
+    let daemon = Daemon::start_with(options());
+    let timeout = Duration::from_millis(400);
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        let (_, address) = client.start_listener("echo", &[("idle_timeout", "400ms")]).await;
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        let mut active = TcpStream::connect(address).await.unwrap();
+        let started = Instant::now();
+        let idle_closed = tokio::spawn(async move {
+            let mut rest = Vec::new();
+            let read = idle.read_to_end(&mut rest).await;
+            (read, rest)
+        });
+        // The active client talks (every few milliseconds) until the idle
+        // one was closed and three timeouts' worth of time has passed.
+        eventually!(
+            async || {
+                active.write_all(b"x").await.unwrap();
+                let mut back = [0u8; 1];
+                within("the active channel's echo", active.read_exact(&mut back)).await.unwrap();
+                idle_closed.is_finished() && started.elapsed() >= 3 * timeout
+            },
+            "the idle channel to be closed while the active one talks"
+        )
+        .await;
+        let (read, rest) = idle_closed.await.unwrap();
+        read.expect("the idle channel was closed (EOF)");
+        assert!(rest.is_empty());
+        active.write_all(b"y").await.unwrap();
         let mut back = [0u8; 1];
-        active.read_exact(&mut back).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut rest = Vec::new();
-    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    idle.read_to_end(&mut rest).expect("the idle channel was closed (EOF)");
-    active.write_all(b"y").unwrap();
-    let mut back = [0u8; 1];
-    active.read_exact(&mut back).unwrap();
-    assert_eq!(&back, b"y", "the active channel is still open");
+        within("the active channel's echo", active.read_exact(&mut back)).await.unwrap();
+        assert_eq!(&back, b"y", "the active channel is still open");
 
-    let status = runtime().block_on(async {
-        daemon
-            .client()
-            .await
+        let status = client
             .listeners
             .start_listener(v1::StartListenerRequest {
                 address: "127.0.0.1:0".into(),
@@ -69,20 +80,25 @@ fn idle_timeout_closes_idle_channels_and_spares_active_ones() {
                 config: [("idle_timeout".to_string(), "a while".to_string())].into(),
             })
             .await
-            .unwrap_err()
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("idle_timeout"), "{}", status.message());
+        eventually!(
+            async || daemon.log().contains("idle timeout; closing"),
+            "the idle timeout in the log:\n{}",
+            daemon.log()
+        )
+        .await;
     });
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(status.message().contains("idle_timeout"), "{}", status.message());
-    assert!(daemon.log().contains("idle timeout; closing"));
 }
 
 #[test]
 fn a_pipe_is_served_in_the_same_loop() {
-    let daemon = daemon();
     let runtime = runtime();
+    let daemon = runtime.block_on(InProcessDaemon::start_with(options()));
     let mut client = runtime.block_on(daemon.client());
     let (listener_id, address) = runtime.block_on(client.start_listener("ticker", &[("mode", "pipe")]));
-    let mut stream = TcpStream::connect(address).unwrap();
+    let mut stream = connect(address);
     stream.write_all(b"through the pipe").unwrap();
     let mut back = [0u8; 16];
     stream.read_exact(&mut back).unwrap();
@@ -104,14 +120,9 @@ fn a_pipe_is_served_in_the_same_loop() {
 
     // Closing the client closes the pipe too.
     drop(stream);
-    let mut gone = false;
-    for _ in 0..500 {
-        let found = runtime.block_on(client.channels.get_channel(v1::GetChannelRequest { id: pipe.id }));
-        if found.is_err() {
-            gone = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(gone, "the pipe channel closed after its client");
+    let status = runtime.block_on(eventually!(
+        async || client.channels.get_channel(v1::GetChannelRequest { id: pipe.id }).await.err(),
+        "the pipe channel to close after its client"
+    ));
+    assert_eq!(status.code(), tonic::Code::NotFound);
 }

@@ -1,0 +1,214 @@
+//! The channel map (asyncore's `socket_map`): the table of channels by
+//! slot, their ids in order, the dirty list, and the end of a channel's
+//! life: a graceful close, then its removal.
+
+use std::{
+    collections::BTreeMap,
+    ops::{Index, IndexMut},
+    time::{Duration, Instant},
+};
+
+use tracing::debug;
+
+use super::{
+    Core,
+    channel::{Channel, NewChannel, Phase},
+    timers::TimerKind,
+};
+use crate::{
+    command::ChannelKind,
+    ids::{ChannelId, GenerationIndex, ListenerId, Slot},
+};
+
+/// How long a closing channel may take to flush its output.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+pub(super) struct ChannelMap {
+    slots: Vec<Option<Channel>>,
+    free: Vec<Slot>,
+    /// Channel id to slot, in id order (for paginated listing).
+    ids: BTreeMap<ChannelId, Slot>,
+    /// Channels whose interest is re-asked before the next wait.
+    dirty: Vec<Slot>,
+    /// The last id given out.
+    last_id: u64,
+}
+
+impl ChannelMap {
+    /// Adds a channel under a new id, dirty (its interest is asked before
+    /// the next wait).
+    pub(super) fn insert(&mut self, new: NewChannel) -> Slot {
+        self.last_id += 1;
+        let id = ChannelId(self.last_id);
+        let mut channel = Channel::new(id, new);
+        channel.dirty = true;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot.0] = Some(channel);
+                slot
+            }
+            None => {
+                self.slots.push(Some(channel));
+                Slot(self.slots.len() - 1)
+            }
+        };
+        self.ids.insert(id, slot);
+        self.dirty.push(slot);
+        slot
+    }
+
+    /// Takes a channel out of the map; its slot may be reused.
+    pub(super) fn remove(&mut self, slot: Slot) -> Option<Channel> {
+        let channel = self.slots.get_mut(slot.0)?.take()?;
+        self.ids.remove(&channel.id);
+        self.free.push(slot);
+        Some(channel)
+    }
+
+    pub(super) fn get(&self, slot: Slot) -> Option<&Channel> {
+        self.slots.get(slot.0)?.as_ref()
+    }
+
+    pub(super) fn get_mut(&mut self, slot: Slot) -> Option<&mut Channel> {
+        self.slots.get_mut(slot.0)?.as_mut()
+    }
+
+    pub(super) fn slot_of(&self, id: ChannelId) -> Option<Slot> {
+        self.ids.get(&id).copied()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The slots of every channel, in id order.
+    pub(super) fn slots(&self) -> Vec<Slot> {
+        self.ids.values().copied().collect()
+    }
+
+    /// The slots of the channels matching `filter`, in id order.
+    pub(super) fn slots_where(&self, filter: impl Fn(&Channel) -> bool) -> Vec<Slot> {
+        self.ids.values().copied().filter(|&slot| self.get(slot).is_some_and(&filter)).collect()
+    }
+
+    /// Every channel in id order, from the first with id greater than
+    /// `after`.
+    pub(super) fn iter_after(&self, after: u64) -> impl Iterator<Item = &Channel> {
+        self.ids.range(ChannelId(after.saturating_add(1))..).filter_map(|(_, &slot)| self.get(slot))
+    }
+
+    /// Every channel, in id order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Channel> {
+        self.iter_after(0)
+    }
+
+    /// Re-ask the channel's interest before the next wait.
+    pub(super) fn mark_dirty(&mut self, slot: Slot) {
+        if let Some(ch) = self.get_mut(slot)
+            && !ch.dirty
+        {
+            ch.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// The dirty list, emptied.
+    pub(super) fn take_dirty(&mut self) -> Vec<Slot> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub(super) fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+}
+
+impl Index<Slot> for ChannelMap {
+    type Output = Channel;
+
+    fn index(&self, slot: Slot) -> &Channel {
+        self.get(slot).expect("slot of a live channel")
+    }
+}
+
+impl IndexMut<Slot> for ChannelMap {
+    fn index_mut(&mut self, slot: Slot) -> &mut Channel {
+        self.get_mut(slot).expect("slot of a live channel")
+    }
+}
+
+impl Core {
+    /// Adds a channel to the map and to the count of its generation and
+    /// listener (a listening channel is not counted).
+    pub(super) fn insert(&mut self, new: NewChannel) -> Slot {
+        let (kind, generation, listener) = (new.kind, new.generation, new.listener);
+        let slot = self.channels.insert(new);
+        if kind != ChannelKind::Listening {
+            self.count_dispatcher(generation, listener, 1);
+        }
+        slot
+    }
+
+    /// Adds or removes a channel served by a plugin (accepted or outbound)
+    /// to the counts of its generation and listener.
+    fn count_dispatcher(&mut self, generation: GenerationIndex, listener_id: ListenerId, delta: i64) {
+        let entry = &mut self.plugins[generation];
+        entry.live_channels = entry.live_channels.saturating_add_signed(delta);
+        if let Some(listener) = self.listeners.get_mut(&listener_id) {
+            listener.channel_count = listener.channel_count.saturating_add_signed(delta);
+        }
+    }
+
+    /// Graceful close: no more callbacks, flush the queue, then close.
+    pub(super) fn begin_close(&mut self, slot: Slot) {
+        let ch = &mut self.channels[slot];
+        match ch.phase {
+            Phase::Closing | Phase::Lingering => return,
+            Phase::Connecting | Phase::Open => {}
+        }
+        if ch.kind == ChannelKind::Listening {
+            let listener_id = ch.listener;
+            if let Some(listener) = self.listeners.get_mut(&listener_id) {
+                listener.channel = None;
+            }
+            self.finalize(slot);
+            return;
+        }
+        ch.phase = Phase::Closing;
+        let channel_id = ch.id;
+        if let Some(dispatcher) = ch.dispatcher.take() {
+            dispatcher.release();
+        }
+        self.arm_timer(Instant::now(), CLOSE_DEADLINE, channel_id, TimerKind::CloseDeadline);
+        self.channels.mark_dirty(slot);
+    }
+
+    /// Removes the channel now: deregisters, frees the dispatcher, closes
+    /// the socket, forgets its timers, records the final figures.
+    pub(super) fn finalize(&mut self, slot: Slot) {
+        // The slot is reused only after this pass's events were all
+        // dispatched: refresh_dirty, which frees most slots, runs before the
+        // wait, and events naming a freed slot find it empty.
+        let Some(mut ch) = self.channels.remove(slot) else { return };
+        if ch.registered != 0 {
+            let _ = self.poller.delete(ch.socket.as_fd());
+        }
+        if let Some(dispatcher) = ch.dispatcher.take() {
+            dispatcher.release();
+        }
+        self.timers.forget_channel(ch.id);
+        if ch.kind != ChannelKind::Listening {
+            self.count_dispatcher(ch.generation, ch.listener, -1);
+            self.closed.push(ch.stats(true));
+        } else if let Some(listener) = self.listeners.get_mut(&ch.listener)
+            && listener.channel == Some(ch.id)
+        {
+            listener.channel = None;
+        }
+        debug!(channel = ch.id.0, bytes_in = ch.counters.bytes_in, bytes_out = ch.counters.bytes_out, "channel closed");
+    }
+}

@@ -1,0 +1,278 @@
+//! Serving the [`Command`]s other threads queue: listeners, channel
+//! listings, stats, plugin generations (in `plugins`), the drain.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{SocketAddr, TcpListener},
+    time::{Instant, SystemTime},
+};
+
+use socket2::{Domain, Protocol, Socket as RawSocket, Type};
+use tracing::{info, warn};
+
+use super::{
+    Core, Drain, Listener,
+    channel::{Channel, NewChannel, Phase, Socket},
+};
+use crate::{
+    command::{
+        ChannelInfo, ChannelKind, ChannelStats, Command, CommandError, ListenerInfo, LoopStats, Reply, StatsFilter,
+        StatsSnapshot,
+    },
+    config::parse_duration,
+    host_abi::CallCtx,
+    ids::{ChannelId, ListenerId},
+};
+
+impl Core {
+    pub(super) fn serve(&mut self, command: Command) {
+        match command {
+            Command::StartListener { address, plugin, config, reply } => {
+                let answer = if self.drain.is_some() {
+                    Err(CommandError::Draining)
+                } else {
+                    self.start_listener(address, &plugin, config)
+                };
+                let _ = reply.send(answer);
+            }
+            Command::StopListener { id, close_channels, reply } => {
+                let _ = reply.send(self.stop_listener(ListenerId(id), close_channels));
+            }
+            Command::ListListeners { reply } => {
+                let _ = reply.send(Ok(self.listeners.values().map(|l| self.listener_info(l)).collect()));
+            }
+            Command::ListChannels { listener_id, after, limit, reply } => {
+                let list = self
+                    .channels
+                    .iter_after(after)
+                    .filter(|ch| listener_id.is_none_or(|l| ch.listener.0 == l))
+                    .take(limit)
+                    .map(|ch| self.info_of(ch))
+                    .collect();
+                let _ = reply.send(Ok(list));
+            }
+            Command::GetChannel { id, reply } => {
+                let _ = reply.send(self.channel_info(ChannelId(id)));
+            }
+            Command::CloseChannel { id, reply } => {
+                let answer = match self.channels.slot_of(ChannelId(id)) {
+                    Some(slot) if self.channels[slot].kind == ChannelKind::Listening => {
+                        Err(CommandError::ListeningChannel { id, listener: self.channels[slot].listener.0 })
+                    }
+                    Some(slot) => {
+                        self.begin_close(slot);
+                        self.channel_info(ChannelId(id))
+                    }
+                    None => Err(CommandError::NoChannel(id)),
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Stats { filter, closed_after, reply } => {
+                let _ = reply.send(Ok(self.stats_snapshot(&filter, closed_after)));
+            }
+            Command::AddPlugin { plugin, activate, drain_timeout, reply } => {
+                let _ = reply.send(self.add_plugin(*plugin, activate, drain_timeout));
+            }
+            Command::ActivatePlugin { name, generation, drain_timeout, reply } => {
+                let _ = reply.send(self.activate_plugin(&name, generation, drain_timeout));
+            }
+            Command::UnloadPlugin { name, generation, force, reply } => {
+                let _ = reply.send(self.unload_plugin(&name, generation, force));
+            }
+            Command::PluginSource { name, reply } => {
+                let answer = match self.current.get(&name) {
+                    Some(&index) => Ok(self.plugins[index].loaded.path.clone()),
+                    None => Err(CommandError::NoPlugin(name)),
+                };
+                let _ = reply.send(answer);
+            }
+            Command::ListPlugins { reply } => {
+                let _ = reply.send(Ok(self.list_plugins()));
+            }
+            Command::LoopStats { reply } => {
+                let _ = reply.send(Ok(self.loop_stats()));
+            }
+            Command::Drain { deadline, reply } => self.start_drain(deadline, reply),
+            Command::Shutdown => self.exit = true,
+        }
+    }
+
+    pub(super) fn loop_stats(&self) -> LoopStats {
+        LoopStats { channels: self.channels.len() as u64, ..self.stats }
+    }
+
+    pub(super) fn start_listener(
+        &mut self,
+        address: SocketAddr,
+        plugin_name: &str,
+        config: BTreeMap<String, String>,
+    ) -> Result<ListenerInfo, CommandError> {
+        let generation =
+            *self.current.get(plugin_name).ok_or_else(|| CommandError::NoPlugin(plugin_name.to_string()))?;
+        let idle_timeout = match config.get("idle_timeout") {
+            None => None,
+            Some(text) => Some(parse_duration(text).ok_or_else(|| CommandError::BadConfig {
+                key: "idle_timeout",
+                message: format!("{text:?} is not a duration such as 30s, 500ms or 2m"),
+            })?),
+        };
+        let listener = bind(address)?;
+        let local = listener.local_addr().ok();
+
+        let entries = self.plugins[generation].loaded.entries;
+        let dispatcher = entries
+            .listen(&mut CallCtx::detached(), &config)
+            .map_err(|message| CommandError::PluginRefused { plugin: plugin_name.to_string(), message })?;
+
+        self.last_listener_id += 1;
+        let id = ListenerId(self.last_listener_id);
+        let address = local.unwrap_or(address);
+        let slot = self.insert(NewChannel {
+            kind: ChannelKind::Listening,
+            socket: Socket::Listener(listener),
+            listener: id,
+            parent: None,
+            generation,
+            dispatcher: Some(dispatcher),
+            phase: Phase::Open,
+            peer: None,
+            local,
+        });
+        let channel = Some(self.channels[slot].id);
+        self.listeners.insert(
+            id,
+            Listener {
+                id,
+                address,
+                plugin_name: plugin_name.to_string(),
+                generation,
+                idle_timeout,
+                config,
+                channel,
+                channel_count: 0,
+                created_at: SystemTime::now(),
+            },
+        );
+        info!(listener = id.0, %address, plugin = %plugin_name, "listener started");
+        Ok(self.listener_info(&self.listeners[&id]))
+    }
+
+    /// Stops accepting; with `close_channels`, also closes the listener's
+    /// channels gracefully. A listener already stopped is refused, and
+    /// nothing is done.
+    pub(super) fn stop_listener(&mut self, id: ListenerId, close_channels: bool) -> Result<ListenerInfo, CommandError> {
+        let listener = self.listeners.get_mut(&id).ok_or(CommandError::NoListener(id.0))?;
+        let channel_id = listener.channel.take().ok_or(CommandError::ListenerStopped(id.0))?;
+        if let Some(slot) = self.channels.slot_of(channel_id) {
+            self.finalize(slot);
+        }
+        info!(listener = id.0, "listener stopped");
+        if close_channels {
+            for slot in self.channels.slots_where(|ch| ch.listener == id) {
+                self.begin_close(slot);
+            }
+        }
+        Ok(self.listener_info(&self.listeners[&id]))
+    }
+
+    fn listener_info(&self, listener: &Listener) -> ListenerInfo {
+        ListenerInfo {
+            id: listener.id.0,
+            address: listener.address,
+            plugin: listener.plugin_name.clone(),
+            generation: self.plugins[listener.generation].generation,
+            listening: listener.channel.is_some(),
+            channel_count: listener.channel_count,
+            config: listener.config.clone(),
+            channel_id: listener.channel.map_or(0, |channel| channel.0),
+            created_at: listener.created_at,
+        }
+    }
+
+    fn channel_info(&self, id: ChannelId) -> Result<ChannelInfo, CommandError> {
+        let slot = self.channels.slot_of(id).ok_or(CommandError::NoChannel(id.0))?;
+        Ok(self.info_of(&self.channels[slot]))
+    }
+
+    fn info_of(&self, ch: &Channel) -> ChannelInfo {
+        let entry = &self.plugins[ch.generation];
+        ch.info(&entry.loaded.name, entry.generation)
+    }
+
+    /// Counters for a stats watcher: the live channels it watches (looked
+    /// up by id when it names them, so watching a few channels costs a few
+    /// lookups), then those that closed since its last snapshot.
+    fn stats_snapshot(&self, filter: &StatsFilter, closed_after: u64) -> StatsSnapshot {
+        let live = |ch: &&Channel| ch.kind != ChannelKind::Listening && filter.matches_listener(ch.listener.0);
+        let mut channels: Vec<ChannelStats> = if filter.channel_ids().is_empty() {
+            self.channels.iter().filter(live).map(|ch| ch.stats(false)).collect()
+        } else {
+            filter
+                .channel_ids()
+                .iter()
+                .filter_map(|&id| self.channels.slot_of(ChannelId(id)))
+                .map(|slot| &self.channels[slot])
+                .filter(live)
+                .map(|ch| ch.stats(false))
+                .collect()
+        };
+        let (closed_missed, closed) = self.closed.since(closed_after);
+        channels.extend(closed.filter(|s| filter.matches(s.channel_id, s.listener_id)).copied());
+        StatsSnapshot { channels, closed_seq: self.closed.seq(), closed_missed }
+    }
+
+    /// Stops every listener and closes every channel gracefully; the loop
+    /// exits once the map is empty or the deadline passed.
+    fn start_drain(&mut self, deadline: Instant, reply: Reply<()>) {
+        info!(channels = self.channels.len(), "draining: listeners stopped, channels closing");
+        let listening: Vec<ListenerId> =
+            self.listeners.values().filter(|l| l.channel.is_some()).map(|l| l.id).collect();
+        for id in listening {
+            let _ = self.stop_listener(id, false);
+        }
+        for slot in self.channels.slots() {
+            self.begin_close(slot);
+        }
+        self.drain = Some(Drain { deadline, reply });
+    }
+
+    pub(super) fn check_drain(&mut self, now: Instant) {
+        let Some(drain) = &self.drain else { return };
+        if !self.channels.is_empty() && now < drain.deadline {
+            return;
+        }
+        if !self.channels.is_empty() {
+            warn!(channels = self.channels.len(), "drain deadline passed; closing the rest now");
+            for slot in self.channels.slots() {
+                self.finalize(slot);
+            }
+        }
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.reply.send(Ok(()));
+        }
+        self.exit = true;
+    }
+}
+
+/// Binds a non-blocking listening socket.
+fn bind(address: SocketAddr) -> Result<TcpListener, CommandError> {
+    let bind_error = |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            CommandError::AddressInUse { address }
+        } else {
+            CommandError::Bind { address, source }
+        }
+    };
+    let socket = RawSocket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP)).map_err(bind_error)?;
+    // Restarting the daemon must not fail on connections still in
+    // TIME_WAIT.
+    socket.set_reuse_address(true).map_err(bind_error)?;
+    if address.is_ipv6() {
+        let _ = socket.set_only_v6(true);
+    }
+    socket.bind(&address.into()).map_err(bind_error)?;
+    socket.listen(1024).map_err(bind_error)?;
+    socket.set_nonblocking(true).map_err(bind_error)?;
+    Ok(socket.into())
+}
