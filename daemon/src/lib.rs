@@ -71,7 +71,7 @@ impl Daemon {
         let lifecycle = Lifecycle::default();
         // From here on, an early return drops `poll_loop`, which stops the
         // thread and so closes whatever it bound.
-        let poll_loop = PollThread::spawn(lifecycle.clone())?;
+        let poll_loop = PollThread::spawn(lifecycle.clone(), Duration::from_secs(config.drain_timeout_secs))?;
         let engine = poll_loop.engine.clone();
 
         for dir in &config.plugin_dirs {
@@ -199,7 +199,7 @@ struct PollThread {
 impl PollThread {
     /// Starts the thread with a new engine and returns once the engine
     /// exists.
-    fn spawn(lifecycle: Lifecycle) -> anyhow::Result<PollThread> {
+    fn spawn(lifecycle: Lifecycle, close_timeout: Duration) -> anyhow::Result<PollThread> {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (exited_tx, exited) = std::sync::mpsc::channel::<()>();
         let thread = thread::Builder::new()
@@ -215,6 +215,9 @@ impl PollThread {
                         return;
                     }
                 };
+                // Every graceful close (a channel closed by the operator,
+                // an idle timeout, a reload's drain) gets the drain timeout.
+                engine.set_close_timeout(close_timeout);
                 let _ = handle_tx.send(Ok(engine.handle()));
                 if let Err(e) = engine.run() {
                     tracing::error!(error = %e, "poll loop failed");

@@ -117,6 +117,12 @@ pub struct ListenerInfo {
     /// Id of the listening channel; 0 once stopped.
     pub channel_id: u64,
     pub created_at: SystemTime,
+    /// Panics of its listening dispatcher in the last minute (each one
+    /// replaced it with a fresh one).
+    pub recent_panics: u32,
+    /// It stopped because its listening dispatcher panicked more than the
+    /// budget allows.
+    pub stopped_by_panics: bool,
 }
 
 /// How a channel came to be.
@@ -285,6 +291,9 @@ pub struct LoopStats {
     pub panics: u64,
     pub accepts: u64,
     pub commands: u64,
+    /// Output bytes dropped by closes that could not deliver them (a peer
+    /// that stopped reading past the close timeout, a drain deadline).
+    pub bytes_dropped: u64,
 }
 
 /// What [`EngineHandle::load_plugin`] loads, and what becomes of it.

@@ -1,6 +1,24 @@
 //! Listener configuration values the engine reads itself (`idle_timeout`);
 //! every other entry is the plugin's to interpret.
 
+use std::collections::BTreeMap;
+
+/// Listener configuration keys the daemon keeps for itself: they are never
+/// handed to a plugin's `listen` or `resume`, so a plugin that refuses
+/// unknown keys accepts a listener with an idle timeout. Plugins must not
+/// use these names.
+pub const RESERVED_KEYS: &[&str] = &["idle_timeout"];
+
+/// A listener's configuration as its plugin sees it: without the
+/// [`RESERVED_KEYS`].
+pub(crate) fn plugin_config(config: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    config
+        .iter()
+        .filter(|(key, _)| !RESERVED_KEYS.contains(&key.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Parses a duration such as `30s`, `500ms`, `2m`, `1h`, or a bare number
 /// of seconds.
 pub fn parse_duration(text: &str) -> Option<std::time::Duration> {

@@ -266,7 +266,31 @@ impl Entries {
         }
     }
 
-    /// Whether this generation takes channels handed over by older ones.
+    /// Asks the plugin for the listening dispatcher of a listener whose
+    /// older generation exported `state` (a reload or a rollback). `None`
+    /// when this generation does not resume state: the caller then uses
+    /// [`listen`](Entries::listen).
+    pub(crate) fn resume(
+        self,
+        ctx: &mut CallCtx<'_>,
+        config: &BTreeMap<String, String>,
+        state: &[u8],
+    ) -> Option<Result<Dispatcher, String>> {
+        let resume = self.resume?;
+        let entries: Vec<KeyValue> =
+            config.iter().map(|(k, v)| KeyValue { key: StrRef::new(k), value: StrRef::new(v) }).collect();
+        let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
+        let bytes = StrRef { ptr: state.as_ptr(), len: state.len() };
+        // SAFETY: as for listen; the state and out live across the call.
+        let status = unsafe { resume(ctx.as_ffi(), entries.as_ptr(), entries.len(), bytes, &mut out) };
+        Some(match Dispatcher::adopt(out) {
+            Some(dispatcher) if status == ffi::status::OK => Ok(dispatcher),
+            _ => Err(ctx.refusal()),
+        })
+    }
+
+    /// Whether this generation takes channels handed over by older ones
+    /// through its descriptor's `import_state`.
     pub(crate) fn imports_state(self) -> bool {
         self.import_state.is_some()
     }
@@ -373,6 +397,28 @@ impl Dispatcher {
         let status = unsafe { export_state(self.handle.instance, ctx.as_ffi()) };
         match status {
             ffi::status::OK => Ok(ctx.take_state()),
+            ffi::status::PANICKED => Err(Panicked),
+            _ => Ok(None),
+        }
+    }
+
+    /// Asks a listening dispatcher to adopt a channel an older generation
+    /// handed over with `state`; `ctx` is that channel. `Ok(None)` when it
+    /// declines or its vtable (before ABI 1.2) has no `import_channel`.
+    pub(crate) fn import_channel(self, ctx: &mut CallCtx<'_>, state: &[u8]) -> Result<Option<Dispatcher>, Panicked> {
+        if !ffi::has_field(self.vtable_size, std::mem::offset_of!(ffi::DispatcherVtable, import_channel)) {
+            return Ok(None);
+        }
+        // SAFETY: adopt read the vtable's size; the field is within it.
+        let Some(import_channel) = (unsafe { std::ptr::addr_of!((*self.handle.vtable).import_channel).read() }) else {
+            return Ok(None);
+        };
+        let mut out = DispatcherHandle { instance: std::ptr::null_mut(), vtable: std::ptr::null() };
+        let bytes = StrRef { ptr: state.as_ptr(), len: state.len() };
+        // SAFETY: as for interest; the state and out live across the call.
+        let status = unsafe { import_channel(self.handle.instance, ctx.as_ffi(), bytes, &mut out) };
+        match status {
+            ffi::status::OK => Ok(Dispatcher::adopt(out)),
             ffi::status::PANICKED => Err(Panicked),
             _ => Ok(None),
         }

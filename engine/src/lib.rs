@@ -30,7 +30,7 @@ mod test_plugin;
 
 pub use crate::{
     command::{Command, CommandError, EngineHandle, LoadPlugin},
-    config::parse_duration,
+    config::{RESERVED_KEYS, parse_duration},
     plugin_host::{LoadedPlugin, PluginLoadError, PluginPolicy},
     poll_loop::Engine,
 };

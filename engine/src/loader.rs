@@ -70,6 +70,8 @@ pub(crate) struct Host {
 pub(crate) type OnLoadFn = unsafe extern "C" fn(*mut HostCtx) -> i32;
 pub(crate) type ListenFn = unsafe extern "C" fn(*mut HostCtx, *const KeyValue, usize, *mut DispatcherHandle) -> i32;
 pub(crate) type ImportStateFn = unsafe extern "C" fn(*mut HostCtx, StrRef, *mut DispatcherHandle) -> i32;
+pub(crate) type ResumeFn =
+    unsafe extern "C" fn(*mut HostCtx, *const KeyValue, usize, StrRef, *mut DispatcherHandle) -> i32;
 
 /// The entry points of a plugin past `init` and `on_load`: plain function
 /// pointers into its code, copied out so that no reference into the loop's
@@ -79,6 +81,9 @@ pub(crate) struct Entries {
     pub(crate) listen: ListenFn,
     /// Absent in a plugin of ABI 1.0, or one that does not import state.
     pub(crate) import_state: Option<ImportStateFn>,
+    /// Absent before ABI 1.2, or in a plugin that does not resume a
+    /// listener's state.
+    pub(crate) resume: Option<ResumeFn>,
 }
 
 /// A plugin library, loaded and validated.
@@ -230,6 +235,11 @@ fn adopt(
     } else {
         None
     };
+    let resume = if ffi::has_field(size, std::mem::offset_of!(PluginDescriptor, resume)) {
+        read_field!(desc, resume)
+    } else {
+        None
+    };
     let (name, version, sdk_version) =
         (read_field!(desc, name), read_field!(desc, version), read_field!(desc, sdk_version));
     // SAFETY: the strings are static data of the plugin.
@@ -256,7 +266,7 @@ fn adopt(
         path,
         sha256,
         loaded_at: SystemTime::now(),
-        entries: Entries { listen, import_state },
+        entries: Entries { listen, import_state, resume },
         _library: library,
     })
 }

@@ -37,7 +37,7 @@ mod timers;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     io,
     net::SocketAddr,
     sync::{Arc, mpsc},
@@ -52,6 +52,10 @@ use crate::{
     ids::{ChannelId, GenerationIndex, ListenerId},
     loader::LoadedPlugin,
 };
+
+/// How long a graceful close may take unless set
+/// (`Engine::set_close_timeout`).
+pub(crate) const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Closed-channel records kept for stats watchers.
 const CLOSED_LOG: usize = 65_536;
@@ -69,6 +73,10 @@ struct Listener {
     channel: Option<ChannelId>,
     channel_count: u64,
     created_at: SystemTime,
+    /// When its listening dispatcher panicked lately (the panic budget).
+    recent_panics: VecDeque<Instant>,
+    /// It stopped because its listening dispatcher panicked too often.
+    stopped_by_panics: bool,
 }
 
 struct Drain {
@@ -93,6 +101,10 @@ struct Core {
     last_listener_id: u64,
     stats: LoopStats,
     drain: Option<Drain>,
+    /// How long a graceful close may take (telling the dispatcher, its
+    /// remaining output, the host's queue) before what is left is dropped
+    /// and counted.
+    close_timeout: Duration,
     exit: bool,
 }
 
@@ -127,12 +139,21 @@ impl Engine {
                 last_listener_id: 0,
                 stats: LoopStats::default(),
                 drain: None,
+                close_timeout: DEFAULT_CLOSE_TIMEOUT,
                 exit: false,
             },
             events: Events::new(),
             commands: rx,
             handle: EngineHandle::new(tx, poller),
         })
+    }
+
+    /// Sets how long a graceful close may take (the dispatcher finishing
+    /// its output, then the host flushing its queue to the peer) before
+    /// what is left is dropped and logged with its byte count. The daemon
+    /// sets its drain timeout here.
+    pub fn set_close_timeout(&mut self, timeout: Duration) {
+        self.core.close_timeout = timeout;
     }
 
     /// A handle other threads use to send commands to this engine.

@@ -3,13 +3,22 @@
 //! error, the peer's close). A panic poisons the dispatcher and closes its
 //! channel; the loop goes on.
 
-use tracing::{debug, error};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, warn};
 
 use super::{Core, channel::Phase};
 use crate::{
+    command::ChannelKind,
+    config::plugin_config,
     host_abi::{CallCtx, Dispatcher, Panicked},
     ids::Slot,
 };
+
+/// Panics of a listening dispatcher a listener survives within
+/// [`LISTENER_PANIC_WINDOW`]; one more stops it.
+const LISTENER_PANIC_BUDGET: usize = 5;
+const LISTENER_PANIC_WINDOW: Duration = Duration::from_secs(60);
 
 impl Core {
     /// Calls `f` with the channel's dispatcher and a call context, and deals
@@ -49,14 +58,20 @@ impl Core {
     }
 
     /// A callback panicked: count and log it, drop the dispatcher, close its
-    /// channel gracefully.
+    /// channel gracefully. A listening dispatcher is replaced instead: the
+    /// listener asks its generation's `listen` for a fresh one and keeps
+    /// accepting, unless it panicked too often lately.
     pub(super) fn poisoned(&mut self, slot: Slot, report: Option<String>) {
         let ch = &self.channels[slot];
-        let (channel_id, generation) = (ch.id, ch.generation);
+        let (channel_id, generation, kind) = (ch.id, ch.generation, ch.kind);
         let message = report.unwrap_or_else(|| "panicked".to_string());
         self.stats.panics += 1;
         let entry = &mut self.plugins[generation];
         entry.panics += 1;
+        if kind == ChannelKind::Listening {
+            error!(plugin = %entry.loaded.name, generation = entry.generation, channel = channel_id.0, "{message}");
+            return self.renew_listening(slot);
+        }
         error!(
             plugin = %entry.loaded.name,
             generation = entry.generation,
@@ -64,6 +79,51 @@ impl Core {
             "{message}; closing the channel"
         );
         self.begin_close(slot);
+    }
+
+    /// A listening dispatcher panicked: one bad connection's handshake must
+    /// not take the service off the air. The poisoned dispatcher is dropped
+    /// and the same generation's `listen` (with the listener's config) makes
+    /// a fresh one; whatever state the old one held is lost, since its
+    /// memory is no longer trusted. Past [`LISTENER_PANIC_BUDGET`] panics in
+    /// [`LISTENER_PANIC_WINDOW`], the listener stops.
+    fn renew_listening(&mut self, slot: Slot) {
+        let ch = &mut self.channels[slot];
+        let (listener_id, generation) = (ch.listener, ch.generation);
+        if let Some(old) = ch.dispatcher.take() {
+            old.release();
+        }
+        let now = Instant::now();
+        let Some(listener) = self.listeners.get_mut(&listener_id) else { return self.begin_close(slot) };
+        listener.recent_panics.retain(|&at| now.saturating_duration_since(at) < LISTENER_PANIC_WINDOW);
+        listener.recent_panics.push_back(now);
+        if listener.recent_panics.len() > LISTENER_PANIC_BUDGET {
+            error!(
+                listener = listener_id.0,
+                panics = listener.recent_panics.len(),
+                "listener stopped: its listening dispatcher panicked {} times within {} s",
+                listener.recent_panics.len(),
+                LISTENER_PANIC_WINDOW.as_secs()
+            );
+            listener.stopped_by_panics = true;
+            return self.begin_close(slot);
+        }
+        let config = plugin_config(&listener.config);
+        let entries = self.plugins[generation].loaded.entries;
+        match entries.listen(&mut CallCtx::detached(), &config) {
+            Ok(fresh) => {
+                warn!(listener = listener_id.0, "listening dispatcher replaced after a panic; still accepting");
+                self.channels[slot].dispatcher = Some(fresh);
+                self.channels.mark_dirty(slot);
+            }
+            Err(message) => {
+                error!(
+                    listener = listener_id.0,
+                    "listener stopped: no fresh listening dispatcher after a panic: {message}"
+                );
+                self.begin_close(slot);
+            }
+        }
     }
 
     pub(super) fn handle_event(&mut self, slot: Slot, event: u32, arg: i64) {

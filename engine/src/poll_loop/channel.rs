@@ -15,6 +15,44 @@ use crate::{
     ids::{ChannelId, GenerationIndex, ListenerId},
 };
 
+/// Why the host closes a channel the dispatcher did not close: the
+/// argument of `handle_shutdown` (`asyncore_abi::close_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShutdownReason {
+    IdleTimeout,
+    /// `CloseChannel`, or `StopListener` with `close_channels`.
+    Control,
+    /// The daemon drains (SIGTERM).
+    Drain,
+    /// The drain timeout of a newer generation's activation.
+    Reload,
+    /// An unload with `force`.
+    Unload,
+}
+
+impl ShutdownReason {
+    pub(crate) fn code(self) -> i64 {
+        use asyncore_abi::close_reason;
+        match self {
+            ShutdownReason::IdleTimeout => close_reason::IDLE_TIMEOUT,
+            ShutdownReason::Control => close_reason::CONTROL,
+            ShutdownReason::Drain => close_reason::DRAIN,
+            ShutdownReason::Reload => close_reason::RELOAD,
+            ShutdownReason::Unload => close_reason::UNLOAD,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ShutdownReason::IdleTimeout => "idle timeout",
+            ShutdownReason::Control => "closed by the control plane",
+            ShutdownReason::Drain => "drain",
+            ShutdownReason::Reload => "reload drain timeout",
+            ShutdownReason::Unload => "unload",
+        }
+    }
+}
+
 /// Interest bits as registered with the poller.
 pub(crate) const READ: u8 = 1;
 pub(crate) const WRITE: u8 = 2;
@@ -206,6 +244,10 @@ pub(crate) struct Channel {
     pub(crate) dirty: bool,
     /// A listener out of descriptors stops accepting for a while.
     pub(crate) accept_paused: bool,
+    /// The host is closing the channel for a reason of its own: the
+    /// dispatcher was told (`handle_shutdown`), is not read any more, and
+    /// is asked for output until it has none left.
+    pub(crate) shutdown: Option<ShutdownReason>,
     pub(crate) counters: Counters,
     pub(crate) created_at: SystemTime,
     pub(crate) peer: Option<SocketAddr>,
@@ -237,6 +279,7 @@ impl Channel {
             failed: None,
             dirty: false,
             accept_paused: false,
+            shutdown: None,
             counters: Counters::default(),
             created_at: SystemTime::now(),
             peer,

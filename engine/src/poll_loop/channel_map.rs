@@ -5,23 +5,20 @@
 use std::{
     collections::BTreeMap,
     ops::{Index, IndexMut},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     Core,
-    channel::{Channel, NewChannel, Phase},
+    channel::{Channel, NewChannel, Phase, ShutdownReason},
     timers::TimerKind,
 };
 use crate::{
     command::ChannelKind,
     ids::{ChannelId, GenerationIndex, ListenerId, Slot},
 };
-
-/// How long a closing channel may take to flush its output.
-const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 pub(super) struct ChannelMap {
@@ -163,6 +160,31 @@ impl Core {
         }
     }
 
+    /// The host closes the channel for a reason of its own, gracefully
+    /// (the one close contract): the dispatcher is told
+    /// (`handle_shutdown`), the channel is not read any more, and the
+    /// dispatcher is asked for output (`writable()`/`handle_write`) until it
+    /// has none left or closes; then its queue is flushed, writing is shut
+    /// down and the channel lingers ([`begin_close`](Core::begin_close)).
+    /// All of it within the close timeout, after which what was not
+    /// delivered is logged with its byte count.
+    pub(super) fn shut_down(&mut self, slot: Slot, reason: ShutdownReason) {
+        let Some(ch) = self.channels.get_mut(slot) else { return };
+        if ch.kind == ChannelKind::Listening || ch.phase != Phase::Open || ch.dispatcher.is_none() {
+            // Nothing to tell: a listener, a connect still under way, or a
+            // channel already closing.
+            return self.begin_close(slot);
+        }
+        if ch.shutdown.is_some() {
+            return;
+        }
+        ch.shutdown = Some(reason);
+        let channel_id = ch.id;
+        debug!(channel = channel_id.0, reason = reason.as_str(), "closing gracefully");
+        self.arm_timer(Instant::now(), self.close_timeout, channel_id, TimerKind::CloseDeadline);
+        self.handle_event(slot, asyncore_abi::event::SHUTDOWN, reason.code());
+    }
+
     /// Graceful close: no more callbacks, flush the queue, then close.
     pub(super) fn begin_close(&mut self, slot: Slot) {
         let ch = &mut self.channels[slot];
@@ -180,10 +202,13 @@ impl Core {
         }
         ch.phase = Phase::Closing;
         let channel_id = ch.id;
+        let deadline_armed = ch.shutdown.is_some();
         if let Some(dispatcher) = ch.dispatcher.take() {
             dispatcher.release();
         }
-        self.arm_timer(Instant::now(), CLOSE_DEADLINE, channel_id, TimerKind::CloseDeadline);
+        if !deadline_armed {
+            self.arm_timer(Instant::now(), self.close_timeout, channel_id, TimerKind::CloseDeadline);
+        }
         self.channels.mark_dirty(slot);
     }
 
@@ -197,11 +222,26 @@ impl Core {
         if ch.registered != 0 {
             let _ = self.poller.delete(ch.socket.as_fd());
         }
+        // The dispatcher of a channel still finishing its output had more.
+        let held = ch.shutdown.is_some() && ch.dispatcher.is_some();
         if let Some(dispatcher) = ch.dispatcher.take() {
             dispatcher.release();
         }
         self.timers.forget_channel(ch.id);
         if ch.kind != ChannelKind::Listening {
+            // A close that drops output says how much: what the host still
+            // queued, and whether the dispatcher still had more to give.
+            if !ch.out.is_empty() || held {
+                warn!(
+                    channel = ch.id.0,
+                    bytes_dropped = ch.out.len(),
+                    dispatcher_had_more = held,
+                    "closed before its output was delivered: {} queued bytes dropped{}",
+                    ch.out.len(),
+                    if held { ", and the dispatcher still had output to give" } else { "" },
+                );
+                self.stats.bytes_dropped += ch.out.len() as u64;
+            }
             self.count_dispatcher(ch.generation, ch.listener, -1);
             self.closed.push(ch.stats(true));
         } else if let Some(listener) = self.listeners.get_mut(&ch.listener)

@@ -13,14 +13,14 @@ use tracing::{info, warn};
 
 use super::{
     Core, Drain, Listener,
-    channel::{Channel, NewChannel, Phase, Socket},
+    channel::{Channel, NewChannel, Phase, ShutdownReason, Socket},
 };
 use crate::{
     command::{
         ChannelInfo, ChannelKind, ChannelStats, Command, CommandError, ListenerInfo, LoopStats, Reply, StatsFilter,
         StatsSnapshot,
     },
-    config::parse_duration,
+    config::{parse_duration, plugin_config},
     host_abi::CallCtx,
     ids::{ChannelId, ListenerId},
 };
@@ -61,7 +61,7 @@ impl Core {
                         Err(CommandError::ListeningChannel { id, listener: self.channels[slot].listener.0 })
                     }
                     Some(slot) => {
-                        self.begin_close(slot);
+                        self.shut_down(slot, ShutdownReason::Control);
                         self.channel_info(ChannelId(id))
                     }
                     None => Err(CommandError::NoChannel(id)),
@@ -122,7 +122,7 @@ impl Core {
 
         let entries = self.plugins[generation].loaded.entries;
         let dispatcher = entries
-            .listen(&mut CallCtx::detached(), &config)
+            .listen(&mut CallCtx::detached(), &plugin_config(&config))
             .map_err(|message| CommandError::PluginRefused { plugin: plugin_name.to_string(), message })?;
 
         self.last_listener_id += 1;
@@ -152,6 +152,8 @@ impl Core {
                 channel,
                 channel_count: 0,
                 created_at: SystemTime::now(),
+                recent_panics: Default::default(),
+                stopped_by_panics: false,
             },
         );
         info!(listener = id.0, %address, plugin = %plugin_name, "listener started");
@@ -170,7 +172,7 @@ impl Core {
         info!(listener = id.0, "listener stopped");
         if close_channels {
             for slot in self.channels.slots_where(|ch| ch.listener == id) {
-                self.begin_close(slot);
+                self.shut_down(slot, ShutdownReason::Control);
             }
         }
         Ok(self.listener_info(&self.listeners[&id]))
@@ -187,6 +189,8 @@ impl Core {
             config: listener.config.clone(),
             channel_id: listener.channel.map_or(0, |channel| channel.0),
             created_at: listener.created_at,
+            recent_panics: listener.recent_panics.len() as u32,
+            stopped_by_panics: listener.stopped_by_panics,
         }
     }
 
@@ -232,7 +236,7 @@ impl Core {
             let _ = self.stop_listener(id, false);
         }
         for slot in self.channels.slots() {
-            self.begin_close(slot);
+            self.shut_down(slot, ShutdownReason::Drain);
         }
         self.drain = Some(Drain { deadline, reply });
     }
@@ -243,10 +247,17 @@ impl Core {
             return;
         }
         if !self.channels.is_empty() {
-            warn!(channels = self.channels.len(), "drain deadline passed; closing the rest now");
+            let dropped_before = self.stats.bytes_dropped;
+            let channels = self.channels.len();
             for slot in self.channels.slots() {
                 self.finalize(slot);
             }
+            warn!(
+                channels,
+                bytes_dropped = self.stats.bytes_dropped - dropped_before,
+                "drain deadline passed; closed the rest: {} queued bytes dropped",
+                self.stats.bytes_dropped - dropped_before
+            );
         }
         if let Some(drain) = self.drain.take() {
             let _ = drain.reply.send(Ok(()));

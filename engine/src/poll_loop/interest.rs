@@ -68,6 +68,14 @@ impl Core {
                     let _ = ch.shut_write();
                 }
                 let (readable, writable) = answer.unwrap_or((false, false));
+                if ch.shutdown.is_some() && !writable {
+                    // Shutting down and nothing more to give: flush what was
+                    // sent, then close.
+                    self.begin_close(slot);
+                    return self.refresh(slot);
+                }
+                // Shutting down: no new input, only output.
+                let readable = readable && ch.shutdown.is_none();
                 ch.wants_write = writable;
                 let mut bits = 0;
                 if readable && !ch.read_eof && ch.dispatcher.is_some() {

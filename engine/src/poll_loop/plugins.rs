@@ -16,10 +16,15 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Core, channel::Phase, timers::TimerKind};
+use super::{
+    Core,
+    channel::{Phase, ShutdownReason},
+    timers::TimerKind,
+};
 use crate::{
     command::{ChannelKind, CommandError, GenerationInfo, GenerationState, PluginInfo},
-    host_abi::{CallCtx, Dispatcher},
+    config::plugin_config,
+    host_abi::{CallCtx, Dispatcher, Panicked},
     ids::{ChannelId, GenerationIndex, ListenerId, Slot},
     loader::LoadedPlugin,
 };
@@ -130,8 +135,30 @@ impl Core {
         let mut fresh: Vec<(ListenerId, ChannelId, Dispatcher)> = Vec::with_capacity(listeners.len());
         for (listener_id, channel_id) in listeners {
             // A copy: no reference into the core while plugin code runs.
-            let config = self.listeners[&listener_id].config.clone();
-            match entries.listen(&mut CallCtx::detached(), &config) {
+            let config = plugin_config(&self.listeners[&listener_id].config);
+            // The listener's shared state (a cache, a room) goes with it,
+            // if its listening dispatcher exports it and the new
+            // generation resumes it.
+            let state = self
+                .channels
+                .slot_of(channel_id)
+                .and_then(|slot| self.call(slot, |d, ctx| d.export_state(ctx)).flatten());
+            let made = match state.as_deref().and_then(|state| entries.resume(&mut CallCtx::detached(), &config, state))
+            {
+                Some(resumed) => resumed,
+                None => {
+                    if state.is_some() {
+                        warn!(
+                            plugin = %name,
+                            listener = listener_id.0,
+                            "the listener's state was exported, but generation {} does not resume state: it starts empty",
+                            self.plugins[index].generation
+                        );
+                    }
+                    entries.listen(&mut CallCtx::detached(), &config)
+                }
+            };
+            match made {
                 Ok(dispatcher) => fresh.push((listener_id, channel_id, dispatcher)),
                 Err(message) => {
                     for (_, _, dispatcher) in fresh {
@@ -161,9 +188,7 @@ impl Core {
         }
         let previous = self.current.insert(name.clone(), index);
         info!(plugin = %name, generation = self.plugins[index].generation, "generation is current");
-        if entries.imports_state() {
-            self.migrate(index);
-        }
+        self.migrate(index);
         if let Some(timeout) = drain_timeout
             && previous.is_some_and(|p| p != index)
         {
@@ -174,9 +199,12 @@ impl Core {
     }
 
     /// Hands the idle channels of the plugin's other generations over to
-    /// generation `index`, each with the state its dispatcher exports.
-    /// Runs between callbacks (activation is a command). A channel whose
-    /// dispatcher declines (the default) stays on its generation.
+    /// generation `index`, each with the state its dispatcher exports: to
+    /// the new listening dispatcher of its listener (`import_channel`, so
+    /// that it shares the listener's state), or else to the generation's
+    /// `import_state`. Runs between callbacks (activation is a command). A
+    /// channel whose dispatcher declines (the default), or that nobody
+    /// takes, stays on its generation.
     fn migrate(&mut self, index: GenerationIndex) {
         let name = self.plugins[index].loaded.name.clone();
         let entries = self.plugins[index].loaded.entries;
@@ -185,16 +213,44 @@ impl Core {
                 && ch.generation != index
                 && ch.phase == Phase::Open
                 && ch.dispatcher.is_some()
+                && ch.shutdown.is_none()
         });
         let mut moved = 0u64;
         for slot in slots {
+            // The listening channel of the channel's listener, if the new
+            // generation serves it.
+            let listener_slot = self
+                .listeners
+                .get(&self.channels[slot].listener)
+                .and_then(|listener| listener.channel)
+                .and_then(|id| self.channels.slot_of(id))
+                .filter(|&ls| self.channels[ls].generation == index);
+            if listener_slot.is_none() && !entries.imports_state() {
+                continue;
+            }
             let Some(state) = self.call(slot, |d, ctx| d.export_state(ctx)).flatten() else { continue };
             if !self.is_open(slot) {
                 continue;
             }
-            // The new generation's code may only report through a context
-            // naming no channel.
-            let imported = entries.import_state(&mut CallCtx::detached(), &state);
+            let mut imported = None;
+            if let Some(listener_slot) = listener_slot
+                && let Some(listening) = self.channels[listener_slot].dispatcher
+            {
+                let mut ctx = CallCtx::new(self, slot);
+                let answer = listening.import_channel(&mut ctx, &state);
+                let report = ctx.take_report();
+                match answer {
+                    Ok(dispatcher) => imported = dispatcher,
+                    Err(Panicked) => self.poisoned(listener_slot, report),
+                }
+            }
+            let imported = match imported {
+                Some(dispatcher) => Ok(dispatcher),
+                // The new generation's code may only report through a
+                // context naming no channel.
+                None if entries.imports_state() => entries.import_state(&mut CallCtx::detached(), &state),
+                None => Err("its listener's new listening dispatcher did not take it".to_string()),
+            };
             let ch = &mut self.channels[slot];
             let channel_id = ch.id;
             match imported {
@@ -236,7 +292,7 @@ impl Core {
             info!(plugin = %name, channels = slots.len(), "drain timeout: closing channels of older generations");
         }
         for slot in slots {
-            self.begin_close(slot);
+            self.shut_down(slot, ShutdownReason::Reload);
         }
     }
 
@@ -280,7 +336,7 @@ impl Core {
             let _ = self.stop_listener(id, false);
         }
         for slot in self.channel_slots(name, |ch| targets.contains(&ch.generation)) {
-            self.begin_close(slot);
+            self.shut_down(slot, ShutdownReason::Unload);
         }
         for &index in &targets {
             let entry = &mut self.plugins[index];

@@ -19,7 +19,10 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Core, channel::Phase};
+use super::{
+    Core,
+    channel::{Phase, ShutdownReason},
+};
 use crate::ids::{ChannelId, GenerationIndex, TimerId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,8 +175,9 @@ impl Core {
                     }
                 }
                 TimerKind::CloseDeadline => {
-                    if self.channels[slot].phase == Phase::Closing {
-                        warn!(channel = channel_id.0, "output not flushed in time; closing now");
+                    let ch = &self.channels[slot];
+                    if ch.phase == Phase::Closing || ch.shutdown.is_some() {
+                        warn!(channel = channel_id.0, "close timeout: output not delivered in time; closing now");
                         self.finalize(slot);
                     }
                 }
@@ -189,7 +193,7 @@ impl Core {
                     let Some(due) = ch.last_activity.checked_add(timeout) else { continue };
                     if due <= now {
                         info!(channel = channel_id.0, timeout_ms = timeout.as_millis() as u64, "idle timeout; closing");
-                        self.begin_close(slot);
+                        self.shut_down(slot, ShutdownReason::IdleTimeout);
                     } else {
                         self.timers.arm(Some(due), Some(channel_id), TimerKind::IdleCheck);
                     }

@@ -130,15 +130,14 @@ fn a_member_closed_by_the_operator_leaves_the_room() {
     alice.expect(&format!("* guest{channel_id} is now carol\n"));
 
     server.close_channel(channel_id).unwrap();
+    // The member is told why, the others that it left, at once.
     let mut rest = Vec::new();
     carol.reader.read_to_end(&mut rest).expect("the closed member reads EOF");
-    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert_eq!(String::from_utf8_lossy(&rest), "* closing: closed by the control plane\n");
+    alice.expect("* carol left\n");
     drop(carol);
-    // Closed without a callback: the room hears of it with its next
-    // fan-out, once the channel is gone.
     eventually("the closed channel is gone", || server.n_channels() == 1);
     let mut bob = Member::connect(&server);
-    alice.expect("* carol left\n");
     let joined = alice.next_line();
     assert!(joined.starts_with("* guest") && joined.ends_with(" joined\n"), "{joined:?}");
     bob.say("hello\n");

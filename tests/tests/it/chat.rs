@@ -114,12 +114,11 @@ fn three_clients_chat_with_nicks_joins_and_leaves() {
     a.expect(&format!("* {guest_c} left\n"));
     b.expect(&format!("* {guest_c} left\n"));
 
-    // A channel closed by the operator gets no callback: its dispatcher is
-    // dropped, which leaves the room, and the notice goes out with the
-    // room's next message.
+    // A channel closed by the operator is told why, and the others that it
+    // left, at once (`handle_shutdown`).
     runtime.block_on(client.channels.close_channel(v1::CloseChannelRequest { id: ids[0] })).unwrap();
-    assert_eq!(a.next_line(), "", "the closed channel reads EOF");
-    b.say("anyone?\n");
+    assert_eq!(a.next_line(), "* closing: closed by the control plane\n");
+    assert_eq!(a.next_line(), "", "then the closed channel reads EOF");
     b.expect("* alice left\n");
     // The nick of a member that left is free again.
     b.say("NICK alice\n");
