@@ -2,22 +2,27 @@
 //! of `/` answer a small HTML page; `/static/...` streams the files under
 //! the configured `root`.
 //!
-//! Config: `root` (a directory; without it `/static` is 404),
-//! `max_header_bytes` (bytes of one request head, default 16384; a longer
-//! head gets 431, or 414 if its request line alone is too long, and the
-//! connection closes), `high_water` (bytes of output waiting for a slow
-//! reader before the connection stops reading and stops pulling file data;
-//! default 262144).
+//! Config (see `config.rs` and the README): `root`, `max_header_bytes`,
+//! `high_water`, `head_timeout`, `keepalive_timeout`,
+//! `max_connections_per_ip` and `status_path`.
 //!
 //! The head is framed line by line (terminator `\n`, a `\r` before it is
 //! dropped), with the chat's input limit set to what is left of the head's
 //! budget; a request body (`Content-Length`) is framed by count and
 //! dropped. Each request is answered, its response queued as one producer,
 //! before the next is parsed, so pipelined requests are answered in order.
-//! See the README for the status codes and why.
+//!
+//! Time is bounded with one timer per connection, re-armed once per
+//! request, never per byte: a request must arrive within `head_timeout`
+//! (else 408), and a kept-alive connection that sent everything it was
+//! asked for is closed after `keepalive_timeout` without a new request.
+//! Refusals are logged and counted per listener. See the README for the
+//! status codes and why.
 
 #![forbid(unsafe_code)]
 
+mod config;
+mod listener;
 mod request;
 mod response;
 mod site;
@@ -27,15 +32,13 @@ use std::{io, path::Path, rc::Rc, time::SystemTime};
 use asyncore_sdk::prelude::*;
 
 use crate::{
+    config::Settings,
+    listener::{Admission, Listener},
     request::{HeadParser, RequestHead, Step, Version},
     response::{Connection, InFlight, Response, Status, write_head},
     site::{Answer, Site},
 };
 
-/// Default of `max_header_bytes`.
-const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Default of `high_water`: the SDK's.
-const DEFAULT_HIGH_WATER: usize = 256 * 1024;
 /// A connection stops reading requests while this many responses are
 /// queued and not yet produced. Requests that came in one read are all
 /// answered (the framer does not stop inside a read), so this bounds the
@@ -48,37 +51,63 @@ const MAX_DRAINED_BODY: u64 = 1024 * 1024;
 /// The line buffer is shrunk back after a head that grew it past this.
 const KEEP_LINE_CAPACITY: usize = 4 * 1024;
 
-/// The listening dispatcher: one per listener, holding its configuration.
+/// The listening dispatcher: one per listener, owning what its
+/// connections share (settings, counters, connections per address).
 struct HttpServer {
-    site: Rc<Site>,
-    max_header_bytes: usize,
-    high_water: usize,
+    listener: Rc<Listener>,
 }
 
 impl Dispatcher for HttpServer {
-    fn handle_accepted(&mut self, _channel: &mut Channel<'_>) -> Option<Box<dyn Dispatcher>> {
+    fn handle_accepted(&mut self, channel: &mut Channel<'_>) -> Option<Box<dyn Dispatcher>> {
+        let admission = match self.listener.admit(channel.peer_addr()) {
+            Ok(admission) => admission,
+            Err(refused) => {
+                log!(
+                    info,
+                    "channel {}: connection refused: {} already has {} open (max_connections_per_ip); \
+                     {} refused so far on this listener",
+                    channel.id(),
+                    refused.ip,
+                    refused.open,
+                    refused.refused_so_far,
+                );
+                return None;
+            }
+        };
+        let settings = &self.listener.settings;
         let handler = HttpHandler {
-            site: self.site.clone(),
-            parser: HeadParser::new(self.max_header_bytes),
+            listener: self.listener.clone(),
+            parser: HeadParser::new(settings.max_header_bytes),
             body_of: None,
             line: Vec::new(),
             in_flight: InFlight::default(),
+            wait: Wait::Head,
+            timer: None,
+            next_token: 0,
         };
-        let chat = AsyncChat::new(handler)
+        let mut chat = AsyncChat::new(handler)
             .with_terminator(b"\n")
-            .with_max_input(self.max_header_bytes)
-            .with_output_high_water(self.high_water);
-        Some(Box::new(HttpConnection { chat }))
+            .with_max_input(settings.max_header_bytes)
+            .with_output_high_water(settings.high_water);
+        // The first request's clock starts at accept: a connection that
+        // never sends a byte holds a slot as surely as one that sends a
+        // byte a minute.
+        chat.handler_mut().arm(channel, Wait::Head);
+        Some(Box::new(HttpConnection { chat, _admission: admission }))
     }
 }
 
 /// One connection: the `AsyncChat` that runs the handler, wrapped so that
 /// reading also waits for the queue of responses to shorten (see
-/// [`MAX_IN_FLIGHT`]). The chat alone stops reading on queued *bytes*
-/// only, and a response waiting behind a long download holds no bytes
-/// yet.
+/// [`MAX_IN_FLIGHT`]), and so that the keep-alive clock starts when the
+/// last queued response has been produced. The chat alone stops reading
+/// on queued *bytes* only, and a response waiting behind a long download
+/// holds no bytes yet.
 struct HttpConnection {
     chat: AsyncChat<HttpHandler>,
+    /// Counts this connection as open, against its address's limit, until
+    /// the daemon drops this dispatcher.
+    _admission: Admission,
 }
 
 impl Dispatcher for HttpConnection {
@@ -94,8 +123,13 @@ impl Dispatcher for HttpConnection {
         self.chat.handle_read(channel);
     }
 
+    /// Producers are pulled (and finished) only here, so this is where a
+    /// connection that answered everything starts to idle.
     fn handle_write(&mut self, channel: &mut Channel<'_>) {
         self.chat.handle_write(channel);
+        if !self.chat.chat(channel).is_closing() {
+            self.chat.handler_mut().idle_once_answered(channel);
+        }
     }
 
     fn handle_connect(&mut self, channel: &mut Channel<'_>) {
@@ -119,9 +153,31 @@ impl Dispatcher for HttpConnection {
     }
 }
 
+/// What a connection waits for, which says what its one timer means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The next request, the last one answered: `keepalive_timeout`, armed
+    /// once every queued response has been produced.
+    Idle,
+    /// The rest of a request head: `head_timeout` from its first byte (from
+    /// accept for the first request).
+    Head,
+    /// The rest of a body being read and dropped: `head_timeout` again,
+    /// from the end of its head.
+    Body,
+}
+
+/// The timer a connection armed last. Its token tells it from a timer
+/// cancelled after it came due.
+#[derive(Debug)]
+struct Armed {
+    id: TimerId,
+    token: u64,
+}
+
 /// The protocol: request heads line by line, bodies by count.
 struct HttpHandler {
-    site: Rc<Site>,
+    listener: Rc<Listener>,
     parser: HeadParser,
     /// The request whose body is being read and dropped.
     body_of: Option<RequestHead>,
@@ -130,11 +186,20 @@ struct HttpHandler {
     /// `collect_incoming_data` cannot reach the chat's.
     line: Vec<u8>,
     in_flight: InFlight,
+    wait: Wait,
+    timer: Option<Armed>,
+    next_token: u64,
 }
 
 impl ChatHandler for HttpHandler {
-    fn collect_incoming_data(&mut self, _chat: &mut Chat<'_>, data: &[u8]) {
+    fn collect_incoming_data(&mut self, chat: &mut Chat<'_>, data: &[u8]) {
         if self.body_of.is_none() {
+            // A request starts at its first byte. Line endings alone do not
+            // start one (they are skipped before a request line), so a peer
+            // sending only those idles into the keep-alive timeout.
+            if self.wait == Wait::Idle && data.iter().any(|&b| b != b'\r') {
+                self.arm(chat.channel(), Wait::Head);
+            }
             self.line.extend_from_slice(data);
         }
     }
@@ -150,8 +215,12 @@ impl ChatHandler for HttpHandler {
             match step {
                 Step::More => {}
                 Step::Reject(status) => {
-                    let head_only = self.parser.request_line().is_some_and(|line| line.method == "HEAD");
-                    self.reject(chat, status, head_only);
+                    let why = match (status, self.parser.request_line()) {
+                        (Status::VersionNotSupported, _) => "HTTP version not supported",
+                        (_, None) => "malformed request line",
+                        (_, Some(_)) => "malformed header field",
+                    };
+                    self.refuse(chat, status, self.head_only(), why);
                 }
                 Step::Done(head) => self.request(chat, head),
             }
@@ -163,8 +232,46 @@ impl ChatHandler for HttpHandler {
 
     fn input_overflow(&mut self, chat: &mut Chat<'_>) {
         self.line = Vec::new();
-        let head_only = self.parser.request_line().is_some_and(|line| line.method == "HEAD");
-        self.reject(chat, self.parser.overflow_status(), head_only);
+        let status = self.parser.overflow_status();
+        let what = if status == Status::UriTooLong { "request line" } else { "request head" };
+        let why = format!("{what} over {} bytes (max_header_bytes)", self.listener.settings.max_header_bytes);
+        self.refuse(chat, status, self.head_only(), &why);
+    }
+
+    fn handle_timer(&mut self, chat: &mut Chat<'_>, token: u64) {
+        if self.timer.as_ref().is_none_or(|armed| armed.token != token) {
+            return;
+        }
+        self.timer = None;
+        if chat.is_closing() {
+            return;
+        }
+        // Earlier responses are still going out: the connection may have
+        // stopped reading meanwhile (backpressure), so the time was not
+        // the client's to use. Start the clock again.
+        if self.in_flight.count() > 0 || chat.channel().pending_output() > 0 {
+            self.arm(chat.channel(), self.wait);
+            return;
+        }
+        let settings = &self.listener.settings;
+        match self.wait {
+            Wait::Idle => {
+                self.listener.counters.keepalive_closed();
+                let timeout = settings.keepalive_timeout.unwrap_or_default();
+                log!(
+                    debug,
+                    "channel {}: no new request within {timeout:?} (keepalive_timeout); closing",
+                    chat.channel().id()
+                );
+                chat.close();
+            }
+            Wait::Head | Wait::Body => {
+                let timeout = settings.head_timeout.unwrap_or_default();
+                let what = if self.wait == Wait::Head { "head" } else { "body" };
+                let why = format!("no complete request {what} within {timeout:?} (head_timeout)");
+                self.refuse(chat, Status::RequestTimeout, self.head_only(), &why);
+            }
+        }
     }
 }
 
@@ -175,7 +282,14 @@ impl HttpHandler {
             self.line = Vec::new();
         }
         match head.body_length() {
-            Err(status) => self.reject(chat, status, head.is_head()),
+            Err(status) => {
+                let why = match status {
+                    Status::LengthRequired => "chunked request body",
+                    Status::NotImplemented => "unsupported transfer coding",
+                    _ => "no single Host in HTTP/1.1, or Transfer-Encoding in HTTP/1.0",
+                };
+                self.refuse(chat, status, head.is_head(), why);
+            }
             Ok(0) => self.respond(chat, &head, false),
             // A client waiting for `100 Continue` gets the final answer
             // instead, and the connection closes: it may or may not send
@@ -185,6 +299,7 @@ impl HttpHandler {
                 // Dropped as it comes, so not bounded by the input limit.
                 chat.set_max_input(usize::MAX);
                 self.body_of = Some(head);
+                self.arm(chat.channel(), Wait::Body);
             }
             Ok(_) => self.respond(chat, &head, true),
         }
@@ -193,8 +308,15 @@ impl HttpHandler {
     /// Queues the answer to `head`, then closes if the connection is not
     /// to be kept.
     fn respond(&mut self, chat: &mut Chat<'_>, head: &RequestHead, force_close: bool) {
-        let answer = self.site.answer(head);
-        let keep_alive = !force_close && head.keep_alive() && !answer.status.closes_connection();
+        let answer = self.listener.answer(head);
+        if answer.status.closes_connection() {
+            return self.refuse(chat, answer.status, head.is_head(), "bad request target or path");
+        }
+        // The request is in: the keep-alive clock starts once its response
+        // went out (`idle_once_answered`).
+        self.disarm(chat.channel());
+        self.wait = Wait::Idle;
+        let keep_alive = !force_close && head.keep_alive();
         let connection = match (keep_alive, head.line.version) {
             (false, _) => Connection::Close,
             (true, Version::Http10) => Connection::KeepAlive,
@@ -206,9 +328,22 @@ impl HttpHandler {
         }
     }
 
-    /// Answers with an error and closes: the request could not be framed,
-    /// so nothing after it can be trusted to be a request.
-    fn reject(&mut self, chat: &mut Chat<'_>, status: Status, head_only: bool) {
+    /// Answers with an error and closes: the request could not be framed
+    /// (or did not come in time), so nothing after it can be trusted to be
+    /// a request. Logged and counted, since a client refused is something
+    /// an operator wants to see.
+    fn refuse(&mut self, chat: &mut Chat<'_>, status: Status, head_only: bool, why: &str) {
+        let n = self.listener.counters.refused(status);
+        let channel = chat.channel();
+        let peer = channel.peer_addr().map_or_else(|| "unknown".to_string(), |peer| peer.to_string());
+        log!(
+            info,
+            "channel {}: refused with {} {} (peer {peer}): {why}; closing ({n} so far on this listener)",
+            channel.id(),
+            status.code(),
+            status.reason(),
+        );
+        self.disarm(channel);
         self.push(chat, Answer::error(status), Connection::Close, head_only);
         chat.close_when_done();
     }
@@ -217,6 +352,46 @@ impl HttpHandler {
         let head = write_head(answer.status, answer.content_type, answer.body.len(), connection, SystemTime::now());
         let response = Response::new(head, answer.body, head_only, self.in_flight.ticket());
         chat.push_with_producer(Box::new(response));
+    }
+
+    /// Whether the request being read is a `HEAD`, whose error answer has
+    /// no body.
+    fn head_only(&self) -> bool {
+        match &self.body_of {
+            Some(head) => head.is_head(),
+            None => self.parser.request_line().is_some_and(|line| line.method == "HEAD"),
+        }
+    }
+
+    /// Arms the connection's timer for `wait`, replacing the one armed
+    /// before. Called once per request phase, never per byte.
+    fn arm(&mut self, channel: &mut Channel<'_>, wait: Wait) {
+        self.disarm(channel);
+        self.wait = wait;
+        let settings = &self.listener.settings;
+        let timeout = match wait {
+            Wait::Idle => settings.keepalive_timeout,
+            Wait::Head | Wait::Body => settings.head_timeout,
+        };
+        if let Some(timeout) = timeout {
+            self.next_token += 1;
+            let id = channel.call_later(timeout, self.next_token);
+            self.timer = Some(Armed { id, token: self.next_token });
+        }
+    }
+
+    fn disarm(&mut self, channel: &mut Channel<'_>) {
+        if let Some(armed) = self.timer.take() {
+            channel.cancel_timer(armed.id);
+        }
+    }
+
+    /// Starts the keep-alive clock if the last request was answered and
+    /// every response produced.
+    fn idle_once_answered(&mut self, channel: &mut Channel<'_>) {
+        if self.wait == Wait::Idle && self.timer.is_none() && self.in_flight.count() == 0 {
+            self.arm(channel, Wait::Idle);
+        }
     }
 }
 
@@ -230,15 +405,8 @@ impl Plugin for Http {
 
     fn listen(config: &Config) -> Result<Box<dyn Dispatcher>, String> {
         let site = Site::new(config.get("root").map(Path::new))?;
-        let max_header_bytes = config.parse_or("max_header_bytes", DEFAULT_MAX_HEADER_BYTES)?;
-        let high_water = config.parse_or("high_water", DEFAULT_HIGH_WATER)?;
-        if max_header_bytes == 0 {
-            return Err("config max_header_bytes: must be at least 1".to_string());
-        }
-        if high_water == 0 {
-            return Err("config high_water: must be at least 1".to_string());
-        }
-        Ok(Box::new(HttpServer { site: Rc::new(site), max_header_bytes, high_water }))
+        let settings = Settings::from_config(config)?;
+        Ok(Box::new(HttpServer { listener: Rc::new(Listener::new(site, settings)) }))
     }
 }
 

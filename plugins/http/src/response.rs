@@ -2,6 +2,7 @@
 //! a head and its body as the peer drains them.
 
 use std::{
+    borrow::Cow,
     cell::Cell,
     fs::File,
     io,
@@ -22,6 +23,7 @@ pub(crate) enum Status {
     BadRequest,
     NotFound,
     MethodNotAllowed,
+    RequestTimeout,
     LengthRequired,
     UriTooLong,
     HeaderFieldsTooLarge,
@@ -36,6 +38,7 @@ impl Status {
             Status::BadRequest => 400,
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
+            Status::RequestTimeout => 408,
             Status::LengthRequired => 411,
             Status::UriTooLong => 414,
             Status::HeaderFieldsTooLarge => 431,
@@ -44,12 +47,13 @@ impl Status {
         }
     }
 
-    fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Status::Ok => "OK",
             Status::BadRequest => "Bad Request",
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
+            Status::RequestTimeout => "Request Timeout",
             Status::LengthRequired => "Length Required",
             Status::UriTooLong => "URI Too Long",
             Status::HeaderFieldsTooLarge => "Request Header Fields Too Large",
@@ -66,6 +70,7 @@ impl Status {
             Status::BadRequest => b"400 Bad Request\n",
             Status::NotFound => b"404 Not Found\n",
             Status::MethodNotAllowed => b"405 Method Not Allowed\n",
+            Status::RequestTimeout => b"408 Request Timeout\n",
             Status::LengthRequired => b"411 Length Required\n",
             Status::UriTooLong => b"414 URI Too Long\n",
             Status::HeaderFieldsTooLarge => b"431 Request Header Fields Too Large\n",
@@ -75,12 +80,14 @@ impl Status {
     }
 
     /// Whether the connection closes after this response whatever the
-    /// client asked: the request it answers could not be framed, so the
-    /// bytes after it cannot be trusted to start the next request.
+    /// client asked: the request it answers could not be framed (or did not
+    /// arrive in time), so the bytes after it cannot be trusted to start
+    /// the next request.
     pub(crate) fn closes_connection(self) -> bool {
         matches!(
             self,
             Status::BadRequest
+                | Status::RequestTimeout
                 | Status::LengthRequired
                 | Status::UriTooLong
                 | Status::HeaderFieldsTooLarge
@@ -168,6 +175,8 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 pub(crate) enum Body {
     /// Bytes compiled into the plugin: the index page, error texts.
     Static(&'static [u8]),
+    /// Bytes made for this response: the status page.
+    Owned(Vec<u8>),
     /// `len` bytes of the regular file at `path`, opened only when the
     /// response's turn comes.
     File { path: PathBuf, len: u64 },
@@ -177,6 +186,7 @@ impl Body {
     pub(crate) fn len(&self) -> u64 {
         match self {
             Body::Static(bytes) => bytes.len() as u64,
+            Body::Owned(bytes) => bytes.len() as u64,
             Body::File { len, .. } => *len,
         }
     }
@@ -229,7 +239,7 @@ pub(crate) struct Response {
 
 #[derive(Debug)]
 enum BodyProducer {
-    Static { bytes: &'static [u8], at: usize },
+    Bytes { bytes: Cow<'static, [u8]>, at: usize },
     File { path: PathBuf, remaining: u64, file: Option<FileProducer> },
 }
 
@@ -237,8 +247,9 @@ impl Response {
     /// A response of `head`, then `body` unless `head_only` (for `HEAD`).
     pub(crate) fn new(head: Vec<u8>, body: Body, head_only: bool, ticket: Ticket) -> Response {
         let body = match body {
-            _ if head_only => BodyProducer::Static { bytes: b"", at: 0 },
-            Body::Static(bytes) => BodyProducer::Static { bytes, at: 0 },
+            _ if head_only => BodyProducer::Bytes { bytes: Cow::Borrowed(b""), at: 0 },
+            Body::Static(bytes) => BodyProducer::Bytes { bytes: Cow::Borrowed(bytes), at: 0 },
+            Body::Owned(bytes) => BodyProducer::Bytes { bytes: Cow::Owned(bytes), at: 0 },
             Body::File { path, len } => BodyProducer::File { path, remaining: len, file: None },
         };
         Response { head: SimpleProducer::new(head), body, _ticket: ticket }
@@ -259,7 +270,7 @@ impl BodyProducer {
     /// Fills `buf` (not empty) with the next bytes of the body.
     fn more(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            BodyProducer::Static { bytes, at } => {
+            BodyProducer::Bytes { bytes, at } => {
                 let rest = &bytes[*at..];
                 let n = rest.len().min(buf.len());
                 buf[..n].copy_from_slice(&rest[..n]);
@@ -351,6 +362,7 @@ mod tests {
             Status::BadRequest,
             Status::NotFound,
             Status::MethodNotAllowed,
+            Status::RequestTimeout,
             Status::LengthRequired,
             Status::UriTooLong,
             Status::HeaderFieldsTooLarge,
@@ -384,6 +396,11 @@ mod tests {
         }
         assert_eq!(drain(&mut response, 4).unwrap(), b"HEAD\r\nbody");
         assert_eq!(drain(&mut head_only, 4).unwrap(), b"HEAD\r\n");
+        let owned = Body::Owned(b"made for it".to_vec());
+        assert_eq!(owned.len(), 11);
+        let mut made = Response::new(b"H:".to_vec(), owned, false, in_flight.ticket());
+        assert_eq!(drain(&mut made, 4).unwrap(), b"H:made for it");
+        drop(made);
         drop(response);
         assert_eq!(in_flight.count(), 1);
         drop(head_only);
