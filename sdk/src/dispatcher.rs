@@ -20,7 +20,12 @@ use crate::channel::Channel;
 ///
 /// If any method panics, the panic is caught inside the plugin, the
 /// dispatcher is *poisoned* (never called again, only dropped), its channel
-/// is closed, and the daemon carries on serving every other channel.
+/// is closed, and the daemon carries on serving every other channel. Output
+/// already sent is flushed; output the dispatcher still held (queued
+/// producers) is lost with it, since its memory is no longer trusted. A
+/// listening dispatcher that panics is replaced by a fresh one from the
+/// plugin's `listen`, and its listener keeps accepting (up to 5 panics a
+/// minute).
 ///
 /// [`readable`]: Dispatcher::readable
 /// [`writable`]: Dispatcher::writable
