@@ -181,7 +181,10 @@ impl Core {
         ch.shutdown = Some(reason);
         let channel_id = ch.id;
         debug!(channel = channel_id.0, reason = reason.as_str(), "closing gracefully");
-        self.arm_timer(Instant::now(), self.close_timeout, channel_id, TimerKind::CloseDeadline);
+        // A drain has its own deadline, which closes what is left at once.
+        if reason != ShutdownReason::Drain {
+            self.arm_timer(Instant::now(), self.close_timeout, channel_id, TimerKind::CloseDeadline);
+        }
         self.handle_event(slot, asyncore_abi::event::SHUTDOWN, reason.code());
     }
 

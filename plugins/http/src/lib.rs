@@ -151,6 +151,13 @@ impl Dispatcher for HttpConnection {
     fn handle_timer(&mut self, channel: &mut Channel<'_>, token: u64) {
         self.chat.handle_timer(channel, token);
     }
+
+    /// The daemon closes the connection (SIGTERM, the operator, a reload's
+    /// drain): the chat lets the responses already queued finish, a file
+    /// being streamed included, then closes.
+    fn handle_shutdown(&mut self, channel: &mut Channel<'_>, reason: CloseReason) {
+        self.chat.handle_shutdown(channel, reason);
+    }
 }
 
 /// What a connection waits for, which says what its one timer means.
