@@ -281,8 +281,9 @@ pub struct HostVtable {
     pub report: unsafe extern "C" fn(ctx: *mut HostCtx, message: StrRef),
     /// Id of the channel the call is about (0 when there is none).
     pub channel_id: unsafe extern "C" fn(ctx: *mut HostCtx) -> u64,
-    /// Queues `len` bytes for output on the channel (writing at once what the
-    /// socket takes); returns the number of bytes accepted.
+    /// Queues `len` bytes for output on the channel (the host writes the
+    /// queue before the loop waits again); returns the number of bytes
+    /// accepted.
     pub send: unsafe extern "C" fn(ctx: *mut HostCtx, data: *const u8, len: usize) -> i64,
     /// Reads at most `cap` bytes into `buf`; 0 means the peer closed.
     pub recv: unsafe extern "C" fn(ctx: *mut HostCtx, buf: *mut u8, cap: usize) -> i64,

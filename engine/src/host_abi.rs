@@ -57,6 +57,7 @@ use std::{
     fs::File,
     io,
     marker::PhantomData,
+    mem::MaybeUninit,
     net::SocketAddr,
     os::fd::{FromRawFd, OwnedFd},
     ptr::NonNull,
@@ -85,7 +86,7 @@ pub(crate) trait Services {
     /// `send_to` another channel; `EBADF` unless it takes output.
     fn send_to(&mut self, channel: ChannelId, data: &[u8]) -> Result<u64, Errno>;
     /// `recv` into `buf`: 0 at end of stream.
-    fn recv(&mut self, slot: Slot, buf: &mut [u8]) -> Result<u64, Errno>;
+    fn recv(&mut self, slot: Slot, buf: &mut [MaybeUninit<u8>]) -> Result<u64, Errno>;
     /// `close()`: marks the channel; the loop closes it after the call.
     fn close(&mut self, slot: Slot);
     /// `shutdown_write()`: shut writing down once the output is flushed.
@@ -609,12 +610,12 @@ unsafe extern "C" fn host_attach_fd(ctx: *mut HostCtx, fd: i32, handle: ffi::Dis
 unsafe extern "C" fn host_recv(ctx: *mut HostCtx, buf: *mut u8, cap: usize) -> i64 {
     // SAFETY: ctx is a live call context.
     let Some((core, slot)) = (unsafe { channel_of(ctx) }) else { return Errno::EBADF.negative() };
-    let buf: &mut [u8] = if cap == 0 {
+    let buf: &mut [MaybeUninit<u8>] = if cap == 0 || buf.is_null() {
         &mut []
     } else {
         // SAFETY: the plugin lends a writable buffer of cap bytes for this
-        // call.
-        unsafe { std::slice::from_raw_parts_mut(buf, cap) }
+        // call; it may be uninitialised, which MaybeUninit allows.
+        unsafe { std::slice::from_raw_parts_mut(buf.cast::<MaybeUninit<u8>>(), cap) }
     };
     c_result(core.recv(slot, buf))
 }

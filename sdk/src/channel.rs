@@ -3,6 +3,7 @@
 use std::{
     fmt, io,
     marker::PhantomData,
+    mem::MaybeUninit,
     net::SocketAddr,
     os::fd::{IntoRawFd, OwnedFd},
     time::Duration,
@@ -28,8 +29,9 @@ impl fmt::Display for ChannelId {
 /// The channel a callback is about, lent for the duration of that callback.
 ///
 /// Output is buffered like asyncore's `dispatcher_with_send`: [`send`]
-/// writes what the socket takes at once and queues the rest, which the host
-/// flushes as the socket drains. [`close`] flushes that queue before the
+/// queues the bytes, and the host writes everything a channel queued during
+/// a pass in one write before the loop waits again (asynchat's
+/// `initiate_send`), then flushes the rest as the socket drains. [`close`] flushes that queue before the
 /// socket closes, so the peer receives everything sent before it.
 ///
 /// [`send`]: Channel::send
@@ -62,7 +64,41 @@ impl<'a> Channel<'a> {
         ChannelId(unsafe { channel_id(self.ctx) })
     }
 
-    /// Reads into `buf`, like `socket.recv`.
+    /// Reads into `buf`, which need not be initialised, and returns the
+    /// bytes read: the fast way to read. A stack buffer of
+    /// `MaybeUninit::uninit()` costs nothing, where `[0u8; 65536]` zeroes
+    /// 64 KiB before every read (more than reading 64 bytes costs):
+    ///
+    /// ```no_run
+    /// # use asyncore_sdk::prelude::*;
+    /// # fn handle_read(channel: &mut Channel<'_>) {
+    /// let mut buf = [MaybeUninit::uninit(); 64 * 1024];
+    /// if let Ok(data) = channel.recv_uninit(&mut buf) {
+    ///     channel.send(data);
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// An empty slice means the peer closed its side (then
+    /// [`Dispatcher::handle_close`] follows).
+    ///
+    /// # Errors
+    ///
+    /// As for [`recv`](Channel::recv).
+    pub fn recv_uninit<'b>(&mut self, buf: &'b mut [MaybeUninit<u8>]) -> io::Result<&'b [u8]> {
+        let recv = host!(recv);
+        // SAFETY: buf is valid for writes of buf.len() bytes for the
+        // duration of the call; the host writes into it without reading it;
+        // ctx is the live context.
+        let n = errno_result(unsafe { recv(self.ctx, buf.as_mut_ptr().cast(), buf.len()) })?;
+        let filled = &buf[..n.min(buf.len())];
+        // SAFETY: the host initialised the first n bytes.
+        Ok(unsafe { std::slice::from_raw_parts(filled.as_ptr().cast::<u8>(), filled.len()) })
+    }
+
+    /// Reads into `buf`, like `socket.recv`. Prefer
+    /// [`recv_uninit`](Channel::recv_uninit), which need not zero `buf`
+    /// first.
     ///
     /// Returns the number of bytes read; `Ok(0)` means the peer closed its
     /// side (then [`Dispatcher::handle_close`] follows).
@@ -79,9 +115,10 @@ impl<'a> Channel<'a> {
         errno_result(n)
     }
 
-    /// Sends `data`: writes what the socket takes now and queues the rest
-    /// for the host to flush. Returns the number of bytes accepted, which is
-    /// all of them unless the channel is closing or broken (then 0).
+    /// Sends `data`: the host copies it into the channel's output queue and
+    /// writes the queue, gathered, before the loop waits again. Returns the
+    /// number of bytes accepted, which is all of them unless the channel is
+    /// closing or broken (then 0).
     ///
     /// Watch [`pending_output`](Channel::pending_output) (for example in
     /// [`Dispatcher::readable`]) to stop reading while a slow peer lets

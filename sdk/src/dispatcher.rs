@@ -71,8 +71,8 @@ pub trait Dispatcher: 'static {
     ///
     /// The default reads and discards what is waiting.
     fn handle_read(&mut self, channel: &mut Channel<'_>) {
-        let mut buf = [0u8; 4096];
-        let _ = channel.recv(&mut buf);
+        let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+        let _ = channel.recv_uninit(&mut buf);
     }
 
     /// The socket can take more output and [`writable`](Dispatcher::writable)

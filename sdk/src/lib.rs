@@ -36,9 +36,10 @@
 //!     }
 //!
 //!     fn handle_read(&mut self, channel: &mut Channel<'_>) {
-//!         let mut buf = [0u8; 16 * 1024];
-//!         if let Ok(n) = channel.recv(&mut buf) {
-//!             channel.send(&buf[..n]);
+//!         // Not zeroed: a read costs what it reads.
+//!         let mut buf = [MaybeUninit::uninit(); 16 * 1024];
+//!         if let Ok(data) = channel.recv_uninit(&mut buf) {
+//!             channel.send(data);
 //!         }
 //!     }
 //! }

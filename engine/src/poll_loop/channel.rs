@@ -5,7 +5,8 @@ use std::{
     fs::File,
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsFd, BorrowedFd},
+    mem::MaybeUninit,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -76,6 +77,24 @@ impl Socket {
     }
 }
 
+impl Socket {
+    /// Reads into memory that need not be initialised (a plugin's stack
+    /// buffer: zeroing 64 KiB for every 64-byte read would cost more than
+    /// the read). Returns the bytes written at the front of `buf`.
+    pub(crate) fn read_uninit(&mut self, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+        match self {
+            Socket::Stream(s) => socket2::SockRef::from(&*s).recv(buf),
+            Socket::Pipe(f) => {
+                // SAFETY: read(2) writes at most buf.len() bytes into the
+                // buffer, which is valid for writes; it never reads it.
+                let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+            }
+            Socket::Listener(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+}
+
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -142,13 +161,6 @@ impl OutBuf {
     pub(crate) fn clear(&mut self) {
         self.bytes = Vec::new();
         self.start = 0;
-    }
-
-    /// Writes `data` straight to the socket (the queue being empty).
-    /// Returns (bytes written, write calls).
-    pub(crate) fn write_through(&mut self, socket: &mut impl Write, data: &[u8]) -> io::Result<(usize, u64)> {
-        debug_assert!(self.is_empty());
-        write_some(socket, data)
     }
 
     /// Writes from the front until the queue is empty or the socket would
@@ -431,15 +443,6 @@ mod tests {
         out.push(&[7; 1024]);
         out.flush_to(&mut Peer::new(usize::MAX, usize::MAX)).unwrap();
         assert!(out.bytes.capacity() >= 1024, "a small one is kept for the next burst");
-    }
-
-    #[test]
-    fn write_through_writes_what_the_socket_takes() {
-        let mut out = OutBuf::default();
-        let mut peer = Peer::new(3, 5);
-        assert_eq!(out.write_through(&mut peer, b"abcdefgh").unwrap(), (5, 2));
-        assert_eq!(peer.written, b"abcde");
-        assert!(out.is_empty(), "the caller queues the rest");
     }
 
     #[test]

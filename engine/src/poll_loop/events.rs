@@ -208,7 +208,7 @@ impl Core {
         self.settle(slot);
     }
 
-    fn flush(&mut self, slot: Slot) {
+    pub(super) fn flush(&mut self, slot: Slot) {
         let now = self.now;
         let Some(ch) = self.channels.get_mut(slot) else { return };
         match ch.out.flush_to(&mut ch.socket) {

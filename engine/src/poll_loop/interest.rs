@@ -56,6 +56,16 @@ impl Core {
             }
             (_, Phase::Connecting) => WRITE,
             (_, Phase::Open) => {
+                if !ch.out.is_empty() {
+                    // What the callbacks of this pass queued leaves in one
+                    // write; a failure settles (and may close) the channel.
+                    self.flush(slot);
+                    match self.channels.get(slot) {
+                        Some(ch) if ch.phase == Phase::Open => {}
+                        Some(_) => return self.refresh(slot),
+                        None => return,
+                    }
+                }
                 self.stats.interest_queries += 1;
                 let answer = self.call(slot, |d, ctx| d.interest(ctx));
                 // The call may have closed the channel (a panic, a close()

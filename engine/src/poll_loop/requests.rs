@@ -6,7 +6,8 @@
 
 use std::{
     fs::File,
-    io::{self, Read},
+    io,
+    mem::MaybeUninit,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -49,7 +50,7 @@ impl Services for Core {
         Ok(n)
     }
 
-    fn recv(&mut self, slot: Slot, buf: &mut [u8]) -> Result<u64, Errno> {
+    fn recv(&mut self, slot: Slot, buf: &mut [MaybeUninit<u8>]) -> Result<u64, Errno> {
         let now = self.now;
         let ch = &mut self.channels[slot];
         if ch.read_eof {
@@ -62,7 +63,7 @@ impl Services for Core {
             return Ok(0);
         }
         loop {
-            return match ch.socket.read(buf) {
+            return match ch.socket.read_uninit(buf) {
                 Ok(0) => {
                     // The peer closed: handle_close follows this callback.
                     ch.read_eof = true;
@@ -172,12 +173,11 @@ impl Core {
         ch.kind != ChannelKind::Listening && matches!(ch.phase, Phase::Open | Phase::Connecting)
     }
 
-    /// Queues output on a channel, writing at once what the socket takes
-    /// when nothing is queued ahead (a request/response exchange then needs
-    /// no extra pass). Returns the number of bytes accepted: all of them,
-    /// or 0 once the channel is closing, shut for writing, or broken.
+    /// Queues output on a channel; the loop writes it when it refreshes
+    /// the channel, later in the same pass. Returns the number of bytes
+    /// accepted: all of them, or 0 once the channel is closing, shut for
+    /// writing, or broken.
     fn queue_output(&mut self, slot: Slot, data: &[u8]) -> u64 {
-        let now = self.now;
         let ch = &mut self.channels[slot];
         if !matches!(ch.phase, Phase::Open | Phase::Connecting)
             || ch.failed.is_some()
@@ -186,28 +186,11 @@ impl Core {
         {
             return 0;
         }
-        let mut rest = data;
-        if ch.out.is_empty() && ch.phase == Phase::Open {
-            match ch.out.write_through(&mut ch.socket, rest) {
-                Ok((written, writes)) => {
-                    if written > 0 {
-                        ch.last_activity = now;
-                    }
-                    ch.counters.bytes_out += written as u64;
-                    ch.counters.writes += writes;
-                    rest = &rest[written..];
-                }
-                Err(e) => {
-                    // Reported through handle_error once the callback
-                    // returns; the bytes are accepted and dropped with the
-                    // broken connection.
-                    ch.failed = Some(e);
-                    return data.len() as u64;
-                }
-            }
-        }
-        if !rest.is_empty() {
-            ch.out.push(rest);
+        // Gathered, not written: everything the channel's callbacks queue in
+        // a pass leaves in one write when the loop refreshes the channel
+        // (before it waits), as asynchat's `initiate_send` gathers.
+        if !data.is_empty() {
+            ch.out.push(data);
             self.channels.mark_dirty(slot);
         }
         data.len() as u64

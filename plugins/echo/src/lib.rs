@@ -29,10 +29,11 @@ impl Dispatcher for EchoHandler {
     }
 
     fn handle_read(&mut self, channel: &mut Channel<'_>) {
-        // On the stack: no allocation per read, no buffer per connection.
-        let mut buf = [0u8; 64 * 1024];
-        if let Ok(n) = channel.recv(&mut buf) {
-            channel.send(&buf[..n]);
+        // On the stack and not zeroed: no allocation per read, no buffer
+        // per connection, no memset of 64 KiB for a 64-byte read.
+        let mut buf = [MaybeUninit::uninit(); 64 * 1024];
+        if let Ok(data) = channel.recv_uninit(&mut buf) {
+            channel.send(data);
         }
     }
 }

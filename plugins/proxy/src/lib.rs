@@ -104,10 +104,10 @@ impl Dispatcher for Side {
     }
 
     fn handle_read(&mut self, channel: &mut Channel<'_>) {
-        let mut buf = [0u8; 64 * 1024];
-        if let Ok(n @ 1..) = channel.recv(&mut buf) {
+        let mut buf = [MaybeUninit::uninit(); 64 * 1024];
+        if let Ok(data @ [_, ..]) = channel.recv_uninit(&mut buf) {
             let peer = self.peer();
-            if channel.send_to(peer, &buf[..n]).is_err() {
+            if channel.send_to(peer, data).is_err() {
                 self.pair.borrow_mut().gone[self.other()] = true;
                 channel.close();
             }
