@@ -116,6 +116,26 @@ const STATE_MAGIC: &[u8] = b"asynchat1";
 const READ_BUFFER: usize = 64 * 1024;
 /// Bytes asked of a producer per call. On the stack, like the read buffer.
 const PRODUCER_BUFFER: usize = 64 * 1024;
+thread_local! {
+    /// The buffer producers fill: one per thread (the loop's), zeroed once,
+    /// rather than 64 KiB zeroed on the stack for every write.
+    static PRODUCER_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with the thread's producer buffer ([`PRODUCER_BUFFER`] bytes).
+fn with_producer_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    PRODUCER_BUF.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.is_empty() {
+                buf.resize(PRODUCER_BUFFER, 0);
+            }
+            f(&mut buf)
+        }
+        // Only if a producer pumps another chat from inside `more`.
+        Err(_) => f(&mut vec![0u8; PRODUCER_BUFFER]),
+    })
+}
+
 /// Default of [`Chat::output_high_water`].
 pub const DEFAULT_OUTPUT_HIGH_WATER: usize = 256 * 1024;
 /// Default of [`AsyncChat::with_max_queued_producers`].
@@ -508,8 +528,12 @@ impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
     /// [`Chat::close_when_done`]. Then, below the mark, frames the input
     /// that waited for the output to drain.
     fn handle_write(&mut self, channel: &mut Channel<'_>) {
-        let mut buf = [0u8; PRODUCER_BUFFER];
-        if let Err(error) = self.outbox.pump(channel, &mut buf) {
+        let pumped = if self.outbox.producers.is_empty() {
+            Ok(())
+        } else {
+            with_producer_buffer(|buf| self.outbox.pump(channel, buf))
+        };
+        if let Err(error) = pumped {
             let (handler, mut chat) = self.split(channel);
             handler.handle_error(&mut chat, error);
             chat.close();
