@@ -118,12 +118,13 @@ pub(crate) fn write_head(
     connection: Connection,
     now: SystemTime,
 ) -> Vec<u8> {
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\nServer: {SERVER}\r\nDate: {}\r\nContent-Type: {content_type}\r\nContent-Length: {content_length}\r\n",
-        status.code(),
-        status.reason(),
-        http_date(now),
-    );
+    let mut head = String::with_capacity(192);
+    {
+        use std::fmt::Write as _;
+        let _ = write!(head, "HTTP/1.1 {} {}\r\nServer: {SERVER}\r\nDate: ", status.code(), status.reason());
+        DATE.with(|date| head.push_str(date.borrow_mut().at(now)));
+        let _ = write!(head, "\r\nContent-Type: {content_type}\r\nContent-Length: {content_length}\r\n");
+    }
     if status == Status::MethodNotAllowed {
         head.push_str("Allow: GET, HEAD\r\n");
     }
@@ -134,6 +135,29 @@ pub(crate) fn write_head(
     }
     head.push_str("\r\n");
     head.into_bytes()
+}
+
+thread_local! {
+    /// The `Date` header of the current second: formatted once a second,
+    /// not once a response.
+    static DATE: std::cell::RefCell<DateCache> = const { std::cell::RefCell::new(DateCache { secs: u64::MAX, text: String::new() }) };
+}
+
+/// [`http_date`] of the last second asked for.
+struct DateCache {
+    secs: u64,
+    text: String,
+}
+
+impl DateCache {
+    fn at(&mut self, time: SystemTime) -> &str {
+        let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if secs != self.secs {
+            self.secs = secs;
+            self.text = http_date(time);
+        }
+        &self.text
+    }
 }
 
 /// `Sun, 06 Nov 1994 08:49:37 GMT` (RFC 9110 section 5.6.7, IMF-fixdate).
