@@ -12,17 +12,17 @@ use tonic::transport::{Channel, Endpoint};
 const DEFAULT_CONTROL: &str = "127.0.0.1:50051";
 const CONTROL_ENV: &str = "ASYNCORED_CONTROL";
 
-/// Bounds the TCP connect, and separately the whole connect including the
-/// HTTP/2 handshake: a wrong port that accepts but never speaks HTTP/2 would
-/// otherwise hang the CLI forever.
+/// Bounds the TCP connect (or `--timeout`, if shorter). The whole connect,
+/// HTTP/2 handshake included, and each call until its response headers are
+/// bounded by `--timeout` ([`DEFAULT_TIMEOUT`]): tonic only sends the HTTP/2
+/// preface while connecting, so a peer that accepts and then says nothing
+/// (a wrong port, a daemon that cannot answer) is only noticed by the call.
+/// Streaming calls are bounded until their first headers only, so `stats`
+/// can run for as long as the user wants.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long to wait for the response headers of a call. tonic only sends
-/// the HTTP/2 preface while connecting, so a peer that accepts and then says
-/// nothing is only noticed here. Streaming calls are bounded until their
-/// first headers only, so `stats` can run for as long as the user wants.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// `--timeout` when not given.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) const EXIT_FAILURE: u8 = 1;
 /// clap's own code for usage errors, which [`Refused`] shares.
@@ -35,6 +35,15 @@ pub(crate) const EXIT_UNREACHABLE: u8 = 3;
 pub(crate) struct ControlTarget {
     shown: String,
     uri: String,
+    /// How long to wait for it: to connect, and for each answer to begin.
+    timeout: Duration,
+}
+
+impl ControlTarget {
+    /// The same daemon, waited for `timeout`.
+    pub(crate) fn with_timeout(self, timeout: Duration) -> ControlTarget {
+        ControlTarget { timeout, ..self }
+    }
 }
 
 /// The daemon did not answer: the connect failed, or the connection broke or
@@ -94,19 +103,47 @@ pub(crate) fn control_target(address: &str) -> Result<ControlTarget, String> {
     };
     Endpoint::from_shared(uri.clone())
         .map_err(|_| format!("control address {address:?} is not valid, expected host:port or http://host:port"))?;
-    Ok(ControlTarget { shown: address.to_owned(), uri })
+    Ok(ControlTarget { shown: address.to_owned(), uri, timeout: DEFAULT_TIMEOUT })
 }
 
 pub(crate) async fn connect(target: &ControlTarget) -> anyhow::Result<Channel> {
     let unreachable = |reason: String| Unreachable { address: target.shown.clone(), reason };
     let endpoint = Endpoint::from_shared(target.uri.clone())
         .map_err(|error| unreachable(root_cause_text(&error)))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT);
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, endpoint.connect()).await {
+        .connect_timeout(CONNECT_TIMEOUT.min(target.timeout))
+        .timeout(target.timeout);
+    match tokio::time::timeout(target.timeout, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(error)) => Err(unreachable(root_cause_text(&error)).into()),
-        Err(_elapsed) => Err(unreachable("timed out".to_owned()).into()),
+        Ok(Err(error)) => Err(unreachable(reason(&error, target)).into()),
+        Err(_elapsed) => Err(unreachable(no_answer(target)).into()),
+    }
+}
+
+/// What to say of a daemon that did not answer in time.
+fn no_answer(target: &ControlTarget) -> String {
+    format!("no answer within {} (--timeout)", duration_text(target.timeout))
+}
+
+/// `10s`, `1500ms`: the grammar `--timeout` takes.
+fn duration_text(duration: Duration) -> String {
+    match duration.as_millis() {
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// Why a connect or a call failed in the transport: a timeout in the
+/// words of `--timeout`, else the innermost cause.
+fn reason(error: &(dyn StdError + 'static), target: &ControlTarget) -> String {
+    let mut cause = error;
+    loop {
+        if cause.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return no_answer(target);
+        }
+        match cause.source() {
+            Some(source) => cause = source,
+            None => return root_cause_text(error),
+        }
     }
 }
 
@@ -117,7 +154,7 @@ pub(crate) async fn connect(target: &ControlTarget) -> anyhow::Result<Channel> {
 pub(crate) fn transport_failure_as_unreachable(error: anyhow::Error, target: &ControlTarget) -> anyhow::Error {
     match error.downcast::<tonic::Status>() {
         Ok(status) if status.source().is_some() => {
-            Unreachable { address: target.shown.clone(), reason: root_cause_text(&status) }.into()
+            Unreachable { address: target.shown.clone(), reason: reason(&status, target) }.into()
         }
         Ok(status) => status.into(),
         Err(error) => error,
@@ -245,6 +282,19 @@ mod tests {
         let error = transport_failure_as_unreachable(status.into(), &target);
         assert_eq!(exit_code(&error), EXIT_FAILURE);
         assert_eq!(describe_error(&error), "unavailable: daemon draining");
+    }
+
+    #[test]
+    fn timeouts_name_the_flag() {
+        let target = control_target("127.0.0.1:1").unwrap().with_timeout(Duration::from_millis(1500));
+        let status = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        let error = transport_failure_as_unreachable(status.into(), &target);
+        assert_eq!(exit_code(&error), EXIT_UNREACHABLE);
+        assert_eq!(
+            describe_error(&error),
+            "cannot reach the daemon at 127.0.0.1:1: no answer within 1500ms (--timeout)"
+        );
+        assert_eq!(duration_text(Duration::from_secs(10)), "10s");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `asyncorectl`, and the parsers of the values that need more than clap's
 //! own (`KEY=VALUE`, durations).
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -18,6 +18,13 @@ pub(crate) struct Cli {
     /// [env: ASYNCORED_CONTROL] [default: 127.0.0.1:50051]
     #[arg(long, value_name = "ADDR", global = true)]
     pub(crate) control: Option<String>,
+
+    /// How long to wait for the daemon: to connect, and for each answer to
+    /// begin (`stats` then streams for as long as you like): 500ms, 10s, 2m,
+    /// or a bare number of milliseconds. A daemon that does not answer in
+    /// time is unreachable (exit code 3).
+    #[arg(long, value_name = "DURATION", global = true, default_value = "10s", value_parser = parse_timeout)]
+    pub(crate) timeout: Duration,
 
     /// Output format: aligned tables for people, JSON for scripts.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, global = true)]
@@ -221,6 +228,15 @@ fn parse_interval_ms(text: &str) -> Result<u32, String> {
     u32::try_from(milliseconds).map_err(|_| format!("the interval may be at most {}ms", u32::MAX))
 }
 
+/// Parses `--timeout`: from 1 ms to an hour.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let milliseconds = parse_milliseconds(text, "timeout", 3_600_000)?;
+    if milliseconds == 0 {
+        return Err("the timeout must be at least 1ms".to_owned());
+    }
+    Ok(Duration::from_millis(milliseconds))
+}
+
 /// Parses `--drain-timeout`; 0 means never, as in `ReloadPluginRequest`.
 fn parse_drain_timeout_ms(text: &str) -> Result<u64, String> {
     parse_milliseconds(text, "drain timeout", u64::MAX)
@@ -283,6 +299,19 @@ mod tests {
         assert!(parse_interval_ms("4294967296").is_err());
         assert!(parse_interval_ms("71583m").is_err());
         assert!(parse_interval_ms("99999999999999999999999s").is_err());
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_timeout("250"), Ok(Duration::from_millis(250)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("2h").is_err());
+        assert!(parse_timeout("61m").is_err());
+        let cli = Cli::try_parse_from(["asyncorectl", "loop-stats"]).unwrap();
+        assert_eq!(cli.timeout, Duration::from_secs(10));
+        let cli = Cli::try_parse_from(["asyncorectl", "loop-stats", "--timeout", "500ms"]).unwrap();
+        assert_eq!(cli.timeout, Duration::from_millis(500));
     }
 
     #[test]

@@ -15,12 +15,12 @@ pub(crate) async fn run(channel: Channel, command: ListenersCommand, format: Out
     let mut client = ListenersClient::new(channel);
     let listeners = match command {
         ListenersCommand::Ls => {
-            let response = client.list_listeners(v1::ListListenersRequest {}).await?.into_inner();
+            let listeners = list_all_listeners(&mut client).await?;
             if format == OutputFormat::Json {
-                let items: Vec<Value> = response.listeners.iter().map(listener_json).collect();
+                let items: Vec<Value> = listeners.iter().map(listener_json).collect();
                 return print_json(&json!({ "listeners": items }));
             }
-            response.listeners
+            listeners
         }
         ListenersCommand::Start { address, plugin, config } => {
             let request =
@@ -37,5 +37,22 @@ pub(crate) async fn run(channel: Channel, command: ListenersCommand, format: Out
         // listener they changed, printed as an object.
         OutputFormat::Json => print_json(&listener_json(&listeners[0])),
         OutputFormat::Table => print_text(&listeners_table(&listeners)),
+    }
+}
+
+/// Follows `next_page_token` until the last page, so that `ls` shows every
+/// listener whatever page size the daemon picks.
+async fn list_all_listeners(client: &mut ListenersClient<Channel>) -> anyhow::Result<Vec<v1::Listener>> {
+    let mut listeners = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        // Zero lets the daemon use its default page size.
+        let request = v1::ListListenersRequest { page_size: 0, page_token };
+        let page = client.list_listeners(request).await?.into_inner();
+        listeners.extend(page.listeners);
+        if page.next_page_token.is_empty() {
+            return Ok(listeners);
+        }
+        page_token = page.next_page_token;
     }
 }

@@ -32,7 +32,7 @@ async fn main() -> ExitCode {
         // the same whether or not a daemon is configured.
         Command::Plugins(PluginsCommand::New(args)) => plugins::new_crate(&args, cli.output),
         command => {
-            let target = control_target_or_exit(cli.control);
+            let target = control_target_or_exit(cli.control).with_timeout(cli.timeout);
             run(command, cli.output, &target)
                 .await
                 .map_err(|error| connection::transport_failure_as_unreachable(error, &target))

@@ -296,7 +296,11 @@ pub(crate) fn stats_update_block(update: &v1::StatsUpdate) -> String {
             if stats.closed { "closed" } else { "" }.to_owned(),
         ]);
     }
-    format!("seq {} at {}\n{}\n", update.seq, timestamp_text(update.at.as_ref()), table.render())
+    let missed = match update.missed_updates {
+        0 => String::new(),
+        n => format!(" ({n} updates missed: read slower than the interval)"),
+    };
+    format!("seq {} at {}{missed}\n{}\n", update.seq, timestamp_text(update.at.as_ref()), table.render())
 }
 
 /// Whole bytes per second: fractions of a byte are noise at a glance, and
@@ -479,6 +483,7 @@ pub(crate) fn stats_update_json(update: &v1::StatsUpdate) -> Value {
         "seq": update.seq,
         "at": timestamp_json(update.at.as_ref()),
         "interval_seconds": update.interval_seconds,
+        "missed_updates": update.missed_updates,
         "channels": channels,
     })
 }

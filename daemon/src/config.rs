@@ -1,9 +1,14 @@
-//! Daemon configuration: a TOML file, overridden by command-line flags.
+//! Daemon configuration: a TOML file, overridden by command-line flags;
+//! and the limits of every duration and size the daemon reads, from the
+//! file or from a control request, checked before anything reaches the
+//! poll loop.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -32,9 +37,17 @@ pub struct Config {
     #[serde(default)]
     pub watch: bool,
     /// Seconds a SIGTERM drain waits for channels to close before closing
-    /// the rest.
+    /// the rest (at most a week).
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_secs: u64,
+    /// `WatchStats` streams served at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_stats_watchers")]
+    pub max_stats_watchers: usize,
+    /// The shortest `WatchStats` interval a client may ask for, in
+    /// milliseconds.
+    #[serde(default = "default_min_stats_interval")]
+    pub min_stats_interval_ms: u64,
 }
 
 /// A listener declared in the config file (`[[listener]]`).
@@ -55,6 +68,14 @@ fn default_drain_timeout() -> u64 {
     30
 }
 
+fn default_max_stats_watchers() -> usize {
+    64
+}
+
+fn default_min_stats_interval() -> u64 {
+    10
+}
+
 /// Why the configuration could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,6 +83,133 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {source}")]
     Parse { path: PathBuf, source: toml::de::Error },
+    #[error("config {path}: {source}")]
+    Invalid { path: PathBuf, source: InvalidConfig },
+}
+
+/// A value of the configuration out of its range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidConfig(pub String);
+
+/// The longest drain: of a SIGTERM (`drain_timeout_secs`), and of the older
+/// generations after a reload or an activation (`drain_timeout_ms`). A week
+/// is already far more than any drain needs; a longer one is a mistake
+/// (a deadline that overflows the clock was one).
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The shortest and the longest `idle_timeout` of a listener.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_millis(1);
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(168 * 3600);
+
+/// The longest `WatchStats` interval: an hour.
+pub const MAX_STATS_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// A listener's configuration: at most this many entries...
+pub const MAX_CONFIG_ENTRIES: usize = 64;
+/// ... with keys of 1 to this many bytes ...
+pub const MAX_CONFIG_KEY: usize = 128;
+/// ... values of at most this many bytes (a path fits) ...
+pub const MAX_CONFIG_VALUE: usize = 4096;
+/// ... and this many bytes of keys and values in all, so that a page of
+/// `ListListeners` stays under the 4 MiB that clients such as grpcurl
+/// accept.
+pub const MAX_CONFIG_TOTAL: usize = 16 * 1024;
+
+/// How much of a request's text an error message repeats.
+pub const MAX_ECHO_CHARS: usize = 200;
+
+/// `text` as an error message may repeat it: at most [`MAX_ECHO_CHARS`]
+/// characters, the cut marked with an ellipsis. A 100 KB name echoed in
+/// full makes the answer's metadata exceed what gRPC clients accept, and
+/// the client then sees a transport error instead of the answer.
+pub fn excerpt(text: &str) -> Cow<'_, str> {
+    match text.char_indices().nth(MAX_ECHO_CHARS) {
+        None => Cow::Borrowed(text),
+        Some((cut, _)) => Cow::Owned(format!("{}…", &text[..cut])),
+    }
+}
+
+/// Checks the configuration of a listener: its size (entries, keys,
+/// values, in all), and the entries the daemon reads itself
+/// (`idle_timeout`).
+///
+/// # Errors
+///
+/// [`InvalidConfig`] naming the key and the allowed range.
+pub fn check_listener_config<'a>(
+    config: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), InvalidConfig> {
+    let mut entries = 0;
+    let mut total = 0;
+    for (key, value) in config {
+        entries += 1;
+        total += key.len() + value.len();
+        if key.is_empty() {
+            return Err(InvalidConfig("listener config: a key is empty; keys have 1 to 128 bytes".into()));
+        }
+        if key.len() > MAX_CONFIG_KEY {
+            return Err(InvalidConfig(format!(
+                "listener config: key {:?} is {} bytes; a key has 1 to {MAX_CONFIG_KEY} bytes",
+                excerpt(key),
+                key.len()
+            )));
+        }
+        if value.len() > MAX_CONFIG_VALUE {
+            return Err(InvalidConfig(format!(
+                "listener config {}: the value is {} bytes; at most {MAX_CONFIG_VALUE} bytes are allowed",
+                excerpt(key),
+                value.len()
+            )));
+        }
+        if key == "idle_timeout" {
+            idle_timeout(value)?;
+        }
+    }
+    if entries > MAX_CONFIG_ENTRIES {
+        return Err(InvalidConfig(format!(
+            "listener config has {entries} entries; at most {MAX_CONFIG_ENTRIES} entries are allowed"
+        )));
+    }
+    if total > MAX_CONFIG_TOTAL {
+        return Err(InvalidConfig(format!(
+            "listener config has {total} bytes of keys and values; at most {MAX_CONFIG_TOTAL} bytes are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a listener's `idle_timeout`, from [`MIN_IDLE_TIMEOUT`] to
+/// [`MAX_IDLE_TIMEOUT`].
+///
+/// # Errors
+///
+/// [`InvalidConfig`] naming the key and the range.
+pub fn idle_timeout(text: &str) -> Result<Duration, InvalidConfig> {
+    parse_duration(text).filter(|d| (MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(d)).ok_or_else(|| {
+        InvalidConfig(format!(
+            "listener config idle_timeout: {:?} is not a duration from 1ms to 168h (such as 30s, 500ms, 2m or 1h)",
+            excerpt(text)
+        ))
+    })
+}
+
+/// Limits of `WatchStats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsLimits {
+    /// Streams served at once.
+    pub max_watchers: usize,
+    /// The shortest interval a stream may ask for.
+    pub min_interval: Duration,
+}
+
+impl Default for StatsLimits {
+    fn default() -> Self {
+        StatsLimits {
+            max_watchers: default_max_stats_watchers(),
+            min_interval: Duration::from_millis(default_min_stats_interval()),
+        }
+    }
 }
 
 impl Config {
@@ -80,6 +228,52 @@ impl Config {
             allow_any_plugin_path: false,
             watch: false,
             drain_timeout_secs: default_drain_timeout(),
+            max_stats_watchers: default_max_stats_watchers(),
+            min_stats_interval_ms: default_min_stats_interval(),
+        }
+    }
+
+    /// Checks every duration and size against its range: the drain
+    /// timeout, the `WatchStats` limits, and each boot listener's config.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`] naming the key and the allowed range.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        if self.drain_timeout_secs > MAX_DRAIN_TIMEOUT.as_secs() {
+            return Err(InvalidConfig(format!(
+                "drain_timeout_secs {} is out of range: 0 to {} (7 days)",
+                self.drain_timeout_secs,
+                MAX_DRAIN_TIMEOUT.as_secs()
+            )));
+        }
+        if self.max_stats_watchers == 0 {
+            return Err(InvalidConfig("max_stats_watchers must be at least 1".into()));
+        }
+        let max_interval_ms = MAX_STATS_INTERVAL.as_millis() as u64;
+        if !(1..=max_interval_ms).contains(&self.min_stats_interval_ms) {
+            return Err(InvalidConfig(format!(
+                "min_stats_interval_ms {} is out of range: 1 to {max_interval_ms}",
+                self.min_stats_interval_ms
+            )));
+        }
+        for listener in &self.listeners {
+            check_listener_config(&listener.config).map_err(|InvalidConfig(message)| {
+                InvalidConfig(format!(
+                    "listener {} ({}): {message}",
+                    excerpt(&listener.address),
+                    excerpt(&listener.plugin)
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The `WatchStats` limits it sets.
+    pub fn stats_limits(&self) -> StatsLimits {
+        StatsLimits {
+            max_watchers: self.max_stats_watchers,
+            min_interval: Duration::from_millis(self.min_stats_interval_ms),
         }
     }
 
@@ -103,6 +297,7 @@ impl Config {
         if config.plugin_dirs.is_empty() {
             config.plugin_dirs.extend(default_plugin_dir());
         }
+        config.validate().map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })?;
         Ok(config)
     }
 }
@@ -135,6 +330,52 @@ mod tests {
         assert_eq!(config.listeners.len(), 1);
         assert_eq!(config.listeners[0].config["high_water"], "1024");
         assert_eq!(config.drain_timeout_secs, 30);
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_naming_the_key() {
+        let refused = |text: &str| toml::from_str::<Config>(text).unwrap().validate().unwrap_err().to_string();
+        assert!(refused("drain_timeout_secs = 18446744073709551615").contains("drain_timeout_secs"));
+        assert!(refused("max_stats_watchers = 0").contains("max_stats_watchers"));
+        assert!(refused("min_stats_interval_ms = 0").contains("min_stats_interval_ms"));
+        let listener = r#"
+            [[listener]]
+            address = "127.0.0.1:0"
+            plugin = "echo"
+            config = { idle_timeout = "10000000000000000000" }
+        "#;
+        let message = refused(listener);
+        assert!(message.contains("idle_timeout") && message.contains("168h"), "{message}");
+        assert_eq!(toml::from_str::<Config>("drain_timeout_secs = 604800").unwrap().validate(), Ok(()));
+    }
+
+    #[test]
+    fn listener_configs_are_bounded() {
+        let config = |pairs: Vec<(String, String)>| pairs.into_iter().collect::<BTreeMap<_, _>>();
+        assert!(check_listener_config(&config(vec![("a".into(), "v".repeat(4096))])).is_ok());
+        let message = check_listener_config(&config(vec![("motd".into(), "v".repeat(4097))])).unwrap_err().0;
+        assert!(message.contains("motd") && message.contains("4096"), "{message}");
+        let message = check_listener_config(&config(vec![("k".repeat(500), "1".into())])).unwrap_err().0;
+        assert!(message.contains("128") && message.len() < 400, "{message}");
+        let many = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(check_listener_config(&config(many)).unwrap_err().0.contains("64 entries"));
+        let wide = (0..5).map(|i| (format!("k{i}"), "v".repeat(4000))).collect();
+        assert!(check_listener_config(&config(wide)).unwrap_err().0.contains("16384 bytes"));
+        for good in ["1ms", "30s", "168h", "0.5"] {
+            assert!(idle_timeout(good).is_ok(), "{good}");
+        }
+        for bad in ["0", "0ms", "169h", "1e30", "10000000000000000000", "soon"] {
+            assert!(idle_timeout(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn excerpts_cut_long_text_on_a_character() {
+        assert_eq!(excerpt("short"), "short");
+        let long = "é".repeat(1000);
+        let cut = excerpt(&long);
+        assert_eq!(cut.chars().count(), MAX_ECHO_CHARS + 1);
+        assert!(cut.ends_with('…'));
     }
 
     #[test]

@@ -2,34 +2,36 @@
 //! health and reflection.
 //!
 //! This is the only place that sees protobuf types (with the CLI): requests
-//! are validated and turned into engine [`Command`]s here, answers converted
+//! are validated and turned into engine [`Command`]s here (every duration
+//! and size against its range, see [`crate::config`]), answers converted
 //! back in [`convert`], and every [`CommandError`] mapped to one status code
-//! in [`status`].
+//! in [`status`]. `WatchStats` streams share their snapshots in
+//! [`stats_feed`]; the accept loop keeps a descriptor in reserve in
+//! [`incoming`].
 
 mod convert;
 mod incoming;
+mod stats_feed;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use asyncore_proto::v1::{
     self, channels_server::ChannelsServer, daemon_server::DaemonServer, listeners_server::ListenersServer,
     plugins_server::PluginsServer,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, server::NamedService};
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use asyncore_engine::{
-    command::{Command, CommandError, EngineHandle, LoadPlugin, StatsFilter},
+    command::{Command, CommandError, EngineHandle, LoadPlugin},
     plugin_host::{PluginLoadError, PluginPolicy},
 };
 
-use crate::lifecycle::{Lifecycle, Phase};
+use self::stats_feed::{StatsFeeds, StatsStream};
+use crate::{
+    config::{self, MAX_DRAIN_TIMEOUT, MAX_STATS_INTERVAL, StatsLimits, excerpt},
+    lifecycle::{Lifecycle, Phase},
+};
 
 pub(crate) use self::incoming::Incoming;
 
@@ -38,19 +40,42 @@ pub(crate) use self::incoming::Incoming;
 const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
 
+/// Default and largest page of `ListListeners`: 200 listeners with the
+/// largest config allowed ([`config::MAX_CONFIG_TOTAL`]) stay under 4 MiB.
+const DEFAULT_LISTENER_PAGE: usize = 100;
+const MAX_LISTENER_PAGE: usize = 200;
+
+/// The most channels one `WatchStats` stream may name.
+const MAX_WATCHED_CHANNELS: usize = 10_000;
+
+/// The longest status message: what an engine error says beyond the
+/// request fields it repeats (each cut to [`config::MAX_ECHO_CHARS`]), such
+/// as a path and the loader's explanation.
+const MAX_MESSAGE_CHARS: usize = 1000;
+
 /// The services of the control API, sharing one engine handle.
 #[derive(Debug, Clone)]
 pub struct ControlApi {
     engine: EngineHandle,
     lifecycle: Lifecycle,
     policy: PluginPolicy,
+    stats_limits: StatsLimits,
+    stats: Arc<StatsFeeds>,
 }
 
 impl ControlApi {
     /// The API over an engine; `policy` says which plugin paths may be
-    /// loaded.
+    /// loaded. `WatchStats` gets the default [`StatsLimits`].
     pub fn new(engine: EngineHandle, lifecycle: Lifecycle, policy: PluginPolicy) -> ControlApi {
-        ControlApi { engine, lifecycle, policy }
+        let stats_limits = StatsLimits::default();
+        let stats = Arc::new(StatsFeeds::new(engine.clone(), stats_limits.max_watchers));
+        ControlApi { engine, lifecycle, policy, stats_limits, stats }
+    }
+
+    /// The same API with other `WatchStats` limits.
+    pub fn with_stats_limits(self, limits: StatsLimits) -> ControlApi {
+        let stats = Arc::new(StatsFeeds::new(self.engine.clone(), limits.max_watchers));
+        ControlApi { stats_limits: limits, stats, ..self }
     }
 
     /// Serves the API, health and reflection on `listener` until `shutdown`
@@ -65,10 +90,8 @@ impl ControlApi {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<ListenersServer<ControlApi>>().await;
-        health.set_serving::<ChannelsServer<ControlApi>>().await;
-        health.set_serving::<PluginsServer<ControlApi>>().await;
-        health.set_serving::<DaemonServer<ControlApi>>().await;
+        set_health(&health, ServingStatus::Serving).await;
+        let health_follows_lifecycle = follow_lifecycle(health, self.lifecycle.clone());
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(asyncore_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -81,7 +104,7 @@ impl ControlApi {
             .build_v1alpha()
             .expect("the descriptor set compiled at build time is valid");
 
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .add_service(ListenersServer::new(self.clone()))
             .add_service(ChannelsServer::new(self.clone()))
             .add_service(PluginsServer::new(self.clone()))
@@ -89,21 +112,55 @@ impl ControlApi {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(Incoming::new(listener), shutdown)
-            .await
+            .serve_with_incoming_shutdown(Incoming::new(listener), shutdown);
+        tokio::select! {
+            served = server => served,
+            never = health_follows_lifecycle => match never {},
+        }
     }
 
     fn check_not_draining(&self) -> Result<(), Status> {
         match self.lifecycle.get() {
             Phase::Draining | Phase::Stopped => Err(Status::unavailable("the daemon is draining")),
+            Phase::Failed => Err(Status::unavailable("the poll loop has died; the daemon must be restarted")),
             Phase::Starting | Phase::Running => Ok(()),
         }
     }
 }
 
-/// The one mapping from engine errors to gRPC status codes.
+/// What health reports on: the server as a whole (`""`) and each service.
+const HEALTH_SERVICES: [&str; 5] = [
+    "",
+    <ListenersServer<ControlApi> as NamedService>::NAME,
+    <ChannelsServer<ControlApi> as NamedService>::NAME,
+    <PluginsServer<ControlApi> as NamedService>::NAME,
+    <DaemonServer<ControlApi> as NamedService>::NAME,
+];
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Turns health to NOT_SERVING once the daemon stops serving: it drains, or
+/// its poll loop died (then nothing can be served, and a supervisor
+/// watching health restarts it). Then waits for ever: it ends with the
+/// server.
+async fn follow_lifecycle(health: HealthReporter, lifecycle: Lifecycle) -> std::convert::Infallible {
+    let mut phase = lifecycle.subscribe();
+    let _ = phase.wait_for(|p| matches!(p, Phase::Draining | Phase::Stopped | Phase::Failed)).await;
+    set_health(&health, ServingStatus::NotServing).await;
+    std::future::pending().await
+}
+
+/// The one mapping from engine errors to gRPC status codes. The message
+/// repeats request fields (names, paths, a plugin's own words) only as
+/// excerpts, and is itself bounded: a 100 KB name echoed in full makes the
+/// answer's metadata exceed what gRPC clients accept, and the client sees
+/// a transport error instead of NOT_FOUND.
 pub(crate) fn status(error: CommandError) -> Status {
-    let message = error.to_string();
+    let message = message(&error);
     match error {
         CommandError::NoListener(_) | CommandError::NoChannel(_) | CommandError::NoPlugin(_) => {
             Status::not_found(message)
@@ -141,6 +198,67 @@ pub(crate) fn status(error: CommandError) -> Status {
     }
 }
 
+/// The message of an engine error, with the fields that come from a
+/// request or a plugin cut to excerpts, and the whole cut in the middle
+/// (keeping its end, which says what went wrong) past
+/// [`MAX_MESSAGE_CHARS`].
+fn message(error: &CommandError) -> String {
+    let short = |text: &str| excerpt(text).into_owned();
+    let shortened = match error {
+        CommandError::NoPlugin(name) => Some(CommandError::NoPlugin(short(name))),
+        CommandError::BadConfig { key, message } => Some(CommandError::BadConfig { key, message: short(message) }),
+        CommandError::PluginRefused { plugin, message } => {
+            Some(CommandError::PluginRefused { plugin: short(plugin), message: short(message) })
+        }
+        CommandError::NoGeneration { name, generation } => {
+            Some(CommandError::NoGeneration { name: short(name), generation: *generation })
+        }
+        CommandError::GenerationRetired { name, generation } => {
+            Some(CommandError::GenerationRetired { name: short(name), generation: *generation })
+        }
+        CommandError::PluginInUse { name, users } => {
+            Some(CommandError::PluginInUse { name: short(name), users: short(users) })
+        }
+        CommandError::WrongPlugin { path, found, expected } => {
+            Some(CommandError::WrongPlugin { path: short(path), found: short(found), expected: short(expected) })
+        }
+        CommandError::LoaderFailed(message) => Some(CommandError::LoaderFailed(short(message))),
+        _ => None,
+    };
+    let text = shortened.as_ref().unwrap_or(error).to_string();
+    let n_chars = text.chars().count();
+    if n_chars <= MAX_MESSAGE_CHARS {
+        return text;
+    }
+    let head: String = text.chars().take(MAX_MESSAGE_CHARS * 2 / 3).collect();
+    let tail: String = text.chars().skip(n_chars - MAX_MESSAGE_CHARS / 3).collect();
+    format!("{head}…{tail}")
+}
+
+/// A drain timeout of a request: 0 is none, else at most
+/// [`MAX_DRAIN_TIMEOUT`].
+fn drain_timeout(ms: u64) -> Result<Option<Duration>, Status> {
+    let max_ms = MAX_DRAIN_TIMEOUT.as_millis() as u64;
+    match ms {
+        0 => Ok(None),
+        ms if ms <= max_ms => Ok(Some(Duration::from_millis(ms))),
+        ms => Err(Status::invalid_argument(format!(
+            "drain_timeout_ms {ms} is out of range: 0 (never) or 1 to {max_ms} (7 days)"
+        ))),
+    }
+}
+
+/// The position after which a page starts: a previous reply's
+/// `next_page_token`, or the start.
+fn page_start(token: &str) -> Result<u64, Status> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token.parse::<u64>().map_err(|_| {
+        Status::invalid_argument(format!("invalid page_token {:?}: pass a previous next_page_token", excerpt(token)))
+    })
+}
+
 /// Parses `host:port`. Names are resolved here, on the tokio side; the poll
 /// loop only ever sees socket addresses.
 async fn parse_address(text: &str) -> Result<SocketAddr, Status> {
@@ -151,28 +269,32 @@ async fn parse_address(text: &str) -> Result<SocketAddr, Status> {
     if let Ok(address) = text.parse::<SocketAddr>() {
         return Ok(address);
     }
+    let shown = excerpt(text);
     let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(Status::invalid_argument(format!("invalid address {text:?}: expected host:port")));
+        return Err(Status::invalid_argument(format!("invalid address {shown:?}: expected host:port")));
     };
     match port.parse::<u64>() {
         Ok(p) if p > u64::from(u16::MAX) => {
             return Err(Status::invalid_argument(format!(
-                "invalid address {text:?}: port {p} is out of range (0-65535)"
+                "invalid address {shown:?}: port {p} is out of range (0-65535)"
             )));
         }
         Ok(_) => {}
         Err(_) => {
-            return Err(Status::invalid_argument(format!("invalid address {text:?}: port {port:?} is not a number")));
+            return Err(Status::invalid_argument(format!(
+                "invalid address {shown:?}: port {:?} is not a number",
+                excerpt(port)
+            )));
         }
     }
     if host.is_empty() {
-        return Err(Status::invalid_argument(format!("invalid address {text:?}: host is empty")));
+        return Err(Status::invalid_argument(format!("invalid address {shown:?}: host is empty")));
     }
     match tokio::net::lookup_host(text).await {
         Ok(mut addresses) => addresses
             .next()
-            .ok_or_else(|| Status::invalid_argument(format!("invalid address {text:?}: host has no address"))),
-        Err(e) => Err(Status::invalid_argument(format!("invalid address {text:?}: {e}"))),
+            .ok_or_else(|| Status::invalid_argument(format!("invalid address {shown:?}: host has no address"))),
+        Err(e) => Err(Status::invalid_argument(format!("invalid address {shown:?}: {}", excerpt(&e.to_string())))),
     }
 }
 
@@ -188,6 +310,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         if request.plugin.is_empty() {
             return Err(Status::invalid_argument("plugin is empty; name a loaded plugin (see ListPlugins)"));
         }
+        config::check_listener_config(&request.config).map_err(|e| Status::invalid_argument(e.0))?;
         let config: BTreeMap<String, String> = request.config.into_iter().collect();
         let listener = self
             .engine
@@ -206,16 +329,26 @@ impl v1::listeners_server::Listeners for ControlApi {
 
     async fn list_listeners(
         &self,
-        _request: Request<v1::ListListenersRequest>,
+        request: Request<v1::ListListenersRequest>,
     ) -> Result<Response<v1::ListListenersResponse>, Status> {
-        let listeners = self.engine.request(|reply| Command::ListListeners { reply }).await.map_err(status)?;
+        let request = request.into_inner();
+        let limit = match request.page_size as usize {
+            0 => DEFAULT_LISTENER_PAGE,
+            n => n.min(MAX_LISTENER_PAGE),
+        };
+        let after = page_start(&request.page_token)?;
+        let listeners =
+            self.engine.request(|reply| Command::ListListeners { after, limit, reply }).await.map_err(status)?;
+        let next_page_token = match listeners.last() {
+            Some(last) if listeners.len() == limit => last.id.to_string(),
+            _ => String::new(),
+        };
         Ok(Response::new(v1::ListListenersResponse {
             listeners: listeners.into_iter().map(convert::listener).collect(),
+            next_page_token,
         }))
     }
 }
-
-type StatsStream = ReceiverStream<Result<v1::StatsUpdate, Status>>;
 
 #[tonic::async_trait]
 impl v1::channels_server::Channels for ControlApi {
@@ -228,16 +361,7 @@ impl v1::channels_server::Channels for ControlApi {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let after = if request.page_token.is_empty() {
-            0
-        } else {
-            request.page_token.parse::<u64>().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "invalid page_token {:?}: pass a previous next_page_token",
-                    request.page_token
-                ))
-            })?
-        };
+        let after = page_start(&request.page_token)?;
         let listener_id = request.listener_id;
         let channels = self
             .engine
@@ -270,61 +394,27 @@ impl v1::channels_server::Channels for ControlApi {
 
     async fn watch_stats(&self, request: Request<v1::WatchStatsRequest>) -> Result<Response<StatsStream>, Status> {
         let request = request.into_inner();
+        let min = self.stats_limits.min_interval;
+        let (min_ms, max_ms) = (min.as_millis(), MAX_STATS_INTERVAL.as_millis());
         let interval = match request.interval_ms {
-            0 => Duration::from_secs(1),
-            ms if ms < 10 => {
-                return Err(Status::invalid_argument(format!("interval_ms {ms} is too small (at least 10)")));
-            }
+            0 => Duration::from_secs(1).max(min),
             ms => Duration::from_millis(u64::from(ms)),
         };
-        let filter = StatsFilter::new(request.listener_id, request.channel_ids);
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(watch_stats(self.engine.clone(), filter, interval, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-/// Feeds one `WatchStats` stream until the client goes away.
-async fn watch_stats(
-    engine: EngineHandle,
-    filter: StatsFilter,
-    interval: Duration,
-    tx: mpsc::Sender<Result<v1::StatsUpdate, Status>>,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Start from the closed-channel records that exist now: channels closed
-    // before the watch began are not news.
-    let mut closed_after =
-        match engine.request(|reply| Command::Stats { filter: filter.clone(), closed_after: u64::MAX, reply }).await {
-            Ok(snapshot) => snapshot.closed_seq,
-            Err(e) => {
-                let _ = tx.send(Err(status(e))).await;
-                return;
-            }
-        };
-    let mut previous: HashMap<u64, (u64, u64)> = HashMap::new();
-    let mut last = Instant::now();
-    let mut seq = 0;
-    loop {
-        ticker.tick().await;
-        let snapshot =
-            match engine.request(|reply| Command::Stats { filter: filter.clone(), closed_after, reply }).await {
-                Ok(snapshot) => snapshot,
-                Err(e) => {
-                    let _ = tx.send(Err(status(e))).await;
-                    return;
-                }
-            };
-        closed_after = snapshot.closed_seq;
-        let now = Instant::now();
-        let seconds = now.duration_since(last).as_secs_f64();
-        last = now;
-        seq += 1;
-        let update = convert::stats_update(seq, seconds, &snapshot, &mut previous);
-        if tx.send(Ok(update)).await.is_err() {
-            return;
+        if interval < min || interval > MAX_STATS_INTERVAL {
+            return Err(Status::invalid_argument(format!(
+                "interval_ms {} is out of range: {min_ms} to {max_ms}, or 0 for the default ({} ms)",
+                request.interval_ms,
+                Duration::from_secs(1).max(min).as_millis()
+            )));
         }
+        if request.channel_ids.len() > MAX_WATCHED_CHANNELS {
+            return Err(Status::invalid_argument(format!(
+                "channel_ids names {} channels; at most {MAX_WATCHED_CHANNELS} are allowed (or none, for every channel)",
+                request.channel_ids.len()
+            )));
+        }
+        let stream = self.stats.watch(request.listener_id, request.channel_ids, interval)?;
+        Ok(Response::new(stream))
     }
 }
 
@@ -344,10 +434,6 @@ fn plugin_path(text: String) -> Result<PathBuf, Status> {
         return Err(Status::invalid_argument("path is empty; give the path of a plugin library (.so)"));
     }
     Ok(PathBuf::from(text))
-}
-
-fn drain_timeout(ms: u64) -> Option<Duration> {
-    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 fn require_name(name: &str) -> Result<(), Status> {
@@ -378,19 +464,14 @@ impl v1::plugins_server::Plugins for ControlApi {
         self.check_not_draining()?;
         let request = request.into_inner();
         require_name(&request.name)?;
+        let drain_timeout = drain_timeout(request.drain_timeout_ms)?;
         let path = if request.path.is_empty() {
             let name = request.name.clone();
             self.engine.request(|reply| Command::PluginSource { name, reply }).await.map_err(status)?
         } else {
             plugin_path(request.path)?
         };
-        self.load(LoadPlugin {
-            path,
-            expected_name: Some(request.name),
-            activate: true,
-            drain_timeout: drain_timeout(request.drain_timeout_ms),
-        })
-        .await
+        self.load(LoadPlugin { path, expected_name: Some(request.name), activate: true, drain_timeout }).await
     }
 
     async fn activate_plugin(
@@ -399,7 +480,7 @@ impl v1::plugins_server::Plugins for ControlApi {
     ) -> Result<Response<v1::Plugin>, Status> {
         let v1::ActivatePluginRequest { name, generation, drain_timeout_ms } = request.into_inner();
         require_name(&name)?;
-        let drain_timeout = drain_timeout(drain_timeout_ms);
+        let drain_timeout = drain_timeout(drain_timeout_ms)?;
         let plugin = self
             .engine
             .request(|reply| Command::ActivatePlugin { name, generation, drain_timeout, reply })

@@ -14,6 +14,7 @@ mod watch;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -27,7 +28,7 @@ pub use asyncore_engine::{Command, CommandError, Engine, EngineHandle, PluginPol
 
 pub use crate::{
     config::Config,
-    lifecycle::{Lifecycle, Phase},
+    lifecycle::{Lifecycle, Phase, PollLoopDied},
 };
 
 /// How long dropping a daemon waits for its poll loop to exit. The loop
@@ -68,15 +69,14 @@ impl Daemon {
     /// and skipped. Whatever had started by then is stopped again: the poll
     /// thread exits and the listeners it had bound are closed.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        config.validate()?;
         let lifecycle = Lifecycle::default();
         // From here on, an early return drops `poll_loop`, which stops the
         // thread and so closes whatever it bound.
         let poll_loop = PollThread::spawn(lifecycle.clone(), Duration::from_secs(config.drain_timeout_secs))?;
         let engine = poll_loop.engine.clone();
 
-        for dir in &config.plugin_dirs {
-            load_plugin_dir(&engine, dir).await;
-        }
+        load_plugin_dirs(&engine, &config).await;
         for listener in &config.listeners {
             let address: SocketAddr = listener
                 .address
@@ -101,7 +101,8 @@ impl Daemon {
             info!("watching plugin libraries for changes");
             tokio::spawn(watch::watch_plugins(engine.clone(), policy.clone()))
         });
-        let api = grpc::ControlApi::new(engine.clone(), lifecycle.clone(), policy);
+        let api =
+            grpc::ControlApi::new(engine.clone(), lifecycle.clone(), policy).with_stats_limits(config.stats_limits());
         let server = tokio::spawn(async move {
             if let Err(e) = api
                 .serve(control, async {
@@ -139,6 +140,20 @@ impl Daemon {
     /// The lifecycle phase.
     pub fn lifecycle(&self) -> &Lifecycle {
         &self.lifecycle
+    }
+
+    /// Resolves when the poll loop has ended by itself: `Ok` when it was
+    /// told to (a `Shutdown` command), [`PollLoopDied`] when it died (a
+    /// panic, a failed wait on the poller). Nothing is served after that:
+    /// health answers NOT_SERVING and every call UNAVAILABLE. `main` exits
+    /// non-zero on the error so that a supervisor restarts the daemon; an
+    /// embedder should drop it and start another.
+    ///
+    /// # Errors
+    ///
+    /// [`PollLoopDied`], with the panic message or the poller's error.
+    pub async fn wait(&self) -> Result<(), PollLoopDied> {
+        self.lifecycle.ended().await
     }
 
     /// Graceful stop (SIGTERM): stop accepting, close every channel after
@@ -219,11 +234,31 @@ impl PollThread {
                 // an idle timeout, a reload's drain) gets the drain timeout.
                 engine.set_close_timeout(close_timeout);
                 let _ = handle_tx.send(Ok(engine.handle()));
-                if let Err(e) = engine.run() {
-                    tracing::error!(error = %e, "poll loop failed");
+                // A panic out of the loop is a bug in the engine, and no
+                // channel can be served after it. It is caught only to say
+                // so: in the log, and as `Phase::Failed`, which turns health
+                // to NOT_SERVING and makes `main` exit non-zero.
+                let ended = panic::catch_unwind(AssertUnwindSafe(|| engine.run()));
+                // Dropping the engine closes its sockets. After a panic its
+                // state may be broken: a second panic there is caught too.
+                let dropped = panic::catch_unwind(AssertUnwindSafe(move || drop(engine)));
+                match ended {
+                    Ok(Ok(())) if dropped.is_ok() => lifecycle.set(Phase::Stopped),
+                    Ok(Ok(())) => {
+                        let message = dropped.err().map(|p| panic_message(&*p)).unwrap_or_default();
+                        tracing::error!(panic = %message, "the poll loop panicked while closing its channels");
+                        lifecycle.fail(format!("panicked while closing: {message}"));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "the poll loop failed waiting on the poller; nothing is served any more");
+                        lifecycle.fail(format!("waiting on the poller failed: {e}"));
+                    }
+                    Err(payload) => {
+                        let message = panic_message(&*payload);
+                        tracing::error!(panic = %message, "the poll loop panicked; nothing is served any more");
+                        lifecycle.fail(format!("panicked: {message}"));
+                    }
                 }
-                drop(engine);
-                lifecycle.set(Phase::Stopped);
             })
             .context("cannot start the poll-loop thread")?;
         let engine =
@@ -257,24 +292,80 @@ impl Drop for PollThread {
     }
 }
 
-/// Loads every `*.so` in `dir`; failures are logged and skipped.
-async fn load_plugin_dir(engine: &EngineHandle, dir: &Path) {
-    let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == std::env::consts::DLL_EXTENSION))
-            .collect(),
-        Err(e) => {
-            warn!(dir = %dir.display(), error = %e, "cannot read plugin directory");
-            return;
-        }
-    };
-    paths.sort();
-    for path in paths {
-        let result = engine.load_plugin(asyncore_engine::LoadPlugin { path: path.clone(), ..Default::default() }).await;
-        if let Err(e) = result {
-            warn!("skipping {}: {e}", path.display());
+/// The message of a panic payload (`panic!` makes a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(text), _) => (*text).to_string(),
+        (_, Some(text)) => text.clone(),
+        _ => "a panic without a message".to_string(),
+    }
+}
+
+/// Loads every `*.so` of the plugin directories at start, under the policy
+/// `LoadPlugin` applies (a symlink that leads out of the plugin directories
+/// is skipped, unless any path is allowed). A library that fails to load is
+/// logged and skipped.
+///
+/// When several libraries carry the same plugin name, the newest file (by
+/// modification time, then by path) becomes current and the others are
+/// loaded as standby generations, to activate by hand; the log says which.
+/// So libraries are loaded oldest first, each made current in turn.
+async fn load_plugin_dirs(engine: &EngineHandle, config: &Config) {
+    // Private directories of daemons killed while loading (a daemon's own
+    // is removed as soon as its load is over).
+    asyncore_engine::plugin_host::remove_stale_private_dirs();
+    let policy = PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
+    let mut libraries: Vec<(std::time::SystemTime, PathBuf)> =
+        config.plugin_dirs.iter().flat_map(|dir| plugin_dir_libraries(dir, &policy)).collect();
+    libraries.sort();
+    // One file reached twice (two directories, or a symlink beside it).
+    libraries.dedup_by(|later, earlier| later.1 == earlier.1);
+    let mut loaded: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for (_, path) in libraries {
+        let request = asyncore_engine::LoadPlugin { path: path.clone(), activate: true, ..Default::default() };
+        match engine.load_plugin(request).await {
+            Ok(plugin) => loaded.entry(plugin.name).or_default().push(path),
+            Err(e) => warn!("skipping {}: {e}", path.display()),
         }
     }
+    for (name, paths) in loaded {
+        if let Some((current, standby)) = paths.split_last()
+            && !standby.is_empty()
+        {
+            let standby: Vec<String> = standby.iter().map(|p| p.display().to_string()).collect();
+            warn!(
+                plugin = %name,
+                current = %current.display(),
+                standby = %standby.join(", "),
+                "{} libraries carry plugin name {name:?}: the newest is current, the others are standby generations",
+                standby.len() + 1
+            );
+        }
+    }
+}
+
+/// The `*.so` files in `dir` that `policy` allows (resolved), with their
+/// modification times; the others are logged.
+fn plugin_dir_libraries(dir: &Path, policy: &PluginPolicy) -> Vec<(std::time::SystemTime, PathBuf)> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot read plugin directory");
+            return Vec::new();
+        }
+    };
+    let mut libraries = Vec::new();
+    for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+        if path.extension().is_none_or(|e| e != std::env::consts::DLL_EXTENSION) {
+            continue;
+        }
+        match policy.check(&path) {
+            Ok(resolved) => {
+                let modified = std::fs::metadata(&resolved).and_then(|m| m.modified());
+                libraries.push((modified.unwrap_or(std::time::SystemTime::UNIX_EPOCH), resolved));
+            }
+            Err(e) => warn!("skipping {}: {e}", path.display()),
+        }
+    }
+    libraries
 }

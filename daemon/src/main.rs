@@ -93,7 +93,8 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         let daemon = Daemon::start(config).await?;
         // Scripts and tests wait for this line: everything is bound.
         println!("asyncored ready: control {}", daemon.control_addr());
-        let mut phase = daemon.lifecycle().subscribe();
+        #[cfg(feature = "fault-injection")]
+        inject_fault(&daemon);
         tokio::select! {
             _ = terminate.recv() => {
                 tracing::info!("SIGTERM: draining");
@@ -103,10 +104,24 @@ fn run(flags: Flags) -> anyhow::Result<()> {
                 tracing::info!("SIGINT: stopping");
                 daemon.shutdown().await;
             }
-            _ = phase.wait_for(|p| *p == asyncored::Phase::Stopped) => {
+            // Nothing can be served without the poll loop: exit non-zero so
+            // that a supervisor restarts the daemon.
+            ended = daemon.wait() => {
+                ended?;
                 anyhow::bail!("the poll loop stopped");
             }
         }
         Ok(())
     })
+}
+
+/// Test-only (feature `fault-injection`, which only the integration tests
+/// enable): `ASYNCORED_INJECT_FAULT=poll-loop-panic` panics the poll loop
+/// once the daemon is ready, so that tests can watch the process exit.
+#[cfg(feature = "fault-injection")]
+fn inject_fault(daemon: &Daemon) {
+    if std::env::var("ASYNCORED_INJECT_FAULT").is_ok_and(|fault| fault == "poll-loop-panic") {
+        tracing::warn!("fault injection: panicking the poll loop");
+        let _ = daemon.engine().send(asyncored::Command::PanicForTest);
+    }
 }

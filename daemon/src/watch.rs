@@ -5,9 +5,13 @@
 //! of every current library; a library is hashed (SHA-256) once when first
 //! seen, and after that only when its stamp moved and then stayed the same
 //! for one poll: a build writes the file in several steps, so a change is
-//! acted on once it is quiet. A reload happens only when the content
-//! differs from the current generation's. Polling needs no inotify and sees
-//! a file replaced by rename just as well.
+//! acted on once it is quiet. Quiet is not enough (a linker can pause
+//! mid-file for longer than a poll): the file must also be a complete ELF
+//! library (its headers, segments and sections all within the file, the
+//! check the loader makes before `dlopen`), else it is left alone until its
+//! stamp moves again. A reload happens only when the content differs from
+//! the current generation's. Polling needs no inotify and sees a file
+//! replaced by rename just as well.
 //!
 //! Each plugin is tracked on its own: a reload that fails is remembered by
 //! the content's hash (the same bytes would fail again) while every other
@@ -25,7 +29,7 @@ use tracing::{info, warn};
 
 use asyncore_engine::{
     command::{Command, EngineHandle, LoadPlugin},
-    plugin_host::{self, PluginPolicy},
+    plugin_host::{self, PluginLoadError, PluginPolicy},
 };
 
 const POLL: Duration = Duration::from_millis(500);
@@ -87,6 +91,12 @@ impl Watched {
         self.failed_sha256.as_deref() != Some(sha256)
     }
 
+    /// The quiet file is not a complete library (still being written, or
+    /// broken): nothing to do until its stamp moves again.
+    fn incomplete(&mut self) {
+        self.unhashed = false;
+    }
+
     /// Records how the reload of content `sha256` went.
     fn reloaded(&mut self, sha256: &str, ok: bool) {
         self.failed_sha256 = (!ok).then(|| sha256.to_string());
@@ -141,9 +151,28 @@ pub(crate) async fn watch_plugins(engine: EngineHandle, policy: PluginPolicy) {
                 continue;
             }
             let path = library.path.clone();
-            let Ok(Ok(sha256)) = tokio::task::spawn_blocking(move || plugin_host::file_sha256(&path)).await else {
-                // Unreadable now: the next poll hashes again.
+            let Ok(checked) = tokio::task::spawn_blocking(move || {
+                plugin_host::check_library(&path)?;
+                plugin_host::file_sha256(&path).map_err(|source| PluginLoadError::Io { path, source })
+            })
+            .await
+            else {
                 continue;
+            };
+            let sha256 = match checked {
+                Ok(sha256) => sha256,
+                // Still being written, or broken: not loaded, and not
+                // looked at again until it changes.
+                Err(e @ PluginLoadError::NotALibrary { .. }) => {
+                    warn!(
+                        plugin = %library.plugin,
+                        "watch: reload failed, keeping the current generation: {e}; waiting for the file to change"
+                    );
+                    state.incomplete();
+                    continue;
+                }
+                // Unreadable now: the next poll tries again.
+                Err(_) => continue,
             };
             if !state.hashed(&sha256, &library.sha256) {
                 continue;
@@ -234,6 +263,25 @@ mod tests {
         assert!(watched.hashed("fixed", "a"));
         watched.reloaded("fixed", true);
         assert_eq!(watched.failed_sha256, None);
+    }
+
+    #[test]
+    fn a_quiet_but_incomplete_file_waits_for_its_next_change() {
+        let mut watched = Watched::default();
+        watched.observe(stamp(1));
+        watched.observe(stamp(1));
+        watched.hashed("a", "a");
+        // Half written, and the writer paused for longer than a poll.
+        watched.observe(stamp(2));
+        assert_eq!(watched.observe(stamp(2)), Next::Hash);
+        watched.incomplete();
+        for _ in 0..5 {
+            assert_eq!(watched.observe(stamp(2)), Next::Wait, "not checked again until it changes");
+        }
+        // The rest written.
+        watched.observe(stamp(3));
+        assert_eq!(watched.observe(stamp(3)), Next::Hash);
+        assert!(watched.hashed("b", "a"));
     }
 
     #[test]

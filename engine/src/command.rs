@@ -30,8 +30,8 @@ pub enum Command {
     /// Stop accepting; optionally close the listener's channels gracefully.
     /// A listener already stopped answers [`CommandError::ListenerStopped`].
     StopListener { id: u64, close_channels: bool, reply: Reply<ListenerInfo> },
-    /// Every listener.
-    ListListeners { reply: Reply<Vec<ListenerInfo>> },
+    /// Listeners with id greater than `after`, at most `limit`, in id order.
+    ListListeners { after: u64, limit: usize, reply: Reply<Vec<ListenerInfo>> },
     /// Channels with id greater than `after`, at most `limit`, optionally of
     /// one listener.
     ListChannels { listener_id: Option<u64>, after: u64, limit: usize, reply: Reply<Vec<ChannelInfo>> },
@@ -62,6 +62,11 @@ pub enum Command {
     Drain { deadline: std::time::Instant, reply: Reply<()> },
     /// Exit the loop now.
     Shutdown,
+    /// Test-only (feature `fault-injection`): panic on the loop thread, as
+    /// a bug in the loop would, so that tests can show what the daemon does
+    /// when its poll loop dies. Never built into a daemon that is shipped.
+    #[cfg(feature = "fault-injection")]
+    PanicForTest,
 }
 
 /// Why a command failed. The gRPC layer maps each variant to one status code.
@@ -277,6 +282,28 @@ pub struct GenerationInfo {
     pub listener_ids: Vec<u64>,
     pub live_channels: u64,
     pub panics: u64,
+    /// The metrics the plugin defined (`asyncore_sdk::metrics`), with
+    /// their values now.
+    pub metrics: Vec<PluginMetric>,
+}
+
+/// One metric a plugin defined, and its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginMetric {
+    /// A Prometheus metric name, unique within the plugin.
+    pub name: String,
+    pub help: String,
+    pub kind: MetricKind,
+    pub value: i64,
+}
+
+/// How a plugin metric behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only ever goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
 }
 
 /// Counters of the poll loop.

@@ -1,6 +1,7 @@
 //! The public way to load a plugin into this engine: the loader, given this
-//! host's side of the ABI (`host_abi`), and the policy of which files may be
-//! loaded at all.
+//! host's side of the ABI (`host_abi`), the policy of which files may be
+//! loaded at all, and the checks a watcher or a directory scan makes of a
+//! file before it asks for a load.
 
 use std::{
     io,
@@ -9,13 +10,14 @@ use std::{
 
 use asyncore_abi::PluginDescriptor;
 
-pub use crate::loader::{LoadedPlugin, PluginLoadError};
+pub use crate::loader::{LoadedPlugin, MAX_LIBRARY_SIZE, PluginLoadError, Unloaded};
 use crate::{host_abi, loader};
 
-/// Loads `path` as a plugin: copies it to a private file, opens the copy,
-/// checks the ABI, and runs the plugin's `init` and `on_load`. Call it off
-/// the poll thread (copying and `dlopen` take milliseconds), then hand the
-/// plugin to the engine.
+/// Loads `path` as a plugin: copies it to a private file, checks the copy
+/// is a complete ELF library for this host, opens it, checks the ABI, and
+/// runs the plugin's `init` and `on_load`. Call it off the poll thread
+/// (copying and `dlopen` take milliseconds), then hand the plugin to the
+/// engine.
 ///
 /// # Errors
 ///
@@ -36,13 +38,33 @@ pub fn in_process(descriptor: &'static PluginDescriptor) -> Result<LoadedPlugin,
     loader::in_process(descriptor, &host_abi::HOST)
 }
 
-/// SHA-256 of a file, hex.
+/// SHA-256 of a file, hex, read in blocks (never whole into memory).
 ///
 /// # Errors
 ///
 /// If the file cannot be read.
 pub fn file_sha256(path: &Path) -> io::Result<String> {
-    Ok(loader::sha256_hex(&std::fs::read(path)?))
+    loader::sha256_of(&mut std::fs::File::open(path)?)
+}
+
+/// Checks that `path` is a complete ELF shared library for this host (the
+/// check [`load`] makes of its private copy before `dlopen`), reading only
+/// its headers: a file still being written fails it.
+///
+/// # Errors
+///
+/// [`PluginLoadError::Io`] if it cannot be read,
+/// [`PluginLoadError::NotALibrary`] with the reason otherwise.
+pub fn check_library(path: &Path) -> Result<(), PluginLoadError> {
+    loader::check_library(path)
+}
+
+/// Removes the private directories (`$TMPDIR/asyncored-PID`, where loads
+/// copy libraries) of processes that no longer exist; returns how many. A
+/// daemon's own directory exists only while it loads, so only one killed
+/// mid-load leaves one behind. The first load of a process does this too.
+pub fn remove_stale_private_dirs() -> usize {
+    loader::remove_stale_private_dirs()
 }
 
 /// Which plugin paths `LoadPlugin` accepts: by default only files inside the

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use asyncore_proto::{timestamp, v1};
 
 use asyncore_engine::command::{
-    ChannelInfo, ChannelKind, ChannelState, GenerationInfo, GenerationState, ListenerInfo, LoopStats, PluginInfo,
-    StatsSnapshot,
+    ChannelInfo, ChannelKind, ChannelState, ChannelStats, GenerationInfo, GenerationState, ListenerInfo, LoopStats,
+    PluginInfo,
 };
 
 pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
@@ -14,7 +14,13 @@ pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
         id: info.id,
         address: info.address.to_string(),
         plugin: info.plugin,
-        state: if info.listening { v1::ListenerState::Listening } else { v1::ListenerState::Stopped } as i32,
+        state: if info.listening {
+            v1::ListenerState::Listening
+        } else if info.stopped_by_panics {
+            v1::ListenerState::Failed
+        } else {
+            v1::ListenerState::Stopped
+        } as i32,
         channel_count: info.channel_count,
         config: info.config.into_iter().collect(),
         channel_id: info.channel_id,
@@ -112,20 +118,32 @@ pub(super) fn loop_stats(stats: LoopStats) -> v1::LoopStats {
     }
 }
 
+/// What one `WatchStats` message reports, besides the channels.
+pub(super) struct StatsMessage {
+    /// Counts the messages of the stream from 1.
+    pub(super) seq: u64,
+    /// When the figures were taken.
+    pub(super) at: std::time::SystemTime,
+    /// Since the figures of the previous message (the rates' denominator).
+    pub(super) seconds: f64,
+    /// Updates the stream skipped since its previous message.
+    pub(super) missed_updates: u64,
+}
+
 /// One `WatchStats` message. `previous` holds each live channel's byte
-/// counts at the last message, for the rates; closed channels leave it.
-pub(super) fn stats_update(
-    seq: u64,
-    seconds: f64,
-    snapshot: &StatsSnapshot,
+/// counts at the last message, for the rates; closed channels leave it. A
+/// channel it does not hold yet (the stream's first message, a new
+/// channel) is rated from zero over `seconds`.
+pub(super) fn stats_update<'a>(
+    message: StatsMessage,
+    channels: impl Iterator<Item = &'a ChannelStats>,
     previous: &mut HashMap<u64, (u64, u64)>,
 ) -> v1::StatsUpdate {
+    let StatsMessage { seq, at, seconds, missed_updates } = message;
     let rate = |now: u64, before: u64| {
         if seconds > 0.0 { now.saturating_sub(before) as f64 / seconds } else { 0.0 }
     };
-    let channels = snapshot
-        .channels
-        .iter()
+    let channels = channels
         .map(|s| {
             let (in_before, out_before) = previous.get(&s.channel_id).copied().unwrap_or((0, 0));
             if s.closed {
@@ -147,5 +165,5 @@ pub(super) fn stats_update(
             }
         })
         .collect();
-    v1::StatsUpdate { seq, at: Some(timestamp(std::time::SystemTime::now())), interval_seconds: seconds, channels }
+    v1::StatsUpdate { seq, at: Some(timestamp(at)), interval_seconds: seconds, channels, missed_updates }
 }

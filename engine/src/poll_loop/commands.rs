@@ -25,6 +25,11 @@ use crate::{
     ids::{ChannelId, ListenerId},
 };
 
+/// Stopped listeners with no channels left that `ListListeners` still
+/// shows; older ones are forgotten, so that start/stop cycles do not grow
+/// the map for ever.
+const STOPPED_LISTENERS_KEPT: usize = 100;
+
 impl Core {
     pub(super) fn serve(&mut self, command: Command) {
         match command {
@@ -39,8 +44,10 @@ impl Core {
             Command::StopListener { id, close_channels, reply } => {
                 let _ = reply.send(self.stop_listener(ListenerId(id), close_channels));
             }
-            Command::ListListeners { reply } => {
-                let _ = reply.send(Ok(self.listeners.values().map(|l| self.listener_info(l)).collect()));
+            Command::ListListeners { after, limit, reply } => {
+                let after = (std::ops::Bound::Excluded(ListenerId(after)), std::ops::Bound::Unbounded);
+                let page = self.listeners.range(after).take(limit);
+                let _ = reply.send(Ok(page.map(|(_, l)| self.listener_info(l)).collect()));
             }
             Command::ListChannels { listener_id, after, limit, reply } => {
                 let list = self
@@ -95,6 +102,8 @@ impl Core {
             }
             Command::Drain { deadline, reply } => self.start_drain(deadline, reply),
             Command::Shutdown => self.exit = true,
+            #[cfg(feature = "fault-injection")]
+            Command::PanicForTest => panic!("fault injected: the poll loop panics on purpose"),
         }
     }
 
@@ -157,6 +166,7 @@ impl Core {
             },
         );
         info!(listener = id.0, %address, plugin = %plugin_name, "listener started");
+        self.forget_old_stopped_listeners();
         Ok(self.listener_info(&self.listeners[&id]))
     }
 
@@ -175,7 +185,21 @@ impl Core {
                 self.shut_down(slot, ShutdownReason::Control);
             }
         }
-        Ok(self.listener_info(&self.listeners[&id]))
+        let info = self.listener_info(&self.listeners[&id]);
+        self.forget_old_stopped_listeners();
+        Ok(info)
+    }
+
+    /// Forgets the oldest stopped listeners that have no channels left,
+    /// beyond the newest [`STOPPED_LISTENERS_KEPT`]. A stopped listener
+    /// whose channels still run stays: they refer to it.
+    fn forget_old_stopped_listeners(&mut self) {
+        let idle_stopped: Vec<ListenerId> =
+            self.listeners.values().filter(|l| l.channel.is_none() && l.channel_count == 0).map(|l| l.id).collect();
+        let excess = idle_stopped.len().saturating_sub(STOPPED_LISTENERS_KEPT);
+        for id in &idle_stopped[..excess] {
+            self.listeners.remove(id);
+        }
     }
 
     fn listener_info(&self, listener: &Listener) -> ListenerInfo {

@@ -78,7 +78,7 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
             assert!(channel.created_at.is_some());
             assert_eq!(channel.local_address, address.to_string());
         }
-        let listener = client.listeners.list_listeners(v1::ListListenersRequest {}).await.unwrap().into_inner();
+        let listener = client.listeners.list_listeners(v1::ListListenersRequest::default()).await.unwrap().into_inner();
         assert_eq!(listener.listeners[0].channel_count, 100);
 
         // WatchStats: several messages covering every client; a channel

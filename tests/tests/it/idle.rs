@@ -65,7 +65,7 @@ fn idle_channels_cost_nothing_per_pass() {
         eventually!(
             async || {
                 let listeners =
-                    client.listeners.list_listeners(v1::ListListenersRequest {}).await.unwrap().into_inner();
+                    client.listeners.list_listeners(v1::ListListenersRequest::default()).await.unwrap().into_inner();
                 let listener = listeners.listeners.iter().find(|l| l.id == listener_id).unwrap();
                 listener.channel_count == IDLE as u64 + 1
             },

@@ -15,8 +15,12 @@ use crate::runtime;
 fn boot_listener_address(daemon: &Daemon) -> SocketAddr {
     runtime().block_on(async {
         let mut client = daemon.client().await;
-        let listeners =
-            client.listeners.list_listeners(asyncore_proto::v1::ListListenersRequest {}).await.unwrap().into_inner();
+        let listeners = client
+            .listeners
+            .list_listeners(asyncore_proto::v1::ListListenersRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         listeners.listeners[0].address.parse().unwrap()
     })
 }

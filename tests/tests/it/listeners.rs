@@ -24,7 +24,8 @@ fn stopping_a_stopped_listener_fails_its_precondition() {
         let again = client.listeners.stop_listener(with_channels).await.expect_err("still stopped");
         assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
 
-        let listeners = client.listeners.list_listeners(v1::ListListenersRequest {}).await.unwrap().into_inner();
+        let listeners =
+            client.listeners.list_listeners(v1::ListListenersRequest::default()).await.unwrap().into_inner();
         assert_eq!(listeners.listeners.len(), 1, "a stopped listener is still listed");
     });
 }

@@ -16,14 +16,22 @@ mod idle;
 mod layering;
 mod lifecycle;
 mod lines;
+mod listener_history;
 mod listeners;
+mod lockout;
 mod logging;
+mod loop_death;
 mod panics;
+mod plugin_files;
 mod plugin_new;
+mod promises;
 mod proxy;
 mod reflection;
 mod reload;
+mod stats_watchers;
 mod timers;
+mod unload;
+mod validation;
 
 /// A multi-threaded runtime for one test. An in-process daemon's control API
 /// runs on the runtime it was started on: keep that runtime alive as long as
