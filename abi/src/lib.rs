@@ -32,6 +32,8 @@
 //!   appended `DispatcherVtable::import_channel` and
 //!   `PluginDescriptor::resume` (state that survives a reload: a listener's
 //!   shared state, and channels that find their listener again).
+//! * **1.3** appended `HostVtable::{metric_define, metric_add, metric_set}`
+//!   (plugin-defined counters and gauges, exported by the daemon).
 //!
 //! # Ownership
 //!
@@ -46,7 +48,7 @@ use std::ffi::c_void;
 /// Major version of the ABI. A library whose major differs is refused.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version of the ABI: grows when fields are appended.
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;
 /// First bytes of [`AbiTag`].
 pub const ABI_MAGIC: [u8; 8] = *b"ASYNCABI";
 /// Name of the static [`AbiTag`] every plugin exports.
@@ -322,6 +324,24 @@ pub struct HostVtable {
     pub attach_fd: unsafe extern "C" fn(ctx: *mut HostCtx, fd: i32, handle: DispatcherHandle) -> i64,
     /// Receives the state `export_state` hands over; the host copies it.
     pub hand_over: unsafe extern "C" fn(ctx: *mut HostCtx, state: *const u8, len: usize),
+    /// (1.3) Defines a metric of the plugin (`host_data` from `init`): a
+    /// [`metric_kind`] code, a Prometheus name (`[a-zA-Z_:][a-zA-Z0-9_:]*`)
+    /// and a help text. Returns its id, the same for a name defined before,
+    /// or `-EINVAL` (a bad name, or another kind), `-ENOSPC` (too many).
+    /// Callable at any time on the thread that calls the plugin.
+    pub metric_define: unsafe extern "C" fn(host_data: *mut c_void, kind: u32, name: StrRef, help: StrRef) -> i64,
+    /// (1.3) Adds `delta` to a metric (a counter ignores a negative one).
+    pub metric_add: unsafe extern "C" fn(host_data: *mut c_void, id: u64, delta: i64),
+    /// (1.3) Sets a gauge.
+    pub metric_set: unsafe extern "C" fn(host_data: *mut c_void, id: u64, value: i64),
+}
+
+/// Metric kinds for `HostVtable::metric_define`.
+pub mod metric_kind {
+    /// Only ever goes up.
+    pub const COUNTER: u32 = 1;
+    /// Goes up and down.
+    pub const GAUGE: u32 = 2;
 }
 
 /// What a plugin library describes itself with; returned by the entry point.

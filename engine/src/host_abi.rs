@@ -68,8 +68,10 @@ use asyncore_abi::{self as ffi, DispatcherHandle, HostCtx, HostVtable, KeyValue,
 use tracing::{debug, error, info, trace, warn};
 
 use crate::{
+    command::MetricKind,
     ids::{ChannelId, Slot, TimerId},
     loader::{Entries, Host, OnLoadFn},
+    plugin_metrics::{DefineError, PluginShared},
 };
 
 /// What the host functions ask of the poll loop about the channel of a
@@ -219,22 +221,37 @@ unsafe fn channel_of<'a>(ctx: *mut HostCtx) -> Option<(&'a mut dyn Services, Slo
 /// for `on_load`.
 pub(crate) static HOST: Host = Host { vtable: &HOST_VTABLE, host_data: host_data_for, on_load: run_on_load };
 
-/// `init`'s `host_data` for the plugin `name`: a pointer to a leaked
-/// `&'static str` (it lives as long as the plugin's code), which `log`
-/// gets back ([`plugin_name`]).
-fn host_data_for(name: &str) -> *mut c_void {
-    let name: &'static &'static str = Box::leak(Box::new(&*Box::leak(name.to_owned().into_boxed_str())));
-    (name as *const &'static str).cast_mut().cast()
+/// The host of plugins linked into the process (the testing crate): as
+/// [`HOST`], but every load of one plugin shares one record. Such plugins
+/// share the process's one copy of the SDK, which keeps the `host_data` of
+/// its first `init`: a second load with its own record would count its
+/// metrics in the first's.
+pub(crate) static IN_PROCESS_HOST: Host =
+    Host { vtable: &HOST_VTABLE, host_data: interned_host_data, on_load: run_on_load };
+
+/// One [`PluginShared`] per plugin name in this process.
+fn interned_host_data(name: &str) -> &'static PluginShared {
+    static BY_NAME: std::sync::Mutex<BTreeMap<String, &'static PluginShared>> = std::sync::Mutex::new(BTreeMap::new());
+    let mut by_name = BY_NAME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    by_name.entry(name.to_owned()).or_insert_with(|| PluginShared::leak(name))
 }
 
-/// The plugin name behind a `host_data`.
+/// `init`'s `host_data` for the plugin `name`: a leaked [`PluginShared`]
+/// (it lives as long as the plugin's code), which `log` and the metric
+/// functions get back ([`shared_of`]).
+fn host_data_for(name: &str) -> &'static PluginShared {
+    PluginShared::leak(name)
+}
+
+/// The record behind a `host_data`.
 ///
 /// # Safety
 ///
-/// `host_data` must come from [`host_data_for`].
-unsafe fn plugin_name<'a>(host_data: *mut c_void) -> &'a str {
-    // SAFETY: guaranteed by the caller: a pointer to a leaked &'static str.
-    unsafe { *host_data.cast::<&str>() }
+/// `host_data` must come from [`host_data_for`] (through `init`).
+unsafe fn shared_of<'a>(host_data: *mut c_void) -> Option<&'a PluginShared> {
+    // SAFETY: guaranteed by the caller: null, or a pointer to a leaked
+    // PluginShared that is never freed.
+    unsafe { host_data.cast::<PluginShared>().as_ref() }
 }
 
 /// Runs a plugin's `on_load` with a detached context.
@@ -457,7 +474,48 @@ pub(crate) static HOST_VTABLE: HostVtable = HostVtable {
     shutdown_write: host_shutdown_write,
     attach_fd: host_attach_fd,
     hand_over: host_hand_over,
+    metric_define: host_metric_define,
+    metric_add: host_metric_add,
+    metric_set: host_metric_set,
 };
+
+/// `metric_define`: the metric's id, or `-EINVAL` (a bad name, or a name
+/// defined before as another kind), `-ENOSPC` (too many metrics).
+///
+/// Safety: `host_data` is what [`HOST`] gave `init`; the strings are lent
+/// for the call.
+unsafe extern "C" fn host_metric_define(host_data: *mut c_void, kind: u32, name: StrRef, help: StrRef) -> i64 {
+    // SAFETY: as documented above.
+    let Some(shared) = (unsafe { shared_of(host_data) }) else { return Errno::EBADF.negative() };
+    let kind = match kind {
+        ffi::metric_kind::COUNTER => MetricKind::Counter,
+        ffi::metric_kind::GAUGE => MetricKind::Gauge,
+        _ => return -i64::from(libc::EINVAL),
+    };
+    // SAFETY: lent for the call.
+    let (name, help) = unsafe { (name.to_string_lossy(), help.to_string_lossy()) };
+    match shared.define(kind, &name, &help) {
+        Ok(id) => id as i64,
+        Err(DefineError::Invalid) => -i64::from(libc::EINVAL),
+        Err(DefineError::Full) => -i64::from(libc::ENOSPC),
+    }
+}
+
+/// `metric_add`. Safety: as for [`host_metric_define`].
+unsafe extern "C" fn host_metric_add(host_data: *mut c_void, id: u64, delta: i64) {
+    // SAFETY: as documented on host_metric_define.
+    if let Some(shared) = unsafe { shared_of(host_data) } {
+        shared.add(id, delta);
+    }
+}
+
+/// `metric_set`. Safety: as for [`host_metric_define`].
+unsafe extern "C" fn host_metric_set(host_data: *mut c_void, id: u64, value: i64) {
+    // SAFETY: as documented on host_metric_define.
+    if let Some(shared) = unsafe { shared_of(host_data) } {
+        shared.set(id, value);
+    }
+}
 
 /// `log`: re-emits a plugin's log record with its name.
 ///
@@ -465,7 +523,8 @@ pub(crate) static HOST_VTABLE: HostVtable = HostVtable {
 unsafe extern "C" fn host_log(host_data: *mut c_void, level: u32, message: StrRef) {
     // SAFETY: host_data comes from host_data_for; the message is lent for
     // this call.
-    let (plugin, message) = unsafe { (plugin_name(host_data), message.to_string_lossy()) };
+    let (plugin, message) =
+        unsafe { (shared_of(host_data).map_or("?", |shared| shared.name), message.to_string_lossy()) };
     match level {
         ffi::level::ERROR => error!(target: "asyncored::plugin", plugin = %plugin, "{message}"),
         ffi::level::WARN => warn!(target: "asyncored::plugin", plugin = %plugin, "{message}"),

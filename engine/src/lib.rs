@@ -24,6 +24,7 @@ mod host_abi;
 mod ids;
 mod loader;
 pub mod plugin_host;
+mod plugin_metrics;
 mod poll_loop;
 #[cfg(test)]
 mod test_plugin;

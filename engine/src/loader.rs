@@ -71,7 +71,6 @@
 //! end its threads before its generation is retired.
 
 use std::{
-    ffi::c_void,
     fmt,
     fs::File,
     io::{self, Read, Write},
@@ -88,6 +87,8 @@ use std::{
 use asyncore_abi::{self as ffi, AbiTag, DispatcherHandle, HostCtx, HostVtable, KeyValue, PluginDescriptor, StrRef};
 use sha2::{Digest, Sha256};
 use tracing::info;
+
+use crate::plugin_metrics::PluginShared;
 
 /// The largest library the loader copies: far above any plugin (the debug
 /// build of the largest one here is 7 MiB), far below what would hurt the
@@ -129,8 +130,8 @@ pub(crate) struct Host {
     /// The table handed to the plugin's `init`.
     pub(crate) vtable: &'static HostVtable,
     /// Makes `init`'s `host_data` for the plugin of this name; the host
-    /// gets it back in `log`.
-    pub(crate) host_data: fn(&str) -> *mut c_void,
+    /// gets it back in `log` and the metric functions.
+    pub(crate) host_data: fn(&str) -> &'static PluginShared,
     /// Runs the plugin's `on_load`; on refusal, returns the plugin's
     /// message.
     ///
@@ -177,6 +178,9 @@ pub struct LoadedPlugin {
     pub(crate) sha256: String,
     pub(crate) loaded_at: SystemTime,
     pub(crate) entries: Entries,
+    /// Its name and the metrics it defined: what `init`'s `host_data`
+    /// points to.
+    pub(crate) shared: &'static PluginShared,
     /// `None` for a plugin linked into the process, and once released.
     image: Option<Image>,
 }
@@ -403,7 +407,8 @@ fn adopt(
 
     // SAFETY: the host's table is static; host_data is the host's own, for
     // this plugin.
-    let status = unsafe { init(host.vtable, (host.host_data)(&name)) };
+    let shared = (host.host_data)(&name);
+    let status = unsafe { init(host.vtable, std::ptr::from_ref(shared).cast_mut().cast()) };
     if status != ffi::status::OK {
         return Err(PluginLoadError::InitRefused { path });
     }
@@ -422,6 +427,7 @@ fn adopt(
         sha256,
         loaded_at: SystemTime::now(),
         entries: Entries { listen, import_state, resume },
+        shared,
         image,
     })
 }

@@ -35,7 +35,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
 ///
 /// As for [`load`], past opening the library.
 pub fn in_process(descriptor: &'static PluginDescriptor) -> Result<LoadedPlugin, PluginLoadError> {
-    loader::in_process(descriptor, &host_abi::HOST)
+    loader::in_process(descriptor, &host_abi::IN_PROCESS_HOST)
 }
 
 /// SHA-256 of a file, hex, read in blocks (never whole into memory).

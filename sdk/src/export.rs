@@ -163,6 +163,11 @@ pub(crate) fn host_log(level: u32, message: &str) {
     }
 }
 
+/// Runs `f` with the host's `host_data`, if the host has called `init`.
+pub(crate) fn with_host_data<R>(f: impl FnOnce(*mut c_void) -> R) -> Option<R> {
+    HOST.get().map(|host| f(host.data))
+}
+
 /// The message of a caught panic.
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     LAST_PANIC.with(|last| last.take()).unwrap_or_else(|| payload_text(payload))

@@ -85,6 +85,7 @@ mod export;
 /// crate). Plugin authors never touch it; the export macro does.
 pub use asyncore_abi as ffi;
 pub mod log;
+pub mod metrics;
 pub mod prelude;
 
 pub use channel::{Channel, ChannelId, TimerId};

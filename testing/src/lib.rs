@@ -82,7 +82,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use asyncore_engine::command::{ChannelInfo, ChannelKind, ChannelState};
+pub use asyncore_engine::command::{ChannelInfo, ChannelKind, ChannelState, MetricKind, PluginMetric};
 use asyncore_engine::{Command, CommandError, Engine, EngineHandle, command::ListenerInfo, plugin_host};
 use asyncore_sdk::{Config, Plugin};
 
@@ -204,6 +204,21 @@ impl TestServer {
             .ok()
             .and_then(|plugins| plugins.into_iter().find(|p| p.name == self.plugin))
             .map_or(0, |plugin| plugin.generations.iter().map(|g| g.panics).sum())
+    }
+
+    /// The metrics the plugin defined (`asyncore_sdk::metrics`), with their
+    /// values now, as the daemon exports them.
+    pub fn metrics(&self) -> Vec<PluginMetric> {
+        let plugins = self.engine.request_blocking(|reply| Command::ListPlugins { reply });
+        plugins
+            .ok()
+            .and_then(|plugins| plugins.into_iter().find(|p| p.name == self.plugin))
+            .map_or_else(Vec::new, |plugin| plugin.generations.into_iter().flat_map(|g| g.metrics).collect())
+    }
+
+    /// The value of metric `name`, if the plugin defined it.
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        self.metrics().into_iter().find(|m| m.name == name).map(|m| m.value)
     }
 
     /// Everything the engine logged so far: the plugin's `log!` records

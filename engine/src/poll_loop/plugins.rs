@@ -402,7 +402,7 @@ impl Core {
                     listener_ids: listeners.remove(&index).unwrap_or_default(),
                     live_channels: entry.live_channels,
                     panics: entry.panics,
-                    metrics: Vec::new(),
+                    metrics: entry.loaded.shared.snapshot(),
                 }
             })
             .collect();

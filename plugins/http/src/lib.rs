@@ -356,6 +356,7 @@ impl HttpHandler {
     }
 
     fn push(&mut self, chat: &mut Chat<'_>, answer: Answer, connection: Connection, head_only: bool) {
+        self.listener.counters.responded(answer.status);
         let head = write_head(answer.status, answer.content_type, answer.body.len(), connection, SystemTime::now());
         let response = Response::new(head, answer.body, head_only, self.in_flight.ticket());
         chat.push_with_producer(Box::new(response));

@@ -14,6 +14,8 @@ use std::{
     rc::Rc,
 };
 
+use asyncore_sdk::metrics::Counter;
+
 use crate::{
     config::Settings,
     request::RequestHead,
@@ -60,6 +62,10 @@ pub(crate) struct Counters {
     refused: [Cell<u64>; REFUSALS.len()],
     /// Kept-alive connections closed by `keepalive_timeout`.
     keepalive_closed: Cell<u64>,
+    /// Responses by status, as plugin metrics the daemon exports
+    /// (`http_responses_200_total`, ...): defined at a status's first
+    /// response, then one atomic add each.
+    responses: RefCell<Vec<(u16, Counter)>>,
 }
 
 impl Counters {
@@ -70,6 +76,22 @@ impl Counters {
         let n = self.refused[index].get() + 1;
         self.refused[index].set(n);
         n
+    }
+
+    /// Counts a response with `status` in the daemon's metrics.
+    pub(crate) fn responded(&self, status: Status) {
+        let code = status.code();
+        let mut responses = self.responses.borrow_mut();
+        let counter = match responses.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => *counter,
+            None => {
+                let counter =
+                    Counter::new(&format!("http_responses_{code}_total"), &format!("Responses with status {code}."));
+                responses.push((code, counter));
+                counter
+            }
+        };
+        counter.inc();
     }
 
     /// Counts a kept-alive connection closed for idling.
