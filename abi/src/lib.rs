@@ -32,8 +32,10 @@
 //!   appended `DispatcherVtable::import_channel` and
 //!   `PluginDescriptor::resume` (state that survives a reload: a listener's
 //!   shared state, and channels that find their listener again).
-//! * **1.3** appended `HostVtable::{metric_define, metric_add, metric_set}`
-//!   (plugin-defined counters and gauges, exported by the daemon).
+//! * **1.3** appended `HostVtable::{metric_define, metric_add, metric_set,
+//!   annotate}` and `DispatcherVtable::describe` (plugin-defined counters
+//!   and gauges, exported by the daemon; a channel's own description of its
+//!   state, shown when someone looks at it).
 //!
 //! # Ownership
 //!
@@ -263,6 +265,12 @@ pub struct DispatcherVtable {
             out: *mut DispatcherHandle,
         ) -> i32,
     >,
+    /// (1.3) Asks the dispatcher to describe its state (terminator, bytes
+    /// buffered, the request being served) by calling
+    /// `HostVtable::annotate` for each pair; returns a [`status`] code.
+    /// Called only when someone looks at the channel, never per pass. Null
+    /// when the dispatcher has nothing to say.
+    pub describe: Option<unsafe extern "C" fn(instance: *mut c_void, ctx: *mut HostCtx) -> i32>,
 }
 
 /// Functions the host offers a plugin, passed once to `init`.
@@ -334,6 +342,9 @@ pub struct HostVtable {
     pub metric_add: unsafe extern "C" fn(host_data: *mut c_void, id: u64, delta: i64),
     /// (1.3) Sets a gauge.
     pub metric_set: unsafe extern "C" fn(host_data: *mut c_void, id: u64, value: i64),
+    /// (1.3) During `describe`: one key/value pair of the channel's
+    /// description; the host copies both.
+    pub annotate: unsafe extern "C" fn(ctx: *mut HostCtx, key: StrRef, value: StrRef),
 }
 
 /// Metric kinds for `HostVtable::metric_define`.

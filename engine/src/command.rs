@@ -176,6 +176,9 @@ pub struct ChannelInfo {
     pub created_at: SystemTime,
     pub counters: Counters,
     pub pending_output: u64,
+    /// What the dispatcher says of its state (`Dispatcher::describe`):
+    /// filled in by `GetChannel` only.
+    pub annotations: Vec<(String, String)>,
 }
 
 /// Which channels a stats request is about. The default is every channel.
@@ -321,6 +324,11 @@ pub struct LoopStats {
     /// Output bytes dropped by closes that could not deliver them (a peer
     /// that stopped reading past the close timeout, a drain deadline).
     pub bytes_dropped: u64,
+    /// Plugin calls that ran longer than the slow-callback threshold
+    /// (`Engine::set_slow_callback`): each held up every other channel.
+    pub slow_callbacks: u64,
+    /// The longest plugin call so far, slow or not, in microseconds.
+    pub slowest_callback_us: u64,
 }
 
 /// What [`EngineHandle::load_plugin`] loads, and what becomes of it.

@@ -153,6 +153,8 @@ pub(crate) struct CallCtx<'core> {
     report: Option<String>,
     /// State handed over by `export_state`.
     state: Option<Vec<u8>>,
+    /// Pairs given by `describe`.
+    annotations: Vec<(String, String)>,
     /// The context holds the core's unique borrow for as long as it lives.
     _core: PhantomData<&'core mut (dyn Services + 'core)>,
 }
@@ -161,13 +163,20 @@ impl<'core> CallCtx<'core> {
     /// A context for a call about the channel at `slot`, holding the core's
     /// borrow until it is dropped.
     pub(crate) fn new(core: &'core mut (dyn Services + 'core), slot: Slot) -> CallCtx<'core> {
-        CallCtx { services: Some(NonNull::from(core)), slot: Some(slot), report: None, state: None, _core: PhantomData }
+        CallCtx {
+            services: Some(NonNull::from(core)),
+            slot: Some(slot),
+            report: None,
+            state: None,
+            annotations: Vec::new(),
+            _core: PhantomData,
+        }
     }
 
     /// A context for a call that concerns no channel (`on_load`, `listen`,
     /// `import_state`): the plugin may only report through it.
     pub(crate) fn detached() -> CallCtx<'static> {
-        CallCtx { services: None, slot: None, report: None, state: None, _core: PhantomData }
+        CallCtx { services: None, slot: None, report: None, state: None, annotations: Vec::new(), _core: PhantomData }
     }
 
     fn as_ffi(&mut self) -> *mut HostCtx {
@@ -442,6 +451,24 @@ impl Dispatcher {
         }
     }
 
+    /// Asks the dispatcher to describe itself: the pairs it gave, or none
+    /// before ABI 1.3.
+    pub(crate) fn describe(self, ctx: &mut CallCtx<'_>) -> Result<Vec<(String, String)>, Panicked> {
+        if !ffi::has_field(self.vtable_size, std::mem::offset_of!(ffi::DispatcherVtable, describe)) {
+            return Ok(Vec::new());
+        }
+        // SAFETY: adopt read the vtable's size; the field is within it.
+        let Some(describe) = (unsafe { std::ptr::addr_of!((*self.handle.vtable).describe).read() }) else {
+            return Ok(Vec::new());
+        };
+        // SAFETY: as for interest.
+        let status = unsafe { describe(self.handle.instance, ctx.as_ffi()) };
+        if status == ffi::status::PANICKED {
+            return Err(Panicked);
+        }
+        Ok(std::mem::take(&mut ctx.annotations))
+    }
+
     /// Frees the instance. Called exactly once, never during one of its own
     /// callbacks.
     pub(crate) fn release(self) {
@@ -477,6 +504,7 @@ pub(crate) static HOST_VTABLE: HostVtable = HostVtable {
     metric_define: host_metric_define,
     metric_add: host_metric_add,
     metric_set: host_metric_set,
+    annotate: host_annotate,
 };
 
 /// `metric_define`: the metric's id, or `-EINVAL` (a bad name, or a name
@@ -545,6 +573,19 @@ unsafe extern "C" fn host_report(ctx: *mut HostCtx, message: StrRef) {
 /// `hand_over`: the state `export_state` hands to the next generation.
 ///
 /// Safety: the module's contract.
+/// `annotate`: one pair of a `describe` call's answer.
+///
+/// Safety: the module's contract; the strings are lent for the call.
+unsafe extern "C" fn host_annotate(ctx: *mut HostCtx, key: StrRef, value: StrRef) {
+    // SAFETY: ctx is a live call context; the strings are lent for the call.
+    unsafe {
+        let ctx = context(ctx);
+        if ctx.annotations.len() < 32 {
+            ctx.annotations.push((key.to_string_lossy(), value.to_string_lossy()));
+        }
+    }
+}
+
 unsafe extern "C" fn host_hand_over(ctx: *mut HostCtx, state: *const u8, len: usize) {
     // SAFETY: ctx is a live call context; the plugin lends len bytes.
     unsafe { context(ctx).state = Some(StrRef { ptr: state, len }.as_bytes().to_vec()) };

@@ -51,6 +51,7 @@ static LISTENING: DispatcherVtable = DispatcherVtable {
     drop: drop_listening,
     export_state: decline_export,
     import_channel: None,
+    describe: None,
 };
 
 static CONNECTION: DispatcherVtable = DispatcherVtable {
@@ -61,6 +62,7 @@ static CONNECTION: DispatcherVtable = DispatcherVtable {
     drop: drop_connection,
     export_state: decline_export,
     import_channel: None,
+    describe: None,
 };
 
 /// The listening dispatcher has no state: its instance is this byte.

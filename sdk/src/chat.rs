@@ -242,6 +242,15 @@ pub trait ChatHandler: 'static {
         chat.close_when_done();
     }
 
+    /// A few key/value pairs for the operator, after the `AsyncChat`'s own
+    /// (terminator, bytes buffered, producers queued): see
+    /// [`Dispatcher::describe`].
+    ///
+    /// The default says nothing more.
+    fn describe(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Hot reload: the state of this conversation to carry to the new
     /// generation (see [`Dispatcher::export_state`]). Asked only between
     /// messages, with nothing queued to send: the `AsyncChat` adds its own
@@ -574,6 +583,22 @@ impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
         self.close_pending = false;
         let (handler, mut chat) = self.split(channel);
         handler.handle_shutdown(&mut chat, reason);
+    }
+
+    /// The terminator, what is buffered and queued, then the handler's own
+    /// pairs.
+    fn describe(&mut self, _channel: &Channel<'_>) -> Vec<(String, String)> {
+        let mut pairs = vec![
+            ("terminator".to_string(), self.framer.get_terminator().to_string()),
+            ("incoming_bytes".to_string(), self.incoming.len().to_string()),
+            ("unread_bytes".to_string(), self.unread.len().to_string()),
+            ("producers_queued".to_string(), self.outbox.producers.len().to_string()),
+        ];
+        if !self.outbox.is_open() {
+            pairs.push(("closing".to_string(), "when done".to_string()));
+        }
+        pairs.extend(self.handler.describe());
+        pairs
     }
 
     /// Hands the conversation over only between messages, with nothing

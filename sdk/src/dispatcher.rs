@@ -190,6 +190,17 @@ pub trait Dispatcher: 'static {
         let _ = (channel, state);
         None
     }
+
+    /// A few key/value pairs describing this channel's state for the
+    /// operator (the request being served, bytes buffered), shown by
+    /// `asyncorectl channels get` and `GetChannel`. Asked only when someone
+    /// looks at the channel, never per pass; keep it short and cheap.
+    ///
+    /// The default says nothing.
+    fn describe(&mut self, channel: &Channel<'_>) -> Vec<(String, String)> {
+        let _ = channel;
+        Vec::new()
+    }
 }
 
 /// Why the daemon closes a channel: the argument of

@@ -247,6 +247,7 @@ static DISPATCHER_VTABLE: DispatcherVtable = DispatcherVtable {
     drop: dispatcher_drop,
     export_state: dispatcher_export_state,
     import_channel: Some(dispatcher_import_channel),
+    describe: Some(dispatcher_describe),
 };
 
 /// Moves a dispatcher behind the C ABI; the host frees it through the
@@ -360,6 +361,23 @@ unsafe extern "C" fn dispatcher_import_channel(
             status::OK
         }
         Ok(None) => status::DECLINED,
+        Err(()) => status::PANICKED,
+    }
+}
+
+unsafe extern "C" fn dispatcher_describe(instance: *mut c_void, ctx: *mut HostCtx) -> i32 {
+    // SAFETY: forwarded from the host's contract for vtable calls.
+    let pairs = unsafe { with_slot(instance, ctx, |d, ch| d.describe(ch)) };
+    match pairs {
+        Ok(pairs) => {
+            if let Some(annotate) = host_opt!(annotate) {
+                for (key, value) in &pairs {
+                    // SAFETY: ctx is live; the host copies both strings.
+                    unsafe { annotate(ctx, StrRef::new(key), StrRef::new(value)) };
+                }
+            }
+            status::OK
+        }
         Err(()) => status::PANICKED,
     }
 }

@@ -206,6 +206,12 @@ impl TestServer {
             .map_or(0, |plugin| plugin.generations.iter().map(|g| g.panics).sum())
     }
 
+    /// Channel `id` as `GetChannel` shows it, with what its dispatcher says
+    /// of its state (`Dispatcher::describe`) in `annotations`.
+    pub fn channel(&self, id: u64) -> Option<ChannelInfo> {
+        self.engine.request_blocking(|reply| Command::GetChannel { id, reply }).ok()
+    }
+
     /// The metrics the plugin defined (`asyncore_sdk::metrics`), with their
     /// values now, as the daemon exports them.
     pub fn metrics(&self) -> Vec<PluginMetric> {

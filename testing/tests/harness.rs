@@ -90,3 +90,20 @@ fn a_refused_config_is_an_error() {
     let error = TestServer::start::<LinesPlugin>(Config::from_pairs([("refuse", "yes")])).unwrap_err();
     assert!(error.contains("refuse"), "{error}");
 }
+
+#[test]
+fn a_channel_describes_its_state_when_looked_at() {
+    let server = TestServer::start::<LinesPlugin>(Config::default()).unwrap();
+    let mut client = server.connect();
+    client.write_all(b"half a li").unwrap();
+    let peer = client.local_addr().unwrap();
+    asyncore_testing::eventually("the half line to be buffered", || {
+        let Some(channel) = server.channel_by_peer(peer) else { return false };
+        let info = server.channel(channel.id).unwrap();
+        info.annotations.contains(&("incoming_bytes".to_string(), "9".to_string()))
+    });
+    let channel = server.channel_by_peer(peer).unwrap();
+    let annotations = server.channel(channel.id).unwrap().annotations;
+    assert!(annotations.contains(&("terminator".to_string(), "\"\\n\"".to_string())), "{annotations:?}");
+    assert!(channel.annotations.is_empty(), "listings do not ask the dispatchers");
+}

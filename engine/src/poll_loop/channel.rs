@@ -4,8 +4,8 @@
 use std::{
     fs::File,
     io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
     mem::MaybeUninit,
+    net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     time::{Duration, Instant, SystemTime},
 };
@@ -350,6 +350,7 @@ impl Channel {
             created_at: self.created_at,
             counters: self.counters,
             pending_output: self.out.len() as u64,
+            annotations: Vec::new(),
         }
     }
 }

@@ -60,7 +60,13 @@ impl Core {
                 let _ = reply.send(Ok(list));
             }
             Command::GetChannel { id, reply } => {
-                let _ = reply.send(self.channel_info(ChannelId(id)));
+                // Asked of the dispatcher only here, when someone looks.
+                let annotations = match self.channels.slot_of(ChannelId(id)) {
+                    Some(slot) if self.is_open(slot) => self.call(slot, |d, ctx| d.describe(ctx)).unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                let answer = self.channel_info(ChannelId(id)).map(|info| ChannelInfo { annotations, ..info });
+                let _ = reply.send(answer);
             }
             Command::CloseChannel { id, reply } => {
                 let answer = match self.channels.slot_of(ChannelId(id)) {

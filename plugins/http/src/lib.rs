@@ -158,6 +158,10 @@ impl Dispatcher for HttpConnection {
     fn handle_shutdown(&mut self, channel: &mut Channel<'_>, reason: CloseReason) {
         self.chat.handle_shutdown(channel, reason);
     }
+
+    fn describe(&mut self, channel: &Channel<'_>) -> Vec<(String, String)> {
+        self.chat.describe(channel)
+    }
 }
 
 /// What a connection waits for, which says what its one timer means.
@@ -199,6 +203,19 @@ struct HttpHandler {
 }
 
 impl ChatHandler for HttpHandler {
+    /// What the connection waits for, and the responses still queued.
+    fn describe(&self) -> Vec<(String, String)> {
+        let waiting = match self.wait {
+            Wait::Idle => "the next request",
+            Wait::Head => "the rest of a request head",
+            Wait::Body => "the rest of a request body",
+        };
+        vec![
+            ("waiting_for".to_string(), waiting.to_string()),
+            ("responses_in_flight".to_string(), self.in_flight.count().to_string()),
+        ]
+    }
+
     fn collect_incoming_data(&mut self, chat: &mut Chat<'_>, data: &[u8]) {
         if self.body_of.is_none() {
             // A request starts at its first byte. Line endings alone do not
