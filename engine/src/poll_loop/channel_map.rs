@@ -155,8 +155,12 @@ impl Core {
     fn count_dispatcher(&mut self, generation: GenerationIndex, listener_id: ListenerId, delta: i64) {
         let entry = &mut self.plugins[generation];
         entry.live_channels = entry.live_channels.saturating_add_signed(delta);
+        let last_gone = entry.live_channels == 0 && delta < 0;
         if let Some(listener) = self.listeners.get_mut(&listener_id) {
             listener.channel_count = listener.channel_count.saturating_add_signed(delta);
+        }
+        if last_gone {
+            self.unload_if_unused(generation);
         }
     }
 

@@ -26,7 +26,7 @@ use crate::{
     config::plugin_config,
     host_abi::{CallCtx, Dispatcher, Panicked},
     ids::{ChannelId, GenerationIndex, ListenerId, Slot},
-    loader::LoadedPlugin,
+    loader::{LoadedPlugin, Unloaded},
 };
 
 /// One generation of a plugin.
@@ -264,6 +264,7 @@ impl Core {
                     // do not follow the channel.
                     self.timers.cancel_calls_of(channel_id);
                     self.plugins[old_generation].live_channels -= 1;
+                    self.unload_if_unused(old_generation);
                     self.plugins[index].live_channels += 1;
                     self.channels.mark_dirty(slot);
                     moved += 1;
@@ -348,7 +349,33 @@ impl Core {
                 self.current.remove(name);
             }
         }
+        for &index in &targets {
+            self.unload_if_unused(index);
+        }
         Ok(self.plugin_info(name))
+    }
+
+    /// Closes the library of a retired generation once nothing of it can
+    /// run: no channel and no listening dispatcher of it is left (its
+    /// vtables and code go with the image). A library glibc cannot unmap
+    /// (a thread-local destructor of the plugin is pending) stays mapped,
+    /// never called again; the log says which.
+    pub(super) fn unload_if_unused(&mut self, index: GenerationIndex) {
+        let entry = &self.plugins[index];
+        if !entry.retired || entry.live_channels > 0 {
+            return;
+        }
+        if self.listeners.values().any(|l| l.generation == index && l.channel.is_some()) {
+            return;
+        }
+        let entry = &mut self.plugins[index];
+        // SAFETY: retired, it is never activated or called again; no
+        // channel or listener of it is left, so no dispatcher, timer or
+        // entry point of it can run.
+        let outcome = unsafe { entry.loaded.release_image() };
+        if outcome != Unloaded::NoLibrary {
+            info!(plugin = %entry.loaded.name, generation = entry.generation, "library of a retired generation: {outcome}");
+        }
     }
 
     /// Slots of the live channels of plugin `name` matching `filter`.

@@ -146,6 +146,17 @@ fn log_lines(daemon: &Daemon, needle: &str) -> Vec<String> {
     daemon.log().lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
 }
 
+/// Waits for a log line that says both `needle` and `also` (the log thread
+/// writes a moment after the record).
+async fn logged(daemon: &Daemon, needle: &str, also: &str) {
+    eventually!(
+        async || log_lines(daemon, needle).iter().any(|line| line.contains(also)),
+        "a log line with {needle:?} and {also:?}; log:\n{}",
+        daemon.log()
+    )
+    .await;
+}
+
 #[test]
 fn truncated_and_corrupt_libraries_are_refused_with_the_reason_and_the_daemon_lives_on() {
     let mut daemon = Daemon::start();
@@ -233,12 +244,8 @@ fn the_start_up_scan_skips_broken_libraries_with_a_log_line_and_serves_the_other
     runtime().block_on(async {
         let mut client = daemon.client().await;
         for (name, _, reason) in &broken {
-            let skipped = log_lines(&daemon, &format!("skipping {}", dir.path().join(name).display()));
-            assert!(
-                skipped.iter().any(|line| line.contains(reason)),
-                "a log line skipping {name} because {reason:?}; log:\n{}",
-                daemon.log()
-            );
+            let skipping = format!("skipping {}", dir.path().join(name).display());
+            logged(&daemon, &skipping, reason).await;
         }
         let echo = plugin_named(&mut client, "echo").await;
         assert_eq!(echo.generations.len(), 1);
@@ -263,12 +270,7 @@ fn the_start_up_scan_refuses_a_symlink_out_of_the_plugin_directory_as_load_plugi
         let mut client = daemon.client().await;
         let names: Vec<String> = plugins(&mut client).await.into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["echo"], "the symlink out of the plugin directory is not loaded");
-        let skipped = log_lines(&daemon, &format!("skipping {}", link.display()));
-        assert!(
-            skipped.iter().any(|l| l.contains("outside the plugin directories")),
-            "the skip is logged with its reason; log:\n{}",
-            daemon.log()
-        );
+        logged(&daemon, &format!("skipping {}", link.display()), "outside the plugin directories").await;
         // LoadPlugin says the same of it.
         let refused = load(&mut client, &link).await.unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied);
@@ -311,12 +313,8 @@ fn of_two_libraries_of_one_plugin_name_the_newest_file_is_current_and_the_other_
             let other = echo.generations.iter().find(|g| g.generation != echo.current_generation).unwrap();
             assert!(other.path.ends_with(older));
             assert_eq!(other.state, v1::GenerationState::Standby as i32);
-            let said = log_lines(&daemon, "2 libraries carry plugin name \"echo\"");
-            assert!(
-                said.iter().any(|l| l.contains(&format!("current={}", dir.path().join(newer).display()))),
-                "the log says which is current; log:\n{}",
-                daemon.log()
-            );
+            let current = format!("current={}", dir.path().join(newer).display());
+            logged(&daemon, "2 libraries carry plugin name \"echo\"", &current).await;
         });
     }
 }

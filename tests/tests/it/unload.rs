@@ -77,7 +77,6 @@ async fn cycle(client: &mut Client, address: std::net::SocketAddr, generation: u
 }
 
 #[test]
-#[ignore = "needs the engine to release a retired generation's library (LoadedPlugin::release_image) once its last channel and listener are gone"]
 fn two_hundred_reloads_with_their_old_generations_retired_leave_no_image_behind() {
     let daemon = Daemon::start();
     let pid = daemon.pid();
