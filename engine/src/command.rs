@@ -380,7 +380,10 @@ impl EngineHandle {
         if let Some(expected) = expected_name
             && loaded.name != expected
         {
-            return Err(CommandError::WrongPlugin { path: display, found: loaded.name.clone(), expected });
+            let found = loaded.name.clone();
+            // Never handed to the engine: its library can go now.
+            let _ = loaded.unload();
+            return Err(CommandError::WrongPlugin { path: display, found, expected });
         }
         self.request(|reply| Command::AddPlugin { plugin: Box::new(loaded), activate, drain_timeout, reply }).await
     }
