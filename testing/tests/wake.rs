@@ -15,11 +15,11 @@ use std::{
     io::{ErrorKind, Read, Write},
     net::TcpStream,
     rc::Rc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use asyncore_sdk::prelude::*;
-use asyncore_testing::TestServer;
+use asyncore_testing::{TestServer, eventually};
 
 /// What the sink and the source of one listener share, on the poll thread.
 #[derive(Default)]
@@ -145,12 +145,3 @@ fn a_sink_nobody_wakes_stalls_until_its_own_handler_runs() {
     assert_eq!(&back, b"hello");
 }
 
-/// Retries `condition` every 10 ms for up to 10 s, then fails the test.
-#[track_caller]
-fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}

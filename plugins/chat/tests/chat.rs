@@ -6,12 +6,12 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use asyncore_plugin_chat::ChatPlugin;
 use asyncore_sdk::Config;
-use asyncore_testing::TestServer;
+use asyncore_testing::{TestServer, eventually};
 
 /// One chat client: a line reader and a writer over one connection.
 struct Member {
@@ -145,12 +145,3 @@ fn a_member_closed_by_the_operator_leaves_the_room() {
     assert!(line.ends_with("> hello\n"), "{line:?}");
 }
 
-/// Retries `condition` every 10 ms for up to 10 s, then fails the test.
-#[track_caller]
-fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
