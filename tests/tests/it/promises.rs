@@ -63,44 +63,44 @@ async fn channel_of(client: &mut Client, listener_id: u64, stream: &TcpStream) -
     client.channel_by_peer(listener_id, stream.local_addr().unwrap()).await.id
 }
 
-#[test]
-fn close_channel_delivers_what_the_producers_still_hold() {
+/// Starts the `big` answer on an in-process daemon, closes it with
+/// `close` (given the client, the listener and the channel) while most of
+/// it is still in the producer, and checks that a slow reader gets every
+/// byte.
+fn closed_mid_answer_delivers_everything(close: impl AsyncFnOnce(&mut Client, u64, u64)) {
     let runtime = runtime();
     let daemon = runtime.block_on(InProcessDaemon::start_with(cache_options("")));
     let mut client = runtime.block_on(daemon.client());
     let (listener_id, address) = runtime.block_on(client.start_listener("cache", &[]));
     let (stream, first) = start_big(address);
     let id = runtime.block_on(channel_of(&mut client, listener_id, &stream));
-    runtime.block_on(client.channels.close_channel(v1::CloseChannelRequest { id })).unwrap();
+    runtime.block_on(close(&mut client, listener_id, id));
     on_thread_within("the slow client to read it all", move || finish_big_slowly(stream, first));
+}
+
+#[test]
+fn close_channel_delivers_what_the_producers_still_hold() {
+    closed_mid_answer_delivers_everything(async |client, _, id| {
+        client.channels.close_channel(v1::CloseChannelRequest { id }).await.unwrap();
+    });
 }
 
 #[test]
 fn stop_listener_with_close_channels_delivers_what_the_producers_still_hold() {
-    let runtime = runtime();
-    let daemon = runtime.block_on(InProcessDaemon::start_with(cache_options("")));
-    let mut client = runtime.block_on(daemon.client());
-    let (listener_id, address) = runtime.block_on(client.start_listener("cache", &[]));
-    let (stream, first) = start_big(address);
-    runtime.block_on(channel_of(&mut client, listener_id, &stream));
-    let stop = v1::StopListenerRequest { id: listener_id, close_channels: true };
-    runtime.block_on(client.listeners.stop_listener(stop)).unwrap();
-    on_thread_within("the slow client to read it all", move || finish_big_slowly(stream, first));
+    closed_mid_answer_delivers_everything(async |client, listener_id, _| {
+        let stop = v1::StopListenerRequest { id: listener_id, close_channels: true };
+        client.listeners.stop_listener(stop).await.unwrap();
+    });
 }
 
 #[test]
 fn a_reloads_drain_timeout_delivers_what_the_producers_still_hold() {
-    let runtime = runtime();
-    let daemon = runtime.block_on(InProcessDaemon::start_with(cache_options("")));
-    let mut client = runtime.block_on(daemon.client());
-    let (listener_id, address) = runtime.block_on(client.start_listener("cache", &[]));
-    let (stream, first) = start_big(address);
-    runtime.block_on(channel_of(&mut client, listener_id, &stream));
     // Mid-answer, the channel cannot move (producers are queued): it stays
     // on generation 1, which the drain timeout then closes.
-    let reload = v1::ReloadPluginRequest { name: "cache".into(), path: String::new(), drain_timeout_ms: 50 };
-    runtime.block_on(client.plugins.reload_plugin(reload)).unwrap();
-    on_thread_within("the slow client to read it all", move || finish_big_slowly(stream, first));
+    closed_mid_answer_delivers_everything(async |client, _, _| {
+        let reload = v1::ReloadPluginRequest { name: "cache".into(), path: String::new(), drain_timeout_ms: 50 };
+        client.plugins.reload_plugin(reload).await.unwrap();
+    });
 }
 
 #[test]
