@@ -56,8 +56,15 @@ pub(crate) enum Command {
     Plugins(PluginsCommand),
     /// Stream per-channel counters until Ctrl-C or the daemon ends the stream.
     Stats(StatsArgs),
+    /// A live view of the busiest channels, refreshed every second, with the
+    /// poll loop's figures on top; `q` quits. Needs a terminal: scripts use
+    /// `stats`.
+    Top(TopArgs),
     /// Counters of the daemon's poll loop.
     LoopStats,
+    /// The daemon's version, uptime, phase, loop counters (slow callbacks
+    /// included) and how many plugins and listeners it has.
+    Info,
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +213,26 @@ pub(crate) struct StatsArgs {
     /// Only this channel; repeat for more.
     #[arg(long = "channel", value_name = "ID")]
     pub(crate) channels: Vec<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Keys: s, > or Right sorts by the next column (Left or < the previous one),
+r reverses the order, q, Esc or Ctrl-C quits.
+
+Columns: the channel, its listener, the plugin generation serving it, the
+peer, bytes per second in and out, output queued in the daemon (not yet
+written to the socket) and the channel's age. The header has the daemon's
+version, phase and uptime, and the poll loop's passes, events and handler
+calls per second, slow callbacks and panics.")]
+pub(crate) struct TopArgs {
+    /// Time between refreshes: 500ms, 1s, 2m, or a bare number of
+    /// milliseconds.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval_ms)]
+    pub(crate) interval: u32,
+    /// Only channels of this listener.
+    #[arg(long, value_name = "ID")]
+    pub(crate) listener: Option<u64>,
 }
 
 /// Parses `-c key=value`. The value may be empty and may contain `=`; only
@@ -367,6 +394,16 @@ mod tests {
             assert_eq!(args.dir, Some(PathBuf::from("/tmp/x")));
             assert_eq!(args.sdk, None);
         }
+    }
+
+    #[test]
+    fn top_and_info_parse() {
+        let cli = Cli::try_parse_from(["asyncorectl", "top", "--interval", "500ms", "--listener", "3"]).unwrap();
+        assert!(matches!(cli.command, Command::Top(TopArgs { interval: 500, listener: Some(3) })));
+        let cli = Cli::try_parse_from(["asyncorectl", "top"]).unwrap();
+        assert!(matches!(cli.command, Command::Top(TopArgs { interval: 1_000, listener: None })));
+        assert!(matches!(Cli::try_parse_from(["asyncorectl", "info"]).unwrap().command, Command::Info));
+        assert_eq!(Cli::try_parse_from(["asyncorectl", "top", "--interval", "5ms"]).unwrap_err().exit_code(), 2);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `asyncorectl`, the command-line client of asyncored's gRPC control API:
 //! one subcommand per RPC, human tables by default and JSON for scripts,
-//! plus `plugin new`, which writes a plugin crate and needs no daemon.
+//! plus `top`, a live view in the terminal, and `plugin new`, which writes
+//! a plugin crate and needs no daemon.
 //!
 //! Exit codes: 0 on success, 1 when the daemon answers with an error (or a
 //! local step such as writing a file fails), 2 for usage errors (clap's own
@@ -16,6 +17,7 @@ mod listeners;
 mod plugins;
 mod render;
 mod stats;
+mod top;
 
 use std::process::ExitCode;
 
@@ -78,6 +80,8 @@ async fn run(command: Command, format: OutputFormat, target: &ControlTarget) -> 
         Command::Channels(command) => channels::run(channel, command, format).await,
         Command::Plugins(command) => plugins::run(channel, command, format, target).await,
         Command::Stats(args) => stats::watch(channel, args, format).await,
+        Command::Top(args) => top::run(channel, args).await,
         Command::LoopStats => stats::loop_stats(channel, format).await,
+        Command::Info => stats::info(channel, format).await,
     }
 }

@@ -257,7 +257,13 @@ pub(crate) fn plugins_table(plugins: &[v1::Plugin]) -> String {
 }
 
 pub(crate) fn loop_stats_table(stats: &v1::LoopStats) -> String {
-    Table::key_value(vec![
+    Table::key_value(loop_stats_rows(stats)).render()
+}
+
+/// `loop-stats` and the loop's part of `info`: the counters in the proto's
+/// order, and the slowest callback as a duration.
+fn loop_stats_rows(stats: &v1::LoopStats) -> Vec<(&'static str, String)> {
+    vec![
         ("passes", stats.passes.to_string()),
         ("events", stats.events.to_string()),
         ("handler_calls", stats.handler_calls.to_string()),
@@ -267,8 +273,56 @@ pub(crate) fn loop_stats_table(stats: &v1::LoopStats) -> String {
         ("panics", stats.panics.to_string()),
         ("accepts", stats.accepts.to_string()),
         ("commands", stats.commands.to_string()),
-    ])
-    .render()
+        ("bytes_dropped", stats.bytes_dropped.to_string()),
+        ("slow_callbacks", stats.slow_callbacks.to_string()),
+        ("slowest_callback", micros_text(stats.slowest_callback_us)),
+    ]
+}
+
+/// `info`: the daemon, then its loop's counters. What only the loop knows
+/// shows as `-` when the loop did not answer.
+pub(crate) fn daemon_info_table(info: &v1::DaemonInfo) -> String {
+    let count = |count: Option<u64>| count.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let mut rows = vec![
+        ("version", dash_if_empty(&info.version)),
+        ("phase", daemon_phase_name(info.phase)),
+        ("started_at", timestamp_text(info.started_at.as_ref())),
+        ("uptime", seconds_text(info.uptime_seconds)),
+        ("plugins", count(info.plugins)),
+        ("plugin_generations", count(info.plugin_generations)),
+        ("listeners", count(info.listeners)),
+        ("stopped_listeners", count(info.stopped_listeners)),
+    ];
+    match &info.loop_stats {
+        Some(stats) => rows.extend(loop_stats_rows(stats)),
+        None => rows.push(("loop_stats", "- (the poll loop does not answer)".to_owned())),
+    }
+    Table::key_value(rows).render()
+}
+
+/// A duration of whole seconds for people: `45s`, `3m07s`, `2h05m09s`,
+/// `3d04h05m`.
+pub(crate) fn seconds_text(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return "-".to_owned();
+    }
+    let total = seconds as u64;
+    let (days, hours, minutes, seconds) = (total / 86_400, total / 3_600 % 24, total / 60 % 60, total % 60);
+    match (days, hours, minutes) {
+        (0, 0, 0) => format!("{seconds}s"),
+        (0, 0, _) => format!("{minutes}m{seconds:02}s"),
+        (0, _, _) => format!("{hours}h{minutes:02}m{seconds:02}s"),
+        _ => format!("{days}d{hours:02}h{minutes:02}m"),
+    }
+}
+
+/// Microseconds for people: `850us`, `52.1ms`, `1.20s`.
+pub(crate) fn micros_text(micros: u64) -> String {
+    match micros {
+        0..1_000 => format!("{micros}us"),
+        1_000..1_000_000 => format!("{:.1}ms", micros as f64 / 1e3),
+        _ => format!("{:.2}s", micros as f64 / 1e6),
+    }
 }
 
 /// One `stats` message: a header line, a row per channel, a blank line to
@@ -333,6 +387,13 @@ fn channel_kind_name(raw: i32) -> String {
 fn generation_state_name(raw: i32) -> String {
     match v1::GenerationState::try_from(raw) {
         Ok(state) => short_enum_name(state.as_str_name(), "GENERATION_STATE_"),
+        Err(_) => format!("unknown({raw})"),
+    }
+}
+
+pub(crate) fn daemon_phase_name(raw: i32) -> String {
+    match v1::DaemonPhase::try_from(raw) {
+        Ok(phase) => short_enum_name(phase.as_str_name(), "DAEMON_PHASE_"),
         Err(_) => format!("unknown({raw})"),
     }
 }
@@ -457,6 +518,23 @@ pub(crate) fn loop_stats_json(stats: &v1::LoopStats) -> Value {
         "panics": stats.panics,
         "accepts": stats.accepts,
         "commands": stats.commands,
+        "bytes_dropped": stats.bytes_dropped,
+        "slow_callbacks": stats.slow_callbacks,
+        "slowest_callback_us": stats.slowest_callback_us,
+    })
+}
+
+pub(crate) fn daemon_info_json(info: &v1::DaemonInfo) -> Value {
+    json!({
+        "version": info.version,
+        "phase": daemon_phase_name(info.phase),
+        "started_at": timestamp_json(info.started_at.as_ref()),
+        "uptime_seconds": info.uptime_seconds,
+        "plugins": info.plugins,
+        "plugin_generations": info.plugin_generations,
+        "listeners": info.listeners,
+        "stopped_listeners": info.stopped_listeners,
+        "loop_stats": info.loop_stats.as_ref().map(loop_stats_json),
     })
 }
 
@@ -581,6 +659,46 @@ mod tests {
         assert_eq!(json(0, 1_500_000_000), "1970-01-01T00:00:01.500Z");
         assert_eq!(timestamp_text(None), "-");
         assert_eq!(timestamp_json(None), Value::Null);
+    }
+
+    #[test]
+    fn durations_for_people() {
+        assert_eq!(seconds_text(0.4), "0s");
+        assert_eq!(seconds_text(45.9), "45s");
+        assert_eq!(seconds_text(187.0), "3m07s");
+        assert_eq!(seconds_text(7_509.0), "2h05m09s");
+        assert_eq!(seconds_text(273_900.0), "3d04h05m");
+        assert_eq!(seconds_text(f64::NAN), "-");
+        assert_eq!(micros_text(850), "850us");
+        assert_eq!(micros_text(52_140), "52.1ms");
+        assert_eq!(micros_text(1_200_000), "1.20s");
+    }
+
+    #[test]
+    fn info_shows_the_loop_or_says_it_is_gone() {
+        let info = v1::DaemonInfo {
+            version: "0.1.0".into(),
+            phase: v1::DaemonPhase::Running as i32,
+            uptime_seconds: 61.0,
+            plugins: Some(2),
+            listeners: Some(1),
+            loop_stats: Some(v1::LoopStats { slow_callbacks: 3, slowest_callback_us: 52_140, ..Default::default() }),
+            ..Default::default()
+        };
+        let table = daemon_info_table(&info);
+        for line in ["phase               running", "uptime              1m01s", "slow_callbacks      3"] {
+            assert!(table.contains(line), "{line:?} in\n{table}");
+        }
+        assert!(table.contains("slowest_callback    52.1ms"), "{table}");
+        let json = daemon_info_json(&info);
+        assert_eq!(json["loop_stats"]["slow_callbacks"], 3);
+        assert_eq!(json["stopped_listeners"], Value::Null);
+
+        let gone = v1::DaemonInfo { phase: v1::DaemonPhase::Failed as i32, ..Default::default() };
+        let table = daemon_info_table(&gone);
+        assert!(table.contains("phase               failed") && table.contains("plugins             -"), "{table}");
+        assert!(table.contains("the poll loop does not answer"), "{table}");
+        assert_eq!(daemon_info_json(&gone)["loop_stats"], Value::Null);
     }
 
     #[test]

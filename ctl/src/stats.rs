@@ -1,5 +1,5 @@
-//! `asyncorectl stats` and `loop-stats`: the daemon's counters, streamed
-//! per channel or read once for the poll loop.
+//! `asyncorectl stats`, `loop-stats` and `info`: the daemon's counters,
+//! streamed per channel or read once for the poll loop and the daemon.
 
 use anyhow::Context as _;
 use asyncore_proto::v1;
@@ -9,7 +9,8 @@ use tonic::transport::Channel;
 
 use crate::flags::{OutputFormat, StatsArgs};
 use crate::render::{
-    loop_stats_json, loop_stats_table, print_json, print_json_line, print_text, stats_update_block, stats_update_json,
+    daemon_info_json, daemon_info_table, loop_stats_json, loop_stats_table, print_json, print_json_line, print_text,
+    stats_update_block, stats_update_json,
 };
 
 /// `stats`: prints each update as it arrives, until Ctrl-C or the end of
@@ -48,5 +49,14 @@ pub(crate) async fn loop_stats(channel: Channel, format: OutputFormat) -> anyhow
     match format {
         OutputFormat::Json => print_json(&loop_stats_json(&stats)),
         OutputFormat::Table => print_text(&loop_stats_table(&stats)),
+    }
+}
+
+/// `info`.
+pub(crate) async fn info(channel: Channel, format: OutputFormat) -> anyhow::Result<()> {
+    let info = DaemonClient::new(channel).get_daemon_info(v1::GetDaemonInfoRequest {}).await?.into_inner();
+    match format {
+        OutputFormat::Json => print_json(&daemon_info_json(&info)),
+        OutputFormat::Table => print_text(&daemon_info_table(&info)),
     }
 }

@@ -16,6 +16,9 @@ use serde::Deserialize;
 /// The default control address: loopback only.
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:50051";
 
+/// The default address of the HTTP API: loopback only.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:50052";
+
 /// Everything the daemon needs to start.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +26,10 @@ pub struct Config {
     /// Address of the gRPC control API.
     #[serde(default = "default_control")]
     pub control: SocketAddr,
+    /// Address of the HTTP/JSON API, `/metrics` and the health checks;
+    /// `None` (`http = "none"`) serves no HTTP.
+    #[serde(default = "default_http", deserialize_with = "deserialize_http")]
+    pub http: Option<SocketAddr>,
     /// Directories whose plugin libraries (`*.so`) are loaded at start.
     #[serde(default)]
     pub plugin_dirs: Vec<PathBuf>,
@@ -48,6 +55,39 @@ pub struct Config {
     /// milliseconds.
     #[serde(default = "default_min_stats_interval")]
     pub min_stats_interval_ms: u64,
+    /// A plugin callback that runs longer than this many milliseconds is
+    /// slow: it held up every other channel, and is logged and counted
+    /// (`LoopStats::slow_callbacks`).
+    #[serde(default = "default_slow_callback_ms")]
+    pub slow_callback_ms: u64,
+    /// How log lines are written to stderr (`--log-format` wins).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How the daemon writes its log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Lines for people: time, level, target, message and fields (in
+    /// colour only when stderr is a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers: `timestamp`, `level`,
+    /// `target`, `fields` (with `message`), and the thread's name.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = InvalidConfig;
+
+    fn from_str(text: &str) -> Result<LogFormat, InvalidConfig> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(InvalidConfig(format!("log format {:?}: expected text or json", excerpt(text)))),
+        }
+    }
 }
 
 /// A listener declared in the config file (`[[listener]]`).
@@ -64,6 +104,32 @@ fn default_control() -> SocketAddr {
     DEFAULT_CONTROL.parse().expect("valid default")
 }
 
+fn default_http() -> Option<SocketAddr> {
+    Some(DEFAULT_HTTP.parse().expect("valid default"))
+}
+
+/// `--http` and the `http` key: `ip:port`, or `none` for no HTTP API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSetting(pub Option<SocketAddr>);
+
+impl std::str::FromStr for HttpSetting {
+    type Err = InvalidConfig;
+
+    fn from_str(text: &str) -> Result<HttpSetting, InvalidConfig> {
+        if text == "none" {
+            return Ok(HttpSetting(None));
+        }
+        text.parse().map(|address| HttpSetting(Some(address))).map_err(|_| {
+            InvalidConfig(format!("http {:?}: expected ip:port (such as {DEFAULT_HTTP}) or none", excerpt(text)))
+        })
+    }
+}
+
+fn deserialize_http<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse::<HttpSetting>().map(|HttpSetting(address)| address).map_err(serde::de::Error::custom)
+}
+
 fn default_drain_timeout() -> u64 {
     30
 }
@@ -75,6 +141,13 @@ fn default_max_stats_watchers() -> usize {
 fn default_min_stats_interval() -> u64 {
     10
 }
+
+fn default_slow_callback_ms() -> u64 {
+    10
+}
+
+/// The longest `slow_callback_ms`: a minute.
+pub const MAX_SLOW_CALLBACK_MS: u64 = 60_000;
 
 /// Why the configuration could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -213,12 +286,13 @@ impl Default for StatsLimits {
 }
 
 impl Config {
-    /// What the daemon runs with no config file: the control API on
-    /// loopback, the plugins built next to the binary, and the echo plugin
+    /// What the daemon runs with no config file: the control API and the
+    /// HTTP API on loopback, the plugins built next to the binary, and the echo plugin
     /// on 127.0.0.1:7007.
     pub fn builtin_default() -> Config {
         Config {
             control: default_control(),
+            http: default_http(),
             plugin_dirs: default_plugin_dir().into_iter().collect(),
             listeners: vec![ListenerConfig {
                 address: "127.0.0.1:7007".to_string(),
@@ -230,6 +304,8 @@ impl Config {
             drain_timeout_secs: default_drain_timeout(),
             max_stats_watchers: default_max_stats_watchers(),
             min_stats_interval_ms: default_min_stats_interval(),
+            slow_callback_ms: default_slow_callback_ms(),
+            log_format: LogFormat::default(),
         }
     }
 
@@ -257,6 +333,12 @@ impl Config {
                 self.min_stats_interval_ms
             )));
         }
+        if !(1..=MAX_SLOW_CALLBACK_MS).contains(&self.slow_callback_ms) {
+            return Err(InvalidConfig(format!(
+                "slow_callback_ms {} is out of range: 1 to {MAX_SLOW_CALLBACK_MS}",
+                self.slow_callback_ms
+            )));
+        }
         for listener in &self.listeners {
             check_listener_config(&listener.config).map_err(|InvalidConfig(message)| {
                 InvalidConfig(format!(
@@ -267,6 +349,11 @@ impl Config {
             })?;
         }
         Ok(())
+    }
+
+    /// How long a plugin callback may run before it is slow.
+    pub fn slow_callback(&self) -> Duration {
+        Duration::from_millis(self.slow_callback_ms)
     }
 
     /// The `WatchStats` limits it sets.
@@ -330,6 +417,16 @@ mod tests {
         assert_eq!(config.listeners.len(), 1);
         assert_eq!(config.listeners[0].config["high_water"], "1024");
         assert_eq!(config.drain_timeout_secs, 30);
+        assert_eq!(config.http, Some(DEFAULT_HTTP.parse().unwrap()));
+    }
+
+    #[test]
+    fn http_is_an_address_or_none() {
+        let http = |text: &str| toml::from_str::<Config>(text).map(|c| c.http).map_err(|e| e.to_string());
+        assert_eq!(http("http = \"none\""), Ok(None));
+        assert_eq!(http("http = \"127.0.0.1:0\""), Ok(Some("127.0.0.1:0".parse().unwrap())));
+        let refused = http("http = \"localhost\"").unwrap_err();
+        assert!(refused.contains("ip:port") && refused.contains("none"), "{refused}");
     }
 
     #[test]
@@ -338,6 +435,8 @@ mod tests {
         assert!(refused("drain_timeout_secs = 18446744073709551615").contains("drain_timeout_secs"));
         assert!(refused("max_stats_watchers = 0").contains("max_stats_watchers"));
         assert!(refused("min_stats_interval_ms = 0").contains("min_stats_interval_ms"));
+        assert!(refused("slow_callback_ms = 0").contains("slow_callback_ms"));
+        assert!(refused("slow_callback_ms = 60001").contains("slow_callback_ms"));
         let listener = r#"
             [[listener]]
             address = "127.0.0.1:0"
@@ -376,6 +475,17 @@ mod tests {
         let cut = excerpt(&long);
         assert_eq!(cut.chars().count(), MAX_ECHO_CHARS + 1);
         assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn log_format_and_slow_callback_have_defaults() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!((config.log_format, config.slow_callback_ms), (LogFormat::Text, 10));
+        let config: Config = toml::from_str("log_format = \"json\"\nslow_callback_ms = 50").unwrap();
+        assert_eq!((config.log_format, config.slow_callback()), (LogFormat::Json, Duration::from_millis(50)));
+        assert!(toml::from_str::<Config>("log_format = \"xml\"").is_err());
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert!("JSON".parse::<LogFormat>().unwrap_err().0.contains("text or json"));
     }
 
     #[test]

@@ -13,7 +13,13 @@ mod convert;
 mod incoming;
 mod stats_feed;
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use asyncore_proto::v1::{
     self, channels_server::ChannelsServer, daemon_server::DaemonServer, listeners_server::ListenersServer,
@@ -61,6 +67,9 @@ pub struct ControlApi {
     policy: PluginPolicy,
     stats_limits: StatsLimits,
     stats: Arc<StatsFeeds>,
+    /// When the API was made, as the daemon starts: `GetDaemonInfo`'s
+    /// start time (the wall clock) and uptime (the monotonic one).
+    started: (SystemTime, Instant),
 }
 
 impl ControlApi {
@@ -69,7 +78,8 @@ impl ControlApi {
     pub fn new(engine: EngineHandle, lifecycle: Lifecycle, policy: PluginPolicy) -> ControlApi {
         let stats_limits = StatsLimits::default();
         let stats = Arc::new(StatsFeeds::new(engine.clone(), stats_limits.max_watchers));
-        ControlApi { engine, lifecycle, policy, stats_limits, stats }
+        let started = (SystemTime::now(), Instant::now());
+        ControlApi { engine, lifecycle, policy, stats_limits, stats, started }
     }
 
     /// The same API with other `WatchStats` limits.
@@ -509,5 +519,28 @@ impl v1::daemon_server::Daemon for ControlApi {
     ) -> Result<Response<v1::LoopStats>, Status> {
         let stats = self.engine.request(|reply| Command::LoopStats { reply }).await.map_err(status)?;
         Ok(Response::new(convert::loop_stats(stats)))
+    }
+
+    async fn get_daemon_info(
+        &self,
+        _request: Request<v1::GetDaemonInfoRequest>,
+    ) -> Result<Response<v1::DaemonInfo>, Status> {
+        // Asked together, so the loop usually serves them in one pass. The
+        // only error they can have is a loop that is gone, and then the
+        // phase says why: the info still answers, without the loop's part.
+        let (loop_stats, plugins, listeners) = tokio::join!(
+            self.engine.request(|reply| Command::LoopStats { reply }),
+            self.engine.request(|reply| Command::ListPlugins { reply }),
+            self.engine.request(|reply| Command::ListListeners { after: 0, limit: usize::MAX, reply }),
+        );
+        let (started_at, started) = self.started;
+        Ok(Response::new(convert::daemon_info(convert::DaemonFacts {
+            started_at,
+            uptime: started.elapsed(),
+            phase: self.lifecycle.get(),
+            loop_stats: loop_stats.ok(),
+            plugins: plugins.ok(),
+            listeners: listeners.ok(),
+        })))
     }
 }

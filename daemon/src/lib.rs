@@ -1,5 +1,5 @@
 //! asyncored: an asyncore-style poll loop hosting dispatcher plugins,
-//! managed over gRPC.
+//! managed over gRPC and HTTP/JSON.
 //!
 //! The daemon is a library so that tests (and embedders) can start it
 //! in-process; `main.rs` only parses flags and waits for signals. See
@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod grpc;
+mod http;
 pub mod lifecycle;
 pub mod limits;
 mod watch;
@@ -47,6 +48,8 @@ const STOP_PATIENCE: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Daemon {
     control: SocketAddr,
+    /// The HTTP API, unless turned off (`--http none`).
+    http: Option<http::HttpServer>,
     engine: EngineHandle,
     lifecycle: Lifecycle,
     poll_loop: PollThread,
@@ -73,7 +76,11 @@ impl Daemon {
         let lifecycle = Lifecycle::default();
         // From here on, an early return drops `poll_loop`, which stops the
         // thread and so closes whatever it bound.
-        let poll_loop = PollThread::spawn(lifecycle.clone(), Duration::from_secs(config.drain_timeout_secs))?;
+        let poll_loop = PollThread::spawn(
+            lifecycle.clone(),
+            Duration::from_secs(config.drain_timeout_secs),
+            config.slow_callback(),
+        )?;
         let engine = poll_loop.engine.clone();
 
         load_plugin_dirs(&engine, &config).await;
@@ -94,6 +101,10 @@ impl Daemon {
             .await
             .with_context(|| format!("cannot bind the control api on {}", config.control))?;
         let control_addr = control.local_addr()?;
+        let http_listener = match config.http {
+            Some(address) => Some(http::bind(address).await?),
+            None => None,
+        };
         // Nothing below fails: the tasks spawned now are cancelled by `Drop`.
         let (stop_server, stopped) = oneshot::channel::<()>();
         let policy = PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
@@ -103,6 +114,8 @@ impl Daemon {
         });
         let api =
             grpc::ControlApi::new(engine.clone(), lifecycle.clone(), policy).with_stats_limits(config.stats_limits());
+        let http =
+            http_listener.map(|bound| http::HttpServer::spawn(bound, api.clone(), engine.clone(), lifecycle.clone()));
         let server = tokio::spawn(async move {
             if let Err(e) = api
                 .serve(control, async {
@@ -117,6 +130,7 @@ impl Daemon {
         lifecycle.set(Phase::Running);
         Ok(Daemon {
             control: control_addr,
+            http,
             engine,
             lifecycle,
             poll_loop,
@@ -130,6 +144,11 @@ impl Daemon {
     /// The bound address of the control API.
     pub fn control_addr(&self) -> SocketAddr {
         self.control
+    }
+
+    /// The bound address of the HTTP API, unless it is turned off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(http::HttpServer::address)
     }
 
     /// A handle for sending commands to the poll loop.
@@ -179,6 +198,9 @@ impl Daemon {
             let _ = stop.send(());
         }
         let _ = (&mut self.server).await;
+        if let Some(http) = &mut self.http {
+            http.stop().await;
+        }
     }
 }
 
@@ -214,7 +236,7 @@ struct PollThread {
 impl PollThread {
     /// Starts the thread with a new engine and returns once the engine
     /// exists.
-    fn spawn(lifecycle: Lifecycle, close_timeout: Duration) -> anyhow::Result<PollThread> {
+    fn spawn(lifecycle: Lifecycle, close_timeout: Duration, slow_callback: Duration) -> anyhow::Result<PollThread> {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (exited_tx, exited) = std::sync::mpsc::channel::<()>();
         let thread = thread::Builder::new()
@@ -233,6 +255,7 @@ impl PollThread {
                 // Every graceful close (a channel closed by the operator,
                 // an idle timeout, a reload's drain) gets the drain timeout.
                 engine.set_close_timeout(close_timeout);
+                engine.set_slow_callback(slow_callback);
                 let _ = handle_tx.send(Ok(engine.handle()));
                 // A panic out of the loop is a bug in the engine, and no
                 // channel can be served after it. It is caught only to say

@@ -2,21 +2,34 @@
 //!
 //! SIGTERM drains gracefully (listeners stop, channels flush and close);
 //! SIGINT stops at once.
+//!
+//! Under systemd (`Type=notify`) it reports readiness and stopping, and pings
+//! the watchdog while the poll loop answers (`sd_notify`).
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+mod sd_notify;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use asyncored::{Config, Daemon};
+use asyncored::{
+    Config, Daemon,
+    config::{HttpSetting, LogFormat},
+};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// An asyncore-style poll loop hosting dispatcher plugins, managed over gRPC.
+/// An asyncore-style poll loop hosting dispatcher plugins, managed over gRPC
+/// and HTTP/JSON.
 #[derive(Debug, Parser)]
 #[command(name = "asyncored", version)]
 struct Flags {
     /// Address of the gRPC control API [default: 127.0.0.1:50051].
     #[arg(long, value_name = "ADDR")]
     control: Option<SocketAddr>,
+    /// Address of the HTTP/JSON API, /metrics and the health checks, or
+    /// `none` [default: 127.0.0.1:50052].
+    #[arg(long, value_name = "ADDR|none")]
+    http: Option<HttpSetting>,
     /// Load every plugin library in DIR at start (repeatable) [default: the
     /// directory of this binary].
     #[arg(long = "plugin-dir", value_name = "DIR")]
@@ -32,25 +45,13 @@ struct Flags {
     /// echo plugin on 127.0.0.1:7007.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// How log lines are written to stderr: text, or json (one object per
+    /// line, for log shippers) [default: the config's log_format, or text].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 fn main() -> ExitCode {
-    // Log records are queued for a writer thread rather than written from
-    // the thread that emits them: a stalled stderr (a full pipe nobody
-    // reads) must not stop the poll loop or the control API. When the queue
-    // is full, records are dropped (lossy) instead of waited for. The guard
-    // flushes what is queued when `main` returns.
-    let (log_writer, _log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .thread_name("log-writer")
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(log_writer)
-        .init();
     let flags = Flags::parse();
     match run(flags) {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,17 +70,32 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     if let Some(control) = flags.control {
         config.control = control;
     }
+    if let Some(HttpSetting(http)) = flags.http {
+        config.http = http;
+    }
     if !flags.plugin_dirs.is_empty() {
         config.plugin_dirs = flags.plugin_dirs;
     }
     config.allow_any_plugin_path |= flags.allow_any_plugin_path;
     config.watch |= flags.watch;
+    if let Some(log_format) = flags.log_format {
+        config.log_format = log_format;
+    }
+    // Installed once the config says how; errors before that (flags, the
+    // config file) go to stderr as one line from `main`. Dropped last, after
+    // the runtime: it flushes what is still queued.
+    let _log_guard = install_log(config.log_format);
 
     match asyncored::limits::raise_fd_limit() {
         Ok((old, new)) if old != new => tracing::info!(old, new, "raised the open-descriptor limit"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-descriptor limit"),
     }
+
+    // `Type=notify` under systemd (nothing otherwise): READY=1, STOPPING=1
+    // and the watchdog's pings.
+    let systemd = sd_notify::Notifier::from_env();
+    let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -91,17 +107,24 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
         let daemon = Daemon::start(config).await?;
+        if let Some(http) = daemon.http_addr() {
+            println!("asyncored http: {http}");
+        }
         // Scripts and tests wait for this line: everything is bound.
         println!("asyncored ready: control {}", daemon.control_addr());
+        systemd.ready(daemon.control_addr());
+        systemd.spawn_watchdog(daemon.engine().clone());
         #[cfg(feature = "fault-injection")]
         inject_fault(&daemon);
         tokio::select! {
             _ = terminate.recv() => {
                 tracing::info!("SIGTERM: draining");
+                systemd.stopping(Some(drain_timeout));
                 daemon.drain().await;
             }
             _ = interrupt.recv() => {
                 tracing::info!("SIGINT: stopping");
+                systemd.stopping(None);
                 daemon.shutdown().await;
             }
             // Nothing can be served without the poll loop: exit non-zero so
@@ -113,6 +136,36 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Installs the global log subscriber: the filter from `RUST_LOG` (default
+/// `info`), lines in `format` on stderr. Returns the guard that flushes the
+/// queue when dropped.
+///
+/// Records are queued for a writer thread rather than written from the
+/// thread that emits them: a stalled stderr (a full pipe nobody reads) must
+/// not stop the poll loop or the control API. When the queue is full,
+/// records are dropped (lossy) instead of waited for.
+fn install_log(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal as _;
+
+    // Colour only for a person at a terminal: a log file or a journal would
+    // keep the escape codes as text. NO_COLOR (https://no-color.org) wins.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let (log_writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(log_writer);
+    match format {
+        LogFormat::Text => subscriber.with_ansi(colour).init(),
+        // Each line one object: the time, level, target, thread name and
+        // the event's fields, its message among them.
+        LogFormat::Json => subscriber.json().with_ansi(false).with_thread_names(true).init(),
+    }
+    guard
 }
 
 /// Test-only (feature `fault-injection`, which only the integration tests

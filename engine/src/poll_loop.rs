@@ -20,7 +20,8 @@
 //! The other modules: [`channel_map`] (the table and a channel's end),
 //! [`channel`] (one entry), [`requests`] (what plugins ask of the loop
 //! during a callback), [`plugins`] (generations), [`closed_log`] (closed
-//! channels for stats watchers).
+//! channels for stats watchers), [`log_limit`] (log lines that could repeat
+//! at traffic rate).
 
 mod callbacks;
 mod channel;
@@ -29,6 +30,7 @@ mod closed_log;
 mod commands;
 mod events;
 mod interest;
+mod log_limit;
 mod plugins;
 mod requests;
 mod timers;
@@ -46,7 +48,9 @@ use std::{
 
 use polling::{Events, Poller};
 
-use self::{channel_map::ChannelMap, closed_log::ClosedLog, plugins::Generations, timers::Timers};
+use self::{
+    channel_map::ChannelMap, closed_log::ClosedLog, log_limit::LogLimits, plugins::Generations, timers::Timers,
+};
 use crate::{
     command::{Command, CommandError, EngineHandle, ListenerInfo, LoopStats, PluginInfo, Reply},
     ids::{ChannelId, GenerationIndex, ListenerId},
@@ -56,6 +60,11 @@ use crate::{
 /// How long a graceful close may take unless set
 /// (`Engine::set_close_timeout`).
 pub(crate) const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a plugin call may run before it is logged and counted as slow,
+/// unless set (`Engine::set_slow_callback`): 10 ms of one callback is 10 ms
+/// that every other channel waited.
+pub(crate) const DEFAULT_SLOW_CALLBACK: Duration = Duration::from_millis(10);
 
 /// Closed-channel records kept for stats watchers.
 const CLOSED_LOG: usize = 65_536;
@@ -105,6 +114,11 @@ struct Core {
     /// remaining output, the host's queue) before what is left is dropped
     /// and counted.
     close_timeout: Duration,
+    /// A plugin call that runs longer is logged and counted
+    /// (`LoopStats::slow_callbacks`).
+    slow_callback: Duration,
+    /// Rate limits of the lines that could repeat at traffic rate.
+    log_limits: LogLimits,
     exit: bool,
 }
 
@@ -140,6 +154,8 @@ impl Engine {
                 stats: LoopStats::default(),
                 drain: None,
                 close_timeout: DEFAULT_CLOSE_TIMEOUT,
+                slow_callback: DEFAULT_SLOW_CALLBACK,
+                log_limits: LogLimits::default(),
                 exit: false,
             },
             events: Events::new(),
@@ -154,6 +170,15 @@ impl Engine {
     /// sets its drain timeout here.
     pub fn set_close_timeout(&mut self, timeout: Duration) {
         self.core.close_timeout = timeout;
+    }
+
+    /// Sets how long a plugin call may run before it is slow: logged (a
+    /// warning with the plugin, generation and channel, at most one a
+    /// second) and counted in [`LoopStats::slow_callbacks`]. A callback runs
+    /// on the loop's one thread, so for that long no other channel is
+    /// served. 10 ms unless set.
+    pub fn set_slow_callback(&mut self, threshold: Duration) {
+        self.core.slow_callback = threshold;
     }
 
     /// A handle other threads use to send commands to this engine.
@@ -246,17 +271,20 @@ impl Engine {
         }
         let now = Instant::now();
         self.core.fire_timers(now);
+        self.core.log_limits.report_ended(now);
         let still_dirty = self.core.refresh_dirty();
         self.core.check_drain(now);
         if self.core.exit {
             return Ok(());
         }
 
-        // Wake for the next timer and the drain deadline; do not block at
-        // all while channels wait to be refreshed.
+        // Wake for the next timer, the drain deadline and the count of
+        // suppressed log lines; do not block at all while channels wait to
+        // be refreshed.
         let deadlines = [
             self.core.timers.next_deadline(),
             self.core.drain.as_ref().map(|d| d.deadline),
+            self.core.log_limits.next_report(),
             still_dirty.then_some(now),
         ];
         let wait = deadlines.into_iter().flatten().map(|at| at.saturating_duration_since(now)).chain(timeout).min();

@@ -1,10 +1,13 @@
 //! The asyncored control API, generated from `asyncore/v1/control.proto`.
 //!
-//! Only the daemon's gRPC layer and the CLI use these types; the engine never
-//! sees them.
+//! Only the daemon's gRPC and HTTP layers and the CLI use these types; the
+//! engine never sees them. [`json`] is their proto3 JSON mapping, which the
+//! HTTP API speaks.
 
 #![forbid(unsafe_code)]
 #![allow(unreachable_pub, missing_docs, clippy::all)]
+
+pub mod json;
 
 /// Package `asyncore.v1`.
 pub mod v1 {

@@ -144,4 +144,3 @@ fn a_sink_nobody_wakes_stalls_until_its_own_handler_runs() {
     sink.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"hello");
 }
-

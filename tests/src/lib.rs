@@ -306,8 +306,8 @@ impl Default for Options {
 }
 
 /// A private directory with `plugins/` (the requested libraries copied in)
-/// and `asyncored.toml` (control on 127.0.0.1:0, that plugin directory, the
-/// extra config). Returns the directory and the config file's path.
+/// and `asyncored.toml` (control and HTTP on 127.0.0.1:0, that plugin
+/// directory, the extra config). Returns the directory and the config file's path.
 fn prepare(options: &Options, label: &str) -> (TempDir, PathBuf) {
     let dir = TempDir::new(label);
     let plugin_dir = dir.path().join("plugins");
@@ -317,8 +317,13 @@ fn prepare(options: &Options, label: &str) -> (TempDir, PathBuf) {
         std::fs::copy(&source, plugin_dir.join(source.file_name().unwrap())).unwrap();
     }
     let config = dir.path().join("asyncored.toml");
-    std::fs::write(&config, format!("control = \"127.0.0.1:0\"\nplugin_dirs = [\"plugins\"]\n{}", options.config))
-        .unwrap();
+    // The HTTP API on an ephemeral port too: its default port would be
+    // shared by every test.
+    std::fs::write(
+        &config,
+        format!("control = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nplugin_dirs = [\"plugins\"]\n{}", options.config),
+    )
+    .unwrap();
     (dir, config)
 }
 

@@ -1,6 +1,9 @@
 //! Engine answers to protobuf messages: the one place they are converted.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use asyncore_proto::{timestamp, v1};
 
@@ -8,6 +11,8 @@ use asyncore_engine::command::{
     ChannelInfo, ChannelKind, ChannelState, ChannelStats, GenerationInfo, GenerationState, ListenerInfo, LoopStats,
     PluginInfo,
 };
+
+use crate::lifecycle::Phase;
 
 pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
     v1::Listener {
@@ -115,6 +120,45 @@ pub(super) fn loop_stats(stats: LoopStats) -> v1::LoopStats {
         panics: stats.panics,
         accepts: stats.accepts,
         commands: stats.commands,
+        bytes_dropped: stats.bytes_dropped,
+        slow_callbacks: stats.slow_callbacks,
+        slowest_callback_us: stats.slowest_callback_us,
+    }
+}
+
+/// What `GetDaemonInfo` reports. What only the poll loop knows is `None`
+/// when the loop did not answer (it died, or stopped).
+pub(super) struct DaemonFacts {
+    pub(super) started_at: SystemTime,
+    pub(super) uptime: Duration,
+    pub(super) phase: Phase,
+    pub(super) loop_stats: Option<LoopStats>,
+    pub(super) plugins: Option<Vec<PluginInfo>>,
+    pub(super) listeners: Option<Vec<ListenerInfo>>,
+}
+
+pub(super) fn daemon_info(facts: DaemonFacts) -> v1::DaemonInfo {
+    let phase = match facts.phase {
+        Phase::Starting => v1::DaemonPhase::Starting,
+        Phase::Running => v1::DaemonPhase::Running,
+        Phase::Draining => v1::DaemonPhase::Draining,
+        Phase::Stopped => v1::DaemonPhase::Stopped,
+        Phase::Failed => v1::DaemonPhase::Failed,
+    };
+    let live_generations =
+        |plugin: &PluginInfo| plugin.generations.iter().filter(|g| g.state != GenerationState::Retired).count() as u64;
+    let plugins = facts.plugins.as_deref();
+    let listeners = facts.listeners.as_deref();
+    v1::DaemonInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: Some(timestamp(facts.started_at)),
+        uptime_seconds: facts.uptime.as_secs_f64(),
+        phase: phase as i32,
+        loop_stats: facts.loop_stats.map(loop_stats),
+        plugins: plugins.map(|plugins| plugins.iter().filter(|p| live_generations(p) > 0).count() as u64),
+        plugin_generations: plugins.map(|plugins| plugins.iter().map(live_generations).sum()),
+        listeners: listeners.map(|listeners| listeners.iter().filter(|l| l.listening).count() as u64),
+        stopped_listeners: listeners.map(|listeners| listeners.iter().filter(|l| !l.listening).count() as u64),
     }
 }
 

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use super::{
     Core,
     channel::{NewChannel, Phase, READ, Socket},
+    log_limit::Noisy,
     timers::TimerKind,
 };
 use crate::{
@@ -57,11 +58,16 @@ impl Core {
                 Err(e) => {
                     // EMFILE and friends: the connection stays in the
                     // backlog; stop asking for a while instead of spinning.
-                    warn!(listener = listener_id.0, error = %e, "accept failed; pausing this listener for 100 ms");
+                    // Every listener hits it ten times a second until
+                    // descriptors are freed: one line a second says it.
+                    let now = Instant::now();
+                    if self.log_limits.admit(Noisy::AcceptFailed, now) {
+                        warn!(listener = listener_id.0, error = %e, "accept failed; pausing this listener for 100 ms");
+                    }
                     let ch = &mut self.channels[listener_slot];
                     ch.accept_paused = true;
                     let channel_id = ch.id;
-                    self.arm_timer(Instant::now(), ACCEPT_PAUSE, channel_id, TimerKind::ResumeAccept);
+                    self.arm_timer(now, ACCEPT_PAUSE, channel_id, TimerKind::ResumeAccept);
                     self.channels.mark_dirty(listener_slot);
                     return;
                 }
@@ -106,9 +112,12 @@ impl Core {
 
         let Some(listening) = self.channels[listener_slot].dispatcher else { return };
         self.stats.handler_calls += 1;
+        let channel_id = self.channels[slot].id;
+        let started = Instant::now();
         let mut ctx = CallCtx::new(self, slot);
         let answer = listening.handle_accepted(&mut ctx);
         let report = ctx.take_report();
+        self.timed(started, Some("handle_accepted"), channel_id, generation);
         match answer {
             Ok(Some(dispatcher)) => {
                 self.channels[slot].dispatcher = Some(dispatcher);

@@ -144,4 +144,3 @@ fn a_member_closed_by_the_operator_leaves_the_room() {
     let line = alice.next_line();
     assert!(line.ends_with("> hello\n"), "{line:?}");
 }
-

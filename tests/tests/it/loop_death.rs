@@ -59,7 +59,8 @@ fn the_binary_exits_non_zero_with_the_panic_in_its_log() {
     let dir = TempDir::new("loop-death");
     std::fs::create_dir(dir.path().join("plugins")).unwrap();
     let config = dir.path().join("asyncored.toml");
-    std::fs::write(&config, "control = \"127.0.0.1:0\"\nplugin_dirs = [\"plugins\"]\n").unwrap();
+    let text = "control = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nplugin_dirs = [\"plugins\"]\n";
+    std::fs::write(&config, text).unwrap();
     let output = output_within(
         Command::new(binary("asyncored"))
             .arg("--config")
