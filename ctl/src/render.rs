@@ -188,7 +188,7 @@ pub(crate) fn channels_table(channels: &[v1::Channel]) -> String {
 }
 
 pub(crate) fn channel_detail(channel: &v1::Channel) -> String {
-    Table::key_value(vec![
+    let detail = Table::key_value(vec![
         ("id", channel.id.to_string()),
         ("listener_id", dash_if_zero(channel.listener_id)),
         ("plugin", plugin_ref(&channel.plugin, channel.plugin_generation)),
@@ -203,8 +203,15 @@ pub(crate) fn channel_detail(channel: &v1::Channel) -> String {
         ("writes", channel.writes.to_string()),
         ("pending_output", channel.pending_output.to_string()),
         ("parent_id", dash_if_zero(channel.parent_id)),
-    ])
-    .render()
+    ]);
+    // What the dispatcher says of itself, sorted by key.
+    let mut annotations: Vec<(&String, &String)> = channel.annotations.iter().collect();
+    annotations.sort();
+    let mut detail = detail;
+    for (key, value) in annotations {
+        detail.push(vec![format!("  {key}"), value.clone()]);
+    }
+    detail.render()
 }
 
 /// `echo@2`: a plugin and the generation serving something; the bare name
@@ -472,6 +479,7 @@ pub(crate) fn channel_json(channel: &v1::Channel) -> Value {
         "writes": channel.writes,
         "pending_output": channel.pending_output,
         "parent_id": channel.parent_id,
+        "annotations": channel.annotations,
     })
 }
 

@@ -9,7 +9,7 @@ use asyncore_proto::{timestamp, v1};
 
 use asyncore_engine::command::{
     ChannelInfo, ChannelKind, ChannelState, ChannelStats, GenerationInfo, GenerationState, ListenerInfo, LoopStats,
-    PluginInfo,
+    MetricKind, PluginInfo,
 };
 
 use crate::lifecycle::Phase;
@@ -63,6 +63,7 @@ pub(super) fn channel(info: ChannelInfo) -> v1::Channel {
         pending_output: info.pending_output,
         parent_id: info.parent_id,
         plugin_generation: info.generation,
+        annotations: info.annotations.into_iter().collect(),
     }
 }
 
@@ -102,6 +103,19 @@ fn generation(info: GenerationInfo) -> v1::PluginGeneration {
         listener_ids: info.listener_ids,
         live_channels: info.live_channels,
         panics: info.panics,
+        metrics: info
+            .metrics
+            .into_iter()
+            .map(|metric| v1::PluginMetric {
+                name: metric.name,
+                help: metric.help,
+                kind: match metric.kind {
+                    MetricKind::Counter => v1::PluginMetricKind::Counter,
+                    MetricKind::Gauge => v1::PluginMetricKind::Gauge,
+                } as i32,
+                value: metric.value,
+            })
+            .collect(),
     }
 }
 

@@ -7,6 +7,7 @@ mod abi;
 mod chat;
 mod cli;
 mod cli_plugins;
+mod describe;
 mod echo;
 mod embedding;
 mod engine;
