@@ -268,9 +268,10 @@ pub trait ChatHandler: 'static {
     /// after a producer error is still flushed, after a socket error it is
     /// lost.
     ///
-    /// The default logs the error with the channel id.
+    /// The default logs the error with the channel id, as
+    /// [`Dispatcher::handle_error`]'s does.
     fn handle_error(&mut self, chat: &mut Chat<'_>, error: io::Error) {
-        crate::log::warn(&format!("channel {}: {error}", chat.channel().id()));
+        crate::log::socket_error(chat.channel().id(), &error);
     }
 }
 

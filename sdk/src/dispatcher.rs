@@ -103,9 +103,11 @@ pub trait Dispatcher: 'static {
     /// channel is closed after this returns, without flushing: the socket is
     /// no longer usable.
     ///
-    /// The default logs the error with the channel id.
+    /// The default logs the error with the channel id: at debug level for
+    /// a peer that reset or went away (which happens at traffic rate), as a
+    /// warning otherwise.
     fn handle_error(&mut self, channel: &mut Channel<'_>, error: io::Error) {
-        crate::log::warn(&format!("channel {}: {error}", channel.id()));
+        crate::log::socket_error(channel.id(), &error);
     }
 
     /// Out-of-band (TCP urgent) data arrived. Whatever urgent byte is still

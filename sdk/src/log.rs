@@ -34,3 +34,15 @@ macro_rules! log {
         $crate::log::$level(&::std::format!($($arg)+))
     };
 }
+
+/// Logs a channel's socket error: a peer that reset or went away is
+/// ordinary (and may happen at traffic rate), so it is a debug line; any
+/// other error a warning.
+pub(crate) fn socket_error(channel: crate::ChannelId, error: &std::io::Error) {
+    use std::io::ErrorKind;
+    let message = format!("channel {channel}: {error}");
+    match error.kind() {
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => debug(&message),
+        _ => warn(&message),
+    }
+}
