@@ -22,6 +22,7 @@
 mod api;
 mod metrics;
 mod openapi;
+mod status_page;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -167,6 +168,7 @@ struct HttpState {
 
 fn router(state: HttpState) -> Router {
     Router::new()
+        .route("/", get(status_page::serve))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::scrape))

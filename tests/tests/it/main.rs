@@ -36,6 +36,7 @@ mod reload;
 mod sd_notify;
 mod slow_callbacks;
 mod stats_watchers;
+mod status_page;
 mod timers;
 mod top;
 mod unload;
