@@ -131,6 +131,16 @@ fn metrics_count_accepts_bytes_panics_and_generations() {
         assert!(after.counter("asyncored_loop_commands_total", &[]) > 0.0);
         assert!(after.help("asyncored_accepts_total").is_some_and(|h| h.contains("accepted")));
 
+        // A callback that sleeps 50 ms (past the 10 ms default threshold)
+        // is counted as slow.
+        let mut sleeper = connect(panicky_address);
+        sleeper.write_all(b"SLEEP").unwrap();
+        let mut echoed = [0u8; 5];
+        sleeper.read_exact(&mut echoed).unwrap();
+        let slow = Metrics::scrape(&http).await;
+        assert!(slow.counter("asyncored_loop_slow_callbacks_total", &[]) >= 1.0, "a slow callback is counted");
+        assert!(slow.gauge("asyncored_loop_slowest_callback_seconds", &[]) >= 0.05);
+
         // A stopped listener says so; its bytes stay.
         http.delete(&format!("/v1/listeners/{echo}")).await.ok();
         let stopped = Metrics::scrape(&http).await;
