@@ -29,6 +29,10 @@ use crate::{
     loader::{LoadedPlugin, Unloaded},
 };
 
+/// Idle generations of a plugin kept on standby for a rollback; older
+/// idle ones are retired when another generation becomes current.
+const STANDBY_KEPT: usize = 4;
+
 /// One generation of a plugin.
 pub(super) struct Generation {
     pub(super) loaded: LoadedPlugin,
@@ -187,6 +191,7 @@ impl Core {
             }
         }
         let previous = self.current.insert(name.clone(), index);
+        self.retire_old_standbys(&name, index);
         info!(plugin = %name, generation = self.plugins[index].generation, "generation is current");
         self.migrate(index);
         if let Some(timeout) = drain_timeout
@@ -353,6 +358,32 @@ impl Core {
             self.unload_if_unused(index);
         }
         Ok(self.plugin_info(name))
+    }
+
+    /// Retires the plugin's idle generations (no channel, no listener) past
+    /// the newest [`STANDBY_KEPT`] other than `current`: they stay ready
+    /// for a rollback, and a daemon that reloads on every deploy for months
+    /// does not keep every build it ever loaded mapped.
+    fn retire_old_standbys(&mut self, name: &str, current: GenerationIndex) {
+        let idle: Vec<GenerationIndex> = self
+            .plugins
+            .of(name)
+            .filter(|&index| {
+                let entry = &self.plugins[index];
+                index != current
+                    && !entry.retired
+                    && entry.live_channels == 0
+                    && !self.listeners.values().any(|l| l.generation == index && l.channel.is_some())
+            })
+            .collect();
+        // Oldest first: keep the newest STANDBY_KEPT.
+        let excess = idle.len().saturating_sub(STANDBY_KEPT);
+        for &index in &idle[..excess] {
+            let entry = &mut self.plugins[index];
+            entry.retired = true;
+            info!(plugin = %name, generation = entry.generation, "generation retired: more than {STANDBY_KEPT} idle generations");
+            self.unload_if_unused(index);
+        }
     }
 
     /// Closes the library of a retired generation once nothing of it can
