@@ -1,7 +1,8 @@
 //! The one command: prepares the machine (descriptor limit, cores, the
-//! daemon's build), runs each selected scenario against each of its servers
-//! (a fresh server process per scenario and server), and prints the table
-//! and the targets. Progress goes to stderr, the report to stdout.
+//! daemon's build), runs each selected scenario against its servers (fresh
+//! server processes for every scenario, measured in turn, round after
+//! round), and prints the table and the targets. Progress goes to stderr,
+//! the report to stdout.
 
 use std::path::Path;
 use std::process::Command;
@@ -102,8 +103,6 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         measure: Duration::from_secs_f64(options.seconds.unwrap_or(if options.smoke { 0.5 } else { 3.0 })),
         repetitions: options.repetitions.unwrap_or(if options.smoke { 1 } else { 3 }).max(1),
     };
-    let started = Instant::now();
-
     let descriptors = sys::raise_fd_limit().context("raising RLIMIT_NOFILE")?;
     let hold_connections =
         options.hold.unwrap_or(HOLD_CONNECTIONS).min(descriptors.saturating_sub(SPARE_DESCRIPTORS) as usize);
@@ -130,6 +129,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         );
     }
 
+    let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("grpc-client")
@@ -187,7 +187,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if !checks.is_empty() {
         println!("{}", report::checks_table(&checks));
     }
-    println!("Run took {:.1} s.", started.elapsed().as_secs_f64());
+    println!("Measurements took {:.1} s.", started.elapsed().as_secs_f64());
     if failures > 0 {
         eprintln!("asyncore-bench: server logs kept in {}", work_dir.display());
         bail!("{failures} of {} measurements failed", rows.len());
@@ -484,12 +484,22 @@ fn machine(
         })
         .unwrap_or_else(|| "unknown CPU".to_string());
     let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    // Read-only: which commit the daemon was built from (uncommitted
+    // changes are not shown).
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| format!(", commit {}", String::from_utf8_lossy(&output.stdout).trim()))
+        .unwrap_or_default();
     let pinning = match (server_cpu, generator_cpu) {
         (Some(server), Some(generator)) => format!("servers pinned to CPU {server}, load generator to CPU {generator}"),
         _ => "one CPU: nothing pinned".to_string(),
     };
     format!(
-        "## asyncore-bench{}, {}\n\n{} CPUs ({model}), Linux {kernel}; {pinning}; {} build; \
+        "## asyncore-bench{}, {}{commit}\n\n{} CPUs ({model}), Linux {kernel}; {pinning}; {} build; \
          {:.1} s measured after {:.1} s of warm-up, median of {} repetition(s).\n",
         if smoke { " --smoke" } else { "" },
         utc_now(),
