@@ -3,14 +3,10 @@
 //! 1.0's is refused naming both sizes. On the real engine, with the real
 //! loader and real sockets.
 
-use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    time::{Duration, Instant},
-};
+use std::collections::BTreeMap;
 
 use asyncore_engine::{Engine, plugin_host};
-use asyncore_tests::{patience, plugin_library};
+use asyncore_tests::plugin_library;
 
 #[test]
 fn a_plugin_of_abi_1_0_loads_and_serves() {
@@ -21,19 +17,7 @@ fn a_plugin_of_abi_1_0_loads_and_serves() {
     assert_eq!(info.headline().abi_version, (1, 0), "reported as the version it was built for");
     let listener = engine.start_listener("127.0.0.1:0".parse().unwrap(), "old_echo", BTreeMap::new()).unwrap();
 
-    let client = std::thread::spawn(move || {
-        let mut stream = asyncore_tests::connect(listener.address);
-        stream.write_all(b"from the past").unwrap();
-        let mut back = [0u8; 13];
-        stream.read_exact(&mut back).unwrap();
-        back
-    });
-    let started = Instant::now();
-    while !client.is_finished() {
-        assert!(started.elapsed() < patience(), "no round trip within {:?}", patience());
-        engine.run_loop(Some(Duration::from_millis(10)), Some(5)).unwrap();
-    }
-    assert_eq!(&client.join().unwrap(), b"from the past");
+    assert_eq!(crate::engine::round_trip(&mut engine, listener.address, b"from the past"), b"from the past");
 
     // A second generation of it: it imports no state (its descriptor has
     // no `import_state`), so nothing is handed over and the first keeps its
