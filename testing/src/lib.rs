@@ -270,9 +270,14 @@ pub fn patience() -> Duration {
 /// Retries `condition` until it answers `true`; panics naming `what` once
 /// the [`patience`] ran out.
 ///
-/// ```no_run
-/// # let server: asyncore_testing::TestServer = unimplemented!();
-/// asyncore_testing::eventually("both clients are served", || server.n_channels() == 2);
+/// ```
+/// use std::sync::{Arc, atomic::{AtomicBool, Ordering}};
+///
+/// let done = Arc::new(AtomicBool::new(false));
+/// let flag = done.clone();
+/// std::thread::spawn(move || flag.store(true, Ordering::SeqCst));
+/// // In a plugin test: `eventually("both served", || server.n_channels() == 2)`.
+/// asyncore_testing::eventually("the thread to finish", || done.load(Ordering::SeqCst));
 /// ```
 #[track_caller]
 pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
