@@ -213,6 +213,10 @@ pub(crate) struct StatsArgs {
     /// Only this channel; repeat for more.
     #[arg(long = "channel", value_name = "ID")]
     pub(crate) channels: Vec<u64>,
+    /// Each update lists only the channels whose figures changed since the
+    /// previous one (the first lists all).
+    #[arg(long)]
+    pub(crate) changed_only: bool,
 }
 
 #[derive(Debug, clap::Args)]

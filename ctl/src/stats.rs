@@ -16,8 +16,12 @@ use crate::render::{
 /// `stats`: prints each update as it arrives, until Ctrl-C or the end of
 /// the stream.
 pub(crate) async fn watch(channel: Channel, args: StatsArgs, format: OutputFormat) -> anyhow::Result<()> {
-    let request =
-        v1::WatchStatsRequest { interval_ms: args.interval, listener_id: args.listener, channel_ids: args.channels };
+    let request = v1::WatchStatsRequest {
+        interval_ms: args.interval,
+        listener_id: args.listener,
+        channel_ids: args.channels,
+        changed_only: args.changed_only,
+    };
     let mut stream = ChannelsClient::new(channel).watch_stats(request).await?.into_inner();
 
     // Ctrl-C is the normal way to stop watching, so it ends with success

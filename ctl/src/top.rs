@@ -50,8 +50,12 @@ pub(crate) async fn run(channel: Channel, args: TopArgs) -> anyhow::Result<()> {
     }
     // Asked before the terminal is taken: a daemon that refuses (too many
     // watchers, a bad listener id) is reported like any command's error.
-    let request =
-        v1::WatchStatsRequest { interval_ms: args.interval, listener_id: args.listener, channel_ids: Vec::new() };
+    let request = v1::WatchStatsRequest {
+        interval_ms: args.interval,
+        listener_id: args.listener,
+        channel_ids: Vec::new(),
+        changed_only: false,
+    };
     let mut stream = ChannelsClient::new(channel.clone()).watch_stats(request).await?.into_inner();
     // In raw mode Ctrl-C is a key, not SIGINT; a SIGINT from `kill`, a
     // SIGTERM, or the terminal going away (SIGHUP) must still end `top`

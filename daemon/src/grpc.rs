@@ -423,7 +423,7 @@ impl v1::channels_server::Channels for ControlApi {
                 request.channel_ids.len()
             )));
         }
-        let stream = self.stats.watch(request.listener_id, request.channel_ids, interval)?;
+        let stream = self.stats.watch(request.listener_id, request.channel_ids, interval, request.changed_only)?;
         Ok(Response::new(stream))
     }
 }

@@ -42,6 +42,12 @@ pub enum Command {
     /// Counters of live channels matching `filter`, and of channels that
     /// closed after closed-channel sequence number `closed_after`.
     Stats { filter: StatsFilter, closed_after: u64, reply: Reply<StatsSnapshot> },
+    /// [`Command::Stats`] that costs the loop what changed: of the live
+    /// channels, only those that changed after stats epoch `since` (every
+    /// live one when `since` is 0, or older than the loop remembers; then
+    /// the snapshot says `complete`). Ends the current epoch: pass the
+    /// snapshot's `epoch` as `since` next time.
+    StatsChanges { filter: StatsFilter, closed_after: u64, since: u64, reply: Reply<StatsSnapshot> },
     /// Add a plugin already loaded (and validated) off the loop thread, as a
     /// new plugin or a new generation of one; `activate` makes it current.
     /// With `drain_timeout`, channels of older generations are closed
@@ -236,6 +242,11 @@ pub struct StatsSnapshot {
     /// Closed-channel records that were already discarded (the caller asked
     /// too rarely); their channels cannot be reported.
     pub closed_missed: u64,
+    /// The stats epoch this snapshot ended ([`Command::StatsChanges`]).
+    pub epoch: u64,
+    /// It lists every live channel matching the filter, not only the
+    /// changed ones.
+    pub complete: bool,
 }
 
 /// What the loop knows of a plugin: every generation loaded under its name.

@@ -33,6 +33,7 @@ mod interest;
 mod log_limit;
 mod plugins;
 mod requests;
+mod stats_changes;
 mod timers;
 
 #[cfg(test)]

@@ -369,7 +369,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             request,
-            v1::WatchStatsRequest { interval_ms: 250, listener_id: Some(4), channel_ids: vec![1, 2, 3] }
+            v1::WatchStatsRequest { interval_ms: 250, listener_id: Some(4), channel_ids: vec![1, 2, 3], changed_only: false }
         );
         let request: v1::StopListenerRequest = from_query(&pairs(&[("close_channels", "true")])).unwrap();
         assert!(request.close_channels);

@@ -459,6 +459,23 @@ impl Daemon {
         .await
     }
 
+    /// CPU time the daemon has used so far, user and system, all threads
+    /// (from `/proc/PID/stat`, in clock ticks of 10 ms).
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    /// CPU time the daemon's thread named `name` has used so far (the first
+    /// one of that name), as [`Daemon::cpu_time`].
+    pub fn thread_cpu_time(&self, name: &str) -> Duration {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("the daemon's threads");
+        let task = tasks
+            .filter_map(Result::ok)
+            .find(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name))
+            .unwrap_or_else(|| panic!("no thread named {name} in the daemon"));
+        cpu_time_of(&task.path().join("stat").to_string_lossy())
+    }
+
     /// Resident memory of the daemon in KiB (`VmRSS`).
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
@@ -683,4 +700,14 @@ impl Rng {
         out.truncate(len);
         out
     }
+}
+
+/// User plus system time from a `/proc/.../stat` file: fields 14 and 15,
+/// counted after the command name (which may hold spaces), in the kernel's
+/// `USER_HZ` ticks, 100 a second on Linux.
+fn cpu_time_of(stat_path: &str) -> Duration {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_else(|e| panic!("{stat_path}: {e}"));
+    let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<u64> = after_name.split_whitespace().skip(11).take(2).map(|f| f.parse().unwrap()).collect();
+    Duration::from_millis((fields[0] + fields[1]) * 10)
 }

@@ -186,6 +186,8 @@ pub(super) struct StatsMessage {
     pub(super) seconds: f64,
     /// Updates the stream skipped since its previous message.
     pub(super) missed_updates: u64,
+    /// The message lists every live watched channel.
+    pub(super) complete: bool,
 }
 
 /// One `WatchStats` message. `previous` holds each live channel's byte
@@ -197,7 +199,7 @@ pub(super) fn stats_update<'a>(
     channels: impl Iterator<Item = &'a ChannelStats>,
     previous: &mut HashMap<u64, (u64, u64)>,
 ) -> v1::StatsUpdate {
-    let StatsMessage { seq, at, seconds, missed_updates } = message;
+    let StatsMessage { seq, at, seconds, missed_updates, complete } = message;
     let rate = |now: u64, before: u64| {
         if seconds > 0.0 { now.saturating_sub(before) as f64 / seconds } else { 0.0 }
     };
@@ -223,5 +225,5 @@ pub(super) fn stats_update<'a>(
             }
         })
         .collect();
-    v1::StatsUpdate { seq, at: Some(timestamp(at)), interval_seconds: seconds, channels, missed_updates }
+    v1::StatsUpdate { seq, at: Some(timestamp(at)), interval_seconds: seconds, channels, missed_updates, complete }
 }

@@ -261,6 +261,9 @@ pub(crate) struct Channel {
     /// is asked for output until it has none left.
     pub(crate) shutdown: Option<ShutdownReason>,
     pub(crate) counters: Counters,
+    /// The stats epoch this channel was last noted as changed in
+    /// (`stats_changes`); 0: never.
+    pub(crate) stats_noted: u64,
     pub(crate) created_at: SystemTime,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) local: Option<SocketAddr>,
@@ -293,6 +296,7 @@ impl Channel {
             accept_paused: false,
             shutdown: None,
             counters: Counters::default(),
+            stats_noted: 0,
             created_at: SystemTime::now(),
             peer,
             local,

@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 use super::{
     Core,
     channel::{Channel, NewChannel, Phase, ShutdownReason},
+    stats_changes::ChangeLog,
     timers::TimerKind,
 };
 use crate::{
@@ -30,6 +31,8 @@ pub(super) struct ChannelMap {
     dirty: Vec<Slot>,
     /// The last id given out.
     last_id: u64,
+    /// Channels that changed, by stats epoch (`WatchStats` ticks).
+    pub(super) changes: ChangeLog,
 }
 
 impl ChannelMap {
@@ -52,6 +55,9 @@ impl ChannelMap {
         };
         self.ids.insert(id, slot);
         self.dirty.push(slot);
+        if let Some(ch) = self.slots[slot.0].as_mut() {
+            self.changes.note(id, &mut ch.stats_noted, self.ids.len());
+        }
         slot
     }
 
@@ -104,11 +110,23 @@ impl ChannelMap {
         self.iter_after(0)
     }
 
+    /// Ends the current stats epoch: returns it, and the live channels
+    /// that changed after epoch `since` (`None`: no longer known).
+    pub(super) fn changed_since(&mut self, since: u64) -> (u64, Option<Vec<ChannelId>>) {
+        let ChannelMap { slots, ids, changes, .. } = self;
+        let noted_in = |id| {
+            let slot = ids.get(&id)?;
+            slots[slot.0].as_ref().map(|ch| ch.stats_noted)
+        };
+        changes.take_since(since, noted_in)
+    }
+
     /// Re-ask the channel's interest before the next wait.
     pub(super) fn mark_dirty(&mut self, slot: Slot) {
-        if let Some(ch) = self.get_mut(slot)
-            && !ch.dirty
-        {
+        let Some(ch) = self.slots.get_mut(slot.0).and_then(Option::as_mut) else { return };
+        // Whatever made a channel dirty may have changed its figures.
+        self.changes.note(ch.id, &mut ch.stats_noted, self.ids.len());
+        if !ch.dirty {
             ch.dirty = true;
             self.dirty.push(slot);
         }

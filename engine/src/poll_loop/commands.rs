@@ -84,6 +84,9 @@ impl Core {
             Command::Stats { filter, closed_after, reply } => {
                 let _ = reply.send(Ok(self.stats_snapshot(&filter, closed_after)));
             }
+            Command::StatsChanges { filter, closed_after, since, reply } => {
+                let _ = reply.send(Ok(self.stats_changes(&filter, closed_after, since)));
+            }
             Command::AddPlugin { plugin, activate, drain_timeout, reply } => {
                 let _ = reply.send(self.add_plugin(*plugin, activate, drain_timeout));
             }
@@ -253,7 +256,27 @@ impl Core {
         };
         let (closed_missed, closed) = self.closed.since(closed_after);
         channels.extend(closed.filter(|s| filter.matches(s.channel_id, s.listener_id)).copied());
-        StatsSnapshot { channels, closed_seq: self.closed.seq(), closed_missed }
+        StatsSnapshot { channels, closed_seq: self.closed.seq(), closed_missed, epoch: 0, complete: true }
+    }
+
+    /// [`Command::StatsChanges`]: the channels noted as changed after
+    /// epoch `since`, or a full snapshot when the change log cannot say.
+    fn stats_changes(&mut self, filter: &StatsFilter, closed_after: u64, since: u64) -> StatsSnapshot {
+        let (epoch, changed) = self.channels.changed_since(since);
+        let changed = changed.filter(|_| since > 0);
+        let Some(changed) = changed else {
+            return StatsSnapshot { epoch, ..self.stats_snapshot(filter, closed_after) };
+        };
+        let mut channels: Vec<ChannelStats> = changed
+            .into_iter()
+            .filter_map(|id| self.channels.slot_of(id))
+            .map(|slot| &self.channels[slot])
+            .filter(|ch| ch.kind != ChannelKind::Listening && filter.matches(ch.id.0, ch.listener.0))
+            .map(|ch| ch.stats(false))
+            .collect();
+        let (closed_missed, closed) = self.closed.since(closed_after);
+        channels.extend(closed.filter(|s| filter.matches(s.channel_id, s.listener_id)).copied());
+        StatsSnapshot { channels, closed_seq: self.closed.seq(), closed_missed, epoch, complete: false }
     }
 
     /// Stops every listener and closes every channel gracefully; the loop

@@ -90,6 +90,7 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
                 interval_ms: 100,
                 listener_id: Some(listener_id),
                 channel_ids: vec![],
+                changed_only: false,
             })
             .await
             .unwrap()
@@ -132,6 +133,7 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
                 interval_ms: 50,
                 listener_id: None,
                 channel_ids: vec![watched, 999_999],
+                changed_only: false,
             })
             .await
             .unwrap()

@@ -108,7 +108,7 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
         assert_status(
             client
                 .channels
-                .watch_stats(v1::WatchStatsRequest { interval_ms: 1, listener_id: None, channel_ids: vec![] })
+                .watch_stats(v1::WatchStatsRequest { interval_ms: 1, listener_id: None, channel_ids: vec![], changed_only: false })
                 .await,
             Code::InvalidArgument,
             "interval_ms",
