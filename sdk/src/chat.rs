@@ -282,7 +282,10 @@ pub trait ChatHandler: 'static {
 /// the terminator (with a [`Framer`]) and calls the handler. It answers
 /// `readable()` while less than the output high-water mark waits to be
 /// sent, and `writable()` while producers are queued below that mark, so
-/// that `handle_write` pulls them as the peer drains its output.
+/// that `handle_write` pulls them as the peer drains its output. Producers
+/// queued while a read is framed start at once, at the end of that
+/// `handle_read` (asynchat's `initiate_send`), so a reply costs no extra
+/// pass.
 ///
 /// Return it from [`Dispatcher::handle_accepted`] as
 /// `Box::new(AsyncChat::new(handler))`, or give it to [`Channel::connect`].
@@ -531,6 +534,14 @@ impl<H: ChatHandler> Dispatcher for AsyncChat<H> {
             return;
         }
         self.frame(channel, data);
+        // What the handler queued as producers goes out now, as asynchat's
+        // `push_with_producer` starts `initiate_send`: the socket was just
+        // readable and is almost always writable, and the host writes what
+        // the whole pass queued in one go. Waiting for a write event would
+        // cost two changes of the poller's interest and a pass per reply.
+        if !self.outbox.producers.is_empty() {
+            self.handle_write(channel);
+        }
     }
 
     /// Pulls queued producers into the channel's output, up to the

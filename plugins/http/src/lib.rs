@@ -110,6 +110,14 @@ struct HttpConnection {
     _admission: Admission,
 }
 
+impl HttpConnection {
+    fn idle_if_answered(&mut self, channel: &mut Channel<'_>) {
+        if !self.chat.chat(channel).is_closing() {
+            self.chat.handler_mut().idle_once_answered(channel);
+        }
+    }
+}
+
 impl Dispatcher for HttpConnection {
     fn readable(&mut self, channel: &Channel<'_>) -> bool {
         self.chat.handler().in_flight.count() < MAX_IN_FLIGHT && self.chat.readable(channel)
@@ -119,17 +127,20 @@ impl Dispatcher for HttpConnection {
         self.chat.writable(channel)
     }
 
+    /// The responses queued while reading start at the end of the read
+    /// (`AsyncChat::handle_read`): a connection they all finished in starts
+    /// to idle now.
     fn handle_read(&mut self, channel: &mut Channel<'_>) {
         self.chat.handle_read(channel);
+        self.idle_if_answered(channel);
     }
 
-    /// Producers are pulled (and finished) only here, so this is where a
-    /// connection that answered everything starts to idle.
+    /// Producers are pulled (and finished) here and at the end of a read,
+    /// so these are where a connection that answered everything starts to
+    /// idle.
     fn handle_write(&mut self, channel: &mut Channel<'_>) {
         self.chat.handle_write(channel);
-        if !self.chat.chat(channel).is_closing() {
-            self.chat.handler_mut().idle_once_answered(channel);
-        }
+        self.idle_if_answered(channel);
     }
 
     fn handle_connect(&mut self, channel: &mut Channel<'_>) {
