@@ -117,6 +117,12 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         #[cfg(feature = "fault-injection")]
         inject_fault(&daemon);
         tokio::select! {
+        // The control plane yields to the poll loop when they share a core.
+        .on_thread_start(|| {
+            if let Err(e) = asyncored::limits::lower_thread_priority(asyncored::limits::CONTROL_PLANE_NICE) {
+                tracing::debug!(error = %e, "cannot lower the control plane's priority");
+            }
+        })
             _ = terminate.recv() => {
                 tracing::info!("SIGTERM: draining");
                 systemd.stopping(Some(drain_timeout));

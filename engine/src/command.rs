@@ -14,7 +14,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use polling::Poller;
+use crate::epoll::Poller;
 use tokio::sync::oneshot;
 
 use crate::plugin_host::{self, LoadedPlugin, PluginLoadError};

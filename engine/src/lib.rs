@@ -20,6 +20,7 @@ pub use asyncore_abi as abi;
 
 pub mod command;
 mod config;
+mod epoll;
 mod host_abi;
 mod ids;
 mod loader;

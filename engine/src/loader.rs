@@ -16,9 +16,14 @@
 //! image and makes rebuilding the original harmless. The copy is made in
 //! `$TMPDIR/asyncored-PID` (mode 0700), hashed as it is written (the file is
 //! streamed, never read whole: a library may be at most
-//! [`MAX_LIBRARY_SIZE`]), checked, opened and unlinked at once. The
-//! directory exists only while a load is under way; the first load of a
-//! process also removes the directories of daemons that are gone.
+//! [`MAX_LIBRARY_SIZE`]), checked and opened. The copy stays as long as its
+//! image is loaded, so that `perf`, `gdb` and `/proc/PID/maps` find the
+//! plugin's symbols under the name it was mapped from (an unlinked copy
+//! shows as `(deleted)` with raw addresses); it is removed when the image
+//! is released or its [`LoadedPlugin`] dropped (the engine's end), and the
+//! directory when no copy or load is left in it. The first load of a
+//! process also removes the directories of daemons that are gone (killed,
+//! so they left theirs).
 //!
 //! # Checked before `dlopen`
 //!
@@ -191,9 +196,12 @@ pub struct LoadedPlugin {
 struct Image {
     /// Closed only by [`LoadedPlugin::release_image`]: see the module docs.
     library: ManuallyDrop<libloading::Library>,
-    /// The private copy it was opened from (unlinked at once, but the name
-    /// is how glibc knows the image).
-    private: PathBuf,
+    /// The private copy it was opened from: the name glibc knows the image
+    /// by, and the file profilers read its symbols from. Removed with the
+    /// image.
+    copy: PrivateCopy,
+    /// Keeps the private directory while the copy is in it.
+    _lease: PrivateDir,
 }
 
 /// What became of a plugin's library when it was released.
@@ -243,16 +251,17 @@ impl LoadedPlugin {
     /// into the library: no dispatcher of it is alive, no timer or request
     /// of it is pending, and [`Entries`] are never called again.
     pub(crate) unsafe fn release_image(&mut self) -> Unloaded {
-        let Some(Image { library, private }) = self.image.take() else { return Unloaded::NoLibrary };
+        let Some(Image { library, copy, _lease }) = self.image.take() else { return Unloaded::NoLibrary };
+        let private = &copy.path;
         // A failing dlclose only means glibc kept the image; either way the
         // check below says what is mapped.
         let _ = ManuallyDrop::into_inner(library).close();
         // glibc matches an open library by the name it was opened with
-        // before touching the (unlinked) file; RTLD_NOLOAD never maps it.
+        // before touching the file; RTLD_NOLOAD never maps it.
         // SAFETY: RTLD_NOLOAD runs no initialisers: it only returns a new
         // reference to an image that is still there.
         let still_open =
-            unsafe { libloading::os::unix::Library::open(Some(&private), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+            unsafe { libloading::os::unix::Library::open(Some(private), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
         match still_open {
             Ok(reference) => {
                 // Give the reference back; the image stays as it was.
@@ -299,13 +308,10 @@ pub(crate) fn load(path: &Path, host: &Host) -> Result<LoadedPlugin, PluginLoadE
     // operator names, and the file is a complete ELF library (checked
     // above), so mapping it cannot fault.
     let opened = unsafe { libloading::Library::new(&copy.path) };
-    let private = copy.path.clone();
-    // The mapping survives the unlink; removing the copy now leaves nothing
-    // behind whatever happens next.
-    drop(copy);
-    drop(lease);
+    // On every error below the copy goes with `copy` (and the library is
+    // closed again: no plugin code ran).
     let library =
-        opened.map_err(|e| PluginLoadError::NotALibrary { path: path.clone(), message: dl_message(&e, &private) })?;
+        opened.map_err(|e| PluginLoadError::NotALibrary { path: path.clone(), message: dl_message(&e, &copy.path) })?;
 
     // SAFETY: the tag's layout is frozen forever; any library exporting the
     // symbol exports this struct.
@@ -326,7 +332,7 @@ pub(crate) fn load(path: &Path, host: &Host) -> Result<LoadedPlugin, PluginLoadE
     let descriptor = unsafe { entry() };
     // From here on plugin code runs, so the library is unloaded only by the
     // engine's decision (`release_image`).
-    let image = Image { library: ManuallyDrop::new(library), private };
+    let image = Image { library: ManuallyDrop::new(library), copy, _lease: lease };
     adopt(descriptor, host, path, sha256, Some(image))
 }
 
@@ -480,12 +486,13 @@ static NEXT_COPY: AtomicU64 = AtomicU64::new(1);
 static PRIVATE_DIR_USERS: Mutex<usize> = Mutex::new(0);
 
 /// This process's private directory, `$TMPDIR/asyncored-PID`, held by a
-/// load while it makes and opens its copy.
+/// load while it makes and opens its copy, then by the loaded image while
+/// its copy is in it.
 struct PrivateDir {
     dir: PathBuf,
 }
 
-/// A private copy of a library; unlinked on drop.
+/// A private copy of a library; removed on drop.
 struct PrivateCopy {
     path: PathBuf,
     file: File,
@@ -554,8 +561,8 @@ impl Drop for PrivateDir {
         let mut users = PRIVATE_DIR_USERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         *users -= 1;
         if *users == 0 {
-            // Only copies of loads that are over (unlinked already) could be
-            // in it, or leftovers of an earlier process with this pid.
+            // No load and no loaded image has a copy in it any more: only
+            // leftovers of an earlier process with this pid could be.
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -47,7 +47,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use polling::{Events, Poller};
+use crate::epoll::{Events, Poller};
 
 use self::{
     channel_map::ChannelMap, closed_log::ClosedLog, log_limit::LogLimits, plugins::Generations, timers::Timers,
@@ -307,7 +307,7 @@ impl Engine {
 
 impl Drop for Engine {
     /// Closes every channel: sockets leave the poller before they close
-    /// (as `polling` requires), and dispatchers are freed.
+    /// (as `epoll` wants: a closed descriptor may linger in it through a duplicate), and dispatchers are freed.
     fn drop(&mut self) {
         for slot in self.core.channels.slots() {
             self.core.finalize(slot);

@@ -9,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::epoll::Event;
 use asyncore_abi as ffi;
-use polling::Event;
 use tracing::{debug, warn};
 
 use super::{

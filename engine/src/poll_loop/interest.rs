@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use polling::{Event, PollMode};
+use crate::epoll::{Event, PollMode};
 use tracing::error;
 
 use super::{

@@ -593,3 +593,36 @@ fn a_client_that_pipelines_faster_than_it_reads_is_held_back() {
          requests and read slowly (samples {samples:?})"
     );
 }
+
+/// A keep-alive exchange costs the poll loop no change of interest: the
+/// response the plugin queues as a producer while it reads the request goes
+/// out at the end of that read (asynchat's `initiate_send`), instead of
+/// asking for a write event and dropping it again (two `epoll_ctl` calls
+/// and a pass per request before).
+#[test]
+fn keep_alive_requests_cost_no_change_of_interest() {
+    const REQUESTS: u64 = 200;
+    let mut server = Server::start();
+    let root = TempDir::new("http-root");
+    std::fs::write(root.path().join("index.html"), b"<p>hello</p>").unwrap();
+    let address = server.listen(&[("root", &root.path().display().to_string())]);
+    let mut stream = connect(address);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    // The first request settles the channel's registration.
+    stream.write_all(b"GET /static/index.html HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut reader, false).status, 200);
+    let loop_stats = |server: &mut Server| {
+        server.runtime.block_on(server.client.daemon.get_loop_stats(v1::GetLoopStatsRequest {})).unwrap().into_inner()
+    };
+    let before = loop_stats(&mut server);
+    for _ in 0..REQUESTS {
+        stream.write_all(b"GET /static/index.html HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let response = read_response(&mut reader, false);
+        assert_eq!((response.status, response.body.as_slice()), (200, &b"<p>hello</p>"[..]));
+    }
+    let after = loop_stats(&mut server);
+    let changes = after.interest_changes - before.interest_changes;
+    let passes = after.passes - before.passes;
+    println!("{REQUESTS} keep-alive requests: {changes} changes of interest, {passes} passes");
+    assert!(changes < REQUESTS / 10, "{changes} changes of interest for {REQUESTS} requests");
+}

@@ -362,8 +362,19 @@ fn private_dirs(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The files in `dir`, sorted.
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
-fn private_copies_live_only_while_loading_and_stale_directories_of_gone_daemons_are_removed() {
+fn private_copies_live_as_long_as_their_generation_and_stale_directories_of_gone_daemons_are_removed() {
     let tmp = TempDir::new("tmpdir");
     // A daemon killed mid-load left its directory; its process is gone.
     let mut gone = std::process::Command::new("true").spawn().unwrap();
@@ -380,11 +391,20 @@ fn private_copies_live_only_while_loading_and_stale_directories_of_gone_daemons_
         env: vec![("TMPDIR".into(), tmp.path().display().to_string())],
         ..Options::default()
     });
+    let own = format!("asyncored-{}", daemon.pid());
+    let mut expected = vec![alive.clone(), own.clone()];
+    expected.sort();
     assert_eq!(
         private_dirs(tmp.path()),
-        std::slice::from_ref(&alive),
-        "the stale directory went at start, the daemon's own after its load"
+        expected,
+        "the stale directory went at start; the daemon's own holds its copies"
     );
+    let copies = files_in(&tmp.path().join(&own));
+    assert!(copies.iter().any(|name| name.starts_with("libasyncore_plugin_echo-")), "{copies:?}");
+    // Mapped from a file that is there, so profilers can read its symbols.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", daemon.pid())).unwrap();
+    let echo_maps: Vec<&str> = maps.lines().filter(|l| l.contains("libasyncore_plugin_echo-")).collect();
+    assert!(!echo_maps.is_empty() && echo_maps.iter().all(|l| !l.ends_with("(deleted)")), "{echo_maps:#?}");
     runtime().block_on(async {
         let mut client = daemon.client().await;
         let plugin = client
@@ -394,11 +414,20 @@ fn private_copies_live_only_while_loading_and_stale_directories_of_gone_daemons_
             .unwrap()
             .into_inner();
         assert_eq!(plugin.current_generation, 2);
+        // echo@1 stays loaded (on standby, for a rollback) and keeps its copy.
+        let echo_copies = files_in(&tmp.path().join(&own)).into_iter().filter(|n| n.contains("echo")).count();
+        assert_eq!(echo_copies, 2);
+        client
+            .plugins
+            .unload_plugin(v1::UnloadPluginRequest { name: "echo".into(), generation: Some(1), force: false })
+            .await
+            .unwrap();
+        let echo_copies = files_in(&tmp.path().join(&own)).into_iter().filter(|n| n.contains("echo")).count();
+        assert_eq!(echo_copies, 1, "an unloaded generation's copy goes with it");
     });
-    assert_eq!(private_dirs(tmp.path()), std::slice::from_ref(&alive), "nothing left after a reload either");
     let status = runtime().block_on(daemon.signal_and_wait(15));
     assert!(status.success(), "{status}");
-    assert_eq!(private_dirs(tmp.path()), [alive]);
+    assert_eq!(private_dirs(tmp.path()), [alive], "the daemon's directory goes when it exits");
 }
 
 /// Waits until the log has `count` lines of the watcher finding echo's
