@@ -14,7 +14,7 @@ use crate::load::echo::EchoExchange;
 use crate::load::http::HttpExchange;
 use crate::load::{self, Plan, hold};
 use crate::report::{self, Detail, Figures, Ratio, Row};
-use crate::scenario::{self, SCENARIOS, Scenario, Workload};
+use crate::scenario::{self, SCENARIOS, Scenario, StormClients, Workload};
 use crate::servers::{Launcher, Server, ServerKind};
 use crate::storm::{self, Storm};
 use crate::{procfs, sys};
@@ -291,10 +291,11 @@ fn run_scenario(
             })
         }
         Workload::Hold => run_hold(launcher, scenario, servers, timing, hold),
-        Workload::Storm { channels } => servers
+        Workload::Storm { channels, clients } => servers
             .iter()
             .flat_map(|&kind| {
-                run_storm(launcher, scenario, kind, timing, channels).unwrap_or_else(|error| vec![failed(kind, error)])
+                run_storm(launcher, scenario, kind, timing, channels, clients)
+                    .unwrap_or_else(|error| vec![failed(kind, error)])
             })
             .collect(),
     }
@@ -425,6 +426,7 @@ fn run_storm(
     kind: ServerKind,
     timing: &Timing,
     channels: usize,
+    storm_clients: StormClients,
 ) -> anyhow::Result<Vec<Row>> {
     let plan = timing.plan(STORM_BUSY, 1);
     with_server(launcher, kind, |server| {
@@ -438,7 +440,7 @@ fn run_storm(
         let drive = || load::drive(server.address, server.pid, &plan, |index| EchoExchange::new(64, index));
         for _ in 0..timing.repetitions {
             quiet.push(Figures::from_sample(&drive()?));
-            let storm = Storm::start(&launcher.runtime, control)?;
+            let storm = Storm::start(&launcher.runtime, control, storm_clients)?;
             let sample = drive();
             let figures = storm.stop()?;
             stormy.push(Figures::from_sample(&sample?));

@@ -17,8 +17,19 @@ pub(crate) enum Workload {
     /// rate, and the server's resident memory per connection.
     Hold,
     /// 50 busy echo connections beside `channels` idle ones, without and
-    /// with clients calling `ListChannels` and `WatchStats` without rest.
-    Storm { channels: usize },
+    /// with control clients (`clients`) at work.
+    Storm { channels: usize, clients: StormClients },
+}
+
+/// The control clients of a storm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StormClients {
+    /// `ListChannels` paging through every channel back to back, and a
+    /// `WatchStats` stream of every channel's figures at 100 ms.
+    ListAndWatch,
+    /// This many `WatchStats` streams of every channel at 100 ms, each
+    /// asking for what changed (`changed_only`): a monitoring setup.
+    Watchers(usize),
 }
 
 /// One scenario.
@@ -78,7 +89,13 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "storm",
         description: "echo, 50 connections, 64 B, beside 10,000 idle channels, without and with a control-plane storm",
-        workload: Workload::Storm { channels: 10_000 },
+        workload: Workload::Storm { channels: 10_000, clients: StormClients::ListAndWatch },
+    },
+    Scenario {
+        name: "watchers",
+        description: "echo, 50 connections, 64 B, beside 19,000 idle channels, without and with 10 WatchStats \
+                      streams of what changed at 100 ms",
+        workload: Workload::Storm { channels: 19_000, clients: StormClients::Watchers(10) },
     },
 ];
 

@@ -223,7 +223,8 @@ impl Launcher {
         let plugin = if kind == ServerKind::AsyncoredHttp { "http" } else { "echo" };
         format!(
             "# Written by asyncore-bench for one run; plugins come from --plugin-dir.\n\
-             control = \"127.0.0.1:0\"\n\n\
+             control = \"127.0.0.1:0\"\n\
+             http = \"127.0.0.1:0\"\n\n\
              [[listener]]\n\
              address = \"127.0.0.1:0\"\n\
              plugin = \"{plugin}\"\n\

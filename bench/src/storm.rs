@@ -1,6 +1,7 @@
 //! The control-plane storm: clients of asyncored's gRPC API that never
 //! rest, `ListChannels` paging through every channel back to back and a
-//! `WatchStats` stream of every channel, while the echo load runs.
+//! `WatchStats` stream of every channel, while the echo load runs; or only
+//! `WatchStats` streams of what changed, as monitors would ask.
 //!
 //! The clients run in the harness, on the generator's core, so they must
 //! cost it little: their answers are decoded with skimming types that keep
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use asyncore_proto::v1::{ListChannelsRequest, WatchStatsRequest};
+
+use crate::scenario::StormClients;
 use http::uri::PathAndQuery;
 use tonic::client::Grpc;
 use tonic::transport::Channel;
@@ -85,11 +88,14 @@ pub(crate) fn count_channels(runtime: &tokio::runtime::Handle, control: SocketAd
 pub(crate) struct StormFigures {
     /// Complete listings of every channel per second.
     pub(crate) listings_per_second: f64,
-    /// `WatchStats` updates received per second.
+    /// `WatchStats` updates received per second, per stream.
     pub(crate) updates_per_second: f64,
+    /// `WatchStats` streams.
+    pub(crate) watchers: usize,
     /// Channels in the last listing.
     pub(crate) channels_listed: u64,
-    /// Channels in the last stats update.
+    /// Channels in the largest stats update (with `changed_only`, the
+    /// first, which lists them all).
     pub(crate) channels_watched: u64,
 }
 
@@ -103,17 +109,21 @@ pub(crate) struct Storm {
     channels_watched: Arc<AtomicU64>,
     error: Arc<Mutex<Option<String>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// `WatchStats` streams: updates are counted per stream.
+    watchers: usize,
 }
 
 impl Storm {
-    /// Starts the lister and the watcher against the daemon at `control`.
+    /// Starts the storm's clients against the daemon at `control`.
     ///
     /// # Errors
     ///
     /// If the control API cannot be reached.
-    pub(crate) fn start(runtime: &tokio::runtime::Handle, control: SocketAddr) -> anyhow::Result<Storm> {
-        let (mut lister, mut watcher) =
-            runtime.block_on(async { Ok::<_, anyhow::Error>((connect(control).await?, connect(control).await?)) })?;
+    pub(crate) fn start(
+        runtime: &tokio::runtime::Handle,
+        control: SocketAddr,
+        clients: StormClients,
+    ) -> anyhow::Result<Storm> {
         let storm = Storm {
             started: Instant::now(),
             listings: Arc::default(),
@@ -122,49 +132,79 @@ impl Storm {
             channels_watched: Arc::default(),
             error: Arc::default(),
             tasks: Vec::new(),
+            watchers: 1,
         };
-        let (listings, channels_listed, error) =
-            (storm.listings.clone(), storm.channels_listed.clone(), storm.error.clone());
-        let list_task = runtime.spawn(async move {
-            loop {
-                match list_all(&mut lister).await {
-                    Ok(channels) => {
-                        channels_listed.store(channels as u64, Ordering::Relaxed);
-                        listings.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        *error.lock().expect("error slot") = Some(format!("ListChannels: {e:#}"));
-                        return;
+        let (watchers, changed_only) = match clients {
+            StormClients::ListAndWatch => (1, false),
+            StormClients::Watchers(n) => (n, true),
+        };
+        let mut tasks = Vec::new();
+        if clients == StormClients::ListAndWatch {
+            let mut lister = runtime.block_on(connect(control))?;
+            let (listings, channels_listed, error) =
+                (storm.listings.clone(), storm.channels_listed.clone(), storm.error.clone());
+            tasks.push(runtime.spawn(async move {
+                loop {
+                    match list_all(&mut lister).await {
+                        Ok(channels) => {
+                            channels_listed.store(channels as u64, Ordering::Relaxed);
+                            listings.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            *error.lock().expect("error slot") = Some(format!("ListChannels: {e:#}"));
+                            return;
+                        }
                     }
                 }
-            }
-        });
-        let (updates, channels_watched, error) =
-            (storm.updates.clone(), storm.channels_watched.clone(), storm.error.clone());
-        let watch_task = runtime.spawn(async move {
-            let result = async {
-                watcher.ready().await?;
-                let request = WatchStatsRequest { interval_ms: WATCH_INTERVAL_MS, ..Default::default() };
-                let mut stream = watcher
-                    .server_streaming(
-                        tonic::Request::new(request),
-                        PathAndQuery::from_static("/asyncore.v1.Channels/WatchStats"),
-                        ProstCodec::<WatchStatsRequest, StatsSkim>::default(),
-                    )
-                    .await?
-                    .into_inner();
-                while let Some(update) = stream.message().await? {
-                    channels_watched.store(update.channels.len() as u64, Ordering::Relaxed);
-                    updates.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+        for _ in 0..watchers {
+            let mut watcher = runtime.block_on(connect(control))?;
+            let (updates, channels_watched, error) =
+                (storm.updates.clone(), storm.channels_watched.clone(), storm.error.clone());
+            tasks.push(runtime.spawn(async move {
+                let result = async {
+                    watcher.ready().await?;
+                    let request =
+                        WatchStatsRequest { interval_ms: WATCH_INTERVAL_MS, changed_only, ..Default::default() };
+                    let mut stream = watcher
+                        .server_streaming(
+                            tonic::Request::new(request),
+                            PathAndQuery::from_static("/asyncore.v1.Channels/WatchStats"),
+                            ProstCodec::<WatchStatsRequest, StatsSkim>::default(),
+                        )
+                        .await?
+                        .into_inner();
+                    while let Some(update) = stream.message().await? {
+                        // With `changed_only`, the first message lists
+                        // every channel and the others what changed.
+                        channels_watched.fetch_max(update.channels.len() as u64, Ordering::Relaxed);
+                        updates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err::<(), anyhow::Error>(anyhow!("the stream ended"))
                 }
-                Err::<(), anyhow::Error>(anyhow!("the stream ended"))
+                .await;
+                if let Err(e) = result {
+                    *error.lock().expect("error slot") = Some(format!("WatchStats: {e:#}"));
+                }
+            }));
+        }
+        if changed_only {
+            // Each stream's first message lists every channel: a one-time
+            // cost, left out of the measurement.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while storm.updates.load(Ordering::Relaxed) < watchers as u64 {
+                if let Some(error) = storm.error.lock().expect("error slot").take() {
+                    return Err(anyhow!(error));
+                }
+                if Instant::now() > deadline {
+                    return Err(anyhow!("no first WatchStats message within 30 s"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            .await;
-            if let Err(e) = result {
-                *error.lock().expect("error slot") = Some(format!("WatchStats: {e:#}"));
-            }
-        });
-        Ok(Storm { tasks: vec![list_task, watch_task], ..storm })
+            storm.updates.store(0, Ordering::Relaxed);
+        }
+        Ok(Storm { tasks, watchers, started: Instant::now(), ..storm })
     }
 
     /// Ends the storm and says what it did.
@@ -183,7 +223,8 @@ impl Storm {
         let seconds = self.started.elapsed().as_secs_f64().max(Duration::from_millis(1).as_secs_f64());
         Ok(StormFigures {
             listings_per_second: self.listings.load(Ordering::Relaxed) as f64 / seconds,
-            updates_per_second: self.updates.load(Ordering::Relaxed) as f64 / seconds,
+            updates_per_second: self.updates.load(Ordering::Relaxed) as f64 / seconds / self.watchers as f64,
+            watchers: self.watchers,
             channels_listed: self.channels_listed.load(Ordering::Relaxed),
             channels_watched: self.channels_watched.load(Ordering::Relaxed),
         })
