@@ -54,7 +54,7 @@ pub(crate) async fn run(channel: Channel, args: TopArgs) -> anyhow::Result<()> {
         interval_ms: args.interval,
         listener_id: args.listener,
         channel_ids: Vec::new(),
-        changed_only: false,
+        changed_only: true,
     };
     let mut stream = ChannelsClient::new(channel.clone()).watch_stats(request).await?.into_inner();
     // In raw mode Ctrl-C is a key, not SIGINT; a SIGINT from `kill`, a

@@ -141,11 +141,27 @@ pub(super) struct View {
 }
 
 impl View {
-    /// Takes a `WatchStats` update: its live channels replace the previous
-    /// ones, and what was known of channels that are gone is forgotten.
+    /// Takes a `WatchStats` update of what changed (`changed_only`): a
+    /// complete one replaces every channel; another updates the channels it
+    /// names, adds the new ones and drops the closed ones, and the channels
+    /// it leaves out moved nothing since the previous one (their rates are
+    /// 0). What was known of channels that are gone is forgotten.
     pub(super) fn apply_update(&mut self, update: v1::StatsUpdate) {
         self.at = update.at.and_then(|at| SystemTime::try_from(at).ok());
-        self.channels = update.channels.into_iter().filter(|c| !c.closed).collect();
+        if update.complete {
+            self.channels = update.channels;
+        } else {
+            let mut changed: HashMap<u64, v1::ChannelStats> =
+                update.channels.into_iter().map(|c| (c.channel_id, c)).collect();
+            for channel in &mut self.channels {
+                match changed.remove(&channel.channel_id) {
+                    Some(now) => *channel = now,
+                    None => (channel.bytes_in_rate, channel.bytes_out_rate) = (0.0, 0.0),
+                }
+            }
+            self.channels.extend(changed.into_values());
+        }
+        self.channels.retain(|c| !c.closed);
         let live: HashMap<u64, ()> = self.channels.iter().map(|c| (c.channel_id, ())).collect();
         self.facts.retain(|id, _| live.contains_key(id));
     }
@@ -387,6 +403,7 @@ mod tests {
             seq: 1,
             at: Some(prost_types::Timestamp { seconds: 1_000, nanos: 0 }),
             channels,
+            complete: true,
             ..Default::default()
         }
     }
@@ -434,6 +451,20 @@ mod tests {
         view.apply_update(update(vec![closed, stats(2, 0.0, 0.0, 0)]));
         assert_eq!(order(&view), [2]);
         assert!(view.facts.is_empty());
+    }
+
+    #[test]
+    fn an_update_of_what_changed_merges_and_zeroes_the_rates_of_the_rest() {
+        let mut view = View::default();
+        view.apply_update(update(vec![stats(1, 10.0, 10.0, 0), stats(2, 20.0, 0.0, 0), stats(3, 5.0, 5.0, 0)]));
+        let mut closed = stats(3, 0.0, 0.0, 0);
+        closed.closed = true;
+        let changes =
+            v1::StatsUpdate { complete: false, ..update(vec![stats(2, 40.0, 0.0, 7), stats(4, 1.0, 0.0, 0), closed]) };
+        view.apply_update(changes);
+        let rows: Vec<(u64, f64, u64)> =
+            view.sorted().into_iter().map(|c| (c.channel_id, c.bytes_in_rate, c.pending_output)).collect();
+        assert_eq!(rows, [(2, 40.0, 7), (4, 1.0, 0), (1, 0.0, 0)], "2 changed, 4 is new, 3 closed, 1 rested");
     }
 
     #[test]
