@@ -137,7 +137,7 @@ impl Core {
         } else if ch.registered == 0 {
             // SAFETY: the socket is deleted from the poller in finalize (or
             // above, when its interest becomes empty) before it is dropped.
-            unsafe { self.poller.add_with_mode(&ch.socket.as_fd(), event, PollMode::Level) }
+            unsafe { self.poller.add_with_mode(ch.socket.as_fd(), event, PollMode::Level) }
         } else {
             self.poller.modify_with_mode(ch.socket.as_fd(), event, PollMode::Level)
         };
