@@ -44,6 +44,11 @@ impl ControlTarget {
     pub(crate) fn with_timeout(self, timeout: Duration) -> ControlTarget {
         ControlTarget { timeout, ..self }
     }
+
+    /// How long it is waited for.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
 }
 
 /// The daemon did not answer: the connect failed, or the connection broke or

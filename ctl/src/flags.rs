@@ -65,6 +65,17 @@ pub(crate) enum Command {
     /// The daemon's version, uptime, phase, loop counters (slow callbacks
     /// included) and how many plugins and listeners it has.
     Info,
+    /// The daemon's config file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Re-read the config file the daemon was started with, as SIGHUP does,
+    /// and apply the difference in listeners; an invalid file changes
+    /// nothing and is reported.
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,12 +93,38 @@ pub(crate) enum ListenersCommand {
         #[arg(short = 'c', long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         config: Vec<(String, String)>,
     },
-    /// Stop accepting on a listener.
+    /// Stop accepting on a listener (its listening socket closes).
     Stop {
         id: u64,
         /// Also close, gracefully, every channel the listener accepted.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "drain_timeout")]
         close_channels: bool,
+        /// Then wait until the listener's channels have all finished, and
+        /// close those left after this long, gracefully: 500ms, 30s, 2m, or a
+        /// bare number of milliseconds. The command returns once they are
+        /// gone (`--timeout` counts from the drain timeout on).
+        #[arg(long, value_name = "DURATION", value_parser = parse_listener_drain_ms)]
+        drain_timeout: Option<u64>,
+    },
+    /// Stop accepting but keep the listening socket bound: new connections
+    /// wait in the kernel's backlog, unserved, until `resume`; channels
+    /// already open keep running.
+    Suspend { id: u64 },
+    /// Accept again after `suspend`, starting with the backlog.
+    Resume { id: u64 },
+    /// Change a running listener's limits, or with `--daemon` the limit
+    /// over every listener.
+    Limit {
+        #[arg(required_unless_present = "daemon")]
+        id: Option<u64>,
+        /// The daemon's limit, all listeners together, instead of one
+        /// listener's (it lasts until the daemon stops).
+        #[arg(long, conflicts_with = "id")]
+        daemon: bool,
+        /// The most connections kept open at once; past it, new ones are
+        /// closed at once and counted. 0 lifts the limit.
+        #[arg(long, value_name = "N")]
+        max_connections: u64,
     },
 }
 
@@ -266,6 +303,15 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         return Err("the timeout must be at least 1ms".to_owned());
     }
     Ok(Duration::from_millis(milliseconds))
+}
+
+/// Parses `listeners stop --drain-timeout`: at least 1 ms (a stop that
+/// does not wait is a plain `stop`), at most 7 days, as the daemon allows.
+fn parse_listener_drain_ms(text: &str) -> Result<u64, String> {
+    match parse_milliseconds(text, "drain timeout", 604_800_000)? {
+        0 => Err("the drain timeout must be at least 1ms".to_owned()),
+        milliseconds => Ok(milliseconds),
+    }
 }
 
 /// Parses `--drain-timeout`; 0 means never, as in `ReloadPluginRequest`.

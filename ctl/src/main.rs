@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod channels;
+mod config;
 mod connection;
 mod flags;
 mod listeners;
@@ -76,12 +77,13 @@ async fn run(command: Command, format: OutputFormat, target: &ControlTarget) -> 
     let channel = connection::connect(target).await?;
 
     match command {
-        Command::Listeners(command) => listeners::run(channel, command, format).await,
+        Command::Listeners(command) => listeners::run(channel, command, format, target).await,
         Command::Channels(command) => channels::run(channel, command, format).await,
         Command::Plugins(command) => plugins::run(channel, command, format, target).await,
         Command::Stats(args) => stats::watch(channel, args, format).await,
         Command::Top(args) => top::run(channel, args).await,
         Command::LoopStats => stats::loop_stats(channel, format).await,
         Command::Info => stats::info(channel, format).await,
+        Command::Config(command) => config::run(channel, command, format).await,
     }
 }

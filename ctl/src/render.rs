@@ -283,6 +283,7 @@ fn loop_stats_rows(stats: &v1::LoopStats) -> Vec<(&'static str, String)> {
         ("bytes_dropped", stats.bytes_dropped.to_string()),
         ("slow_callbacks", stats.slow_callbacks.to_string()),
         ("slowest_callback", micros_text(stats.slowest_callback_us)),
+        ("accept_pauses", stats.accept_pauses.to_string()),
     ]
 }
 
@@ -459,6 +460,9 @@ pub(crate) fn listener_json(listener: &v1::Listener) -> Value {
         "config": listener.config,
         "channel_id": listener.channel_id,
         "created_at": timestamp_json(listener.created_at.as_ref()),
+        "max_connections": listener.max_connections,
+        "connections": listener.connections,
+        "connections_refused": listener.connections_refused,
     })
 }
 
@@ -529,6 +533,7 @@ pub(crate) fn loop_stats_json(stats: &v1::LoopStats) -> Value {
         "bytes_dropped": stats.bytes_dropped,
         "slow_callbacks": stats.slow_callbacks,
         "slowest_callback_us": stats.slowest_callback_us,
+        "accept_pauses": stats.accept_pauses,
     })
 }
 

@@ -63,6 +63,16 @@ pub struct Config {
     /// How log lines are written to stderr (`--log-format` wins).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Where the runtime state is saved after every change made through
+    /// the API, and restored from at start (`--state-dir` wins); `None`
+    /// keeps nothing across restarts. A relative path is taken relative to
+    /// the config file's directory.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// The file it was read from ([`Config::from_file`]), which a config
+    /// reload (SIGHUP) reads again; `None` for the built-in default.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// How the daemon writes its log.
@@ -205,7 +215,7 @@ pub fn excerpt(text: &str) -> Cow<'_, str> {
 
 /// Checks the configuration of a listener: its size (entries, keys,
 /// values, in all), and the entries the daemon reads itself
-/// (`idle_timeout`).
+/// (`idle_timeout`, `max_connections`).
 ///
 /// # Errors
 ///
@@ -237,6 +247,10 @@ pub fn check_listener_config<'a>(
         }
         if key == "idle_timeout" {
             idle_timeout(value)?;
+        }
+        if key == "max_connections" {
+            asyncore_engine::command::parse_max_connections(value)
+                .map_err(|message| InvalidConfig(format!("listener config max_connections: {}", excerpt(&message))))?;
         }
     }
     if entries > MAX_CONFIG_ENTRIES {
@@ -306,6 +320,8 @@ impl Config {
             min_stats_interval_ms: default_min_stats_interval(),
             slow_callback_ms: default_slow_callback_ms(),
             log_format: LogFormat::default(),
+            state_dir: None,
+            source: None,
         }
     }
 
@@ -384,7 +400,13 @@ impl Config {
         if config.plugin_dirs.is_empty() {
             config.plugin_dirs.extend(default_plugin_dir());
         }
+        if let Some(dir) = &mut config.state_dir
+            && dir.is_relative()
+        {
+            *dir = base.join(&*dir);
+        }
         config.validate().map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })?;
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 }
@@ -465,6 +487,13 @@ mod tests {
         }
         for bad in ["0", "0ms", "169h", "1e30", "10000000000000000000", "soon"] {
             assert!(idle_timeout(bad).is_err(), "{bad}");
+        }
+        for good in ["0", "1", "1000000"] {
+            assert!(check_listener_config(&config(vec![("max_connections".into(), good.into())])).is_ok(), "{good}");
+        }
+        for bad in ["-1", "1000001", "lots"] {
+            let message = check_listener_config(&config(vec![("max_connections".into(), bad.into())])).unwrap_err().0;
+            assert!(message.contains("max_connections") && message.contains("1 to 1000000"), "{message}");
         }
     }
 

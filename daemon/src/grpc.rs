@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, server::NamedService};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use asyncore_engine::{
-    command::{Command, CommandError, EngineHandle, LoadPlugin},
+    command::{Command, CommandError, EngineHandle, LoadPlugin, MAX_CONNECTIONS},
     plugin_host::{PluginLoadError, PluginPolicy},
 };
 
@@ -37,6 +37,7 @@ use self::stats_feed::{StatsFeeds, StatsStream};
 use crate::{
     config::{self, MAX_DRAIN_TIMEOUT, MAX_STATS_INTERVAL, StatsLimits, excerpt},
     lifecycle::{Lifecycle, Phase},
+    state::StateStore,
 };
 
 pub(crate) use self::incoming::Incoming;
@@ -70,6 +71,11 @@ pub struct ControlApi {
     /// When the API was made, as the daemon starts: `GetDaemonInfo`'s
     /// start time (the wall clock) and uptime (the monotonic one).
     started: (SystemTime, Instant),
+    /// Where changes are saved (`--state-dir`), if anywhere.
+    state: Option<Arc<StateStore>>,
+    /// Re-reads the config file (`ReloadConfig`); `None` in an API made
+    /// without a daemon.
+    config_reload: Option<Arc<crate::ConfigReload>>,
 }
 
 impl ControlApi {
@@ -79,7 +85,38 @@ impl ControlApi {
         let stats_limits = StatsLimits::default();
         let stats = Arc::new(StatsFeeds::new(engine.clone(), stats_limits.max_watchers));
         let started = (SystemTime::now(), Instant::now());
-        ControlApi { engine, lifecycle, policy, stats_limits, stats, started }
+        ControlApi { engine, lifecycle, policy, stats_limits, stats, started, state: None, config_reload: None }
+    }
+
+    /// The same API, answering `ReloadConfig` with `reload`.
+    pub fn with_config_reload(self, reload: Arc<crate::ConfigReload>) -> ControlApi {
+        ControlApi { config_reload: Some(reload), ..self }
+    }
+
+    /// The same API, saving the runtime state in `store` after every
+    /// change ([`ControlApi::state_changed`]).
+    pub fn with_state(self, store: Arc<StateStore>) -> ControlApi {
+        ControlApi { state: Some(store), ..self }
+    }
+
+    /// Saves the runtime state (with `--state-dir`). Every handler that may
+    /// have changed listeners or plugins calls it once its command has been
+    /// answered, whatever the answer (a refused activation still adds a
+    /// generation), and BEFORE it replies: an acknowledged change is on
+    /// disk. Saves are serialized, and an unchanged state is not written
+    /// again. A save that fails is logged; the change itself stands.
+    pub(crate) async fn state_changed(&self) {
+        let Some(store) = &self.state else { return };
+        // A drain stops every listener without an API call: a save now
+        // would record them as stopped, and the restart would bring none
+        // back. What the daemon was running stays the saved state.
+        if !matches!(self.lifecycle.get(), Phase::Starting | Phase::Running) {
+            tracing::warn!("the daemon is draining: this change is not saved in the runtime state");
+            return;
+        }
+        if let Err(e) = store.save(&self.engine).await {
+            tracing::error!(error = %e, "cannot save the runtime state; a restart would not bring this change back");
+        }
     }
 
     /// The same API with other `WatchStats` limits.
@@ -177,9 +214,9 @@ pub(crate) fn status(error: CommandError) -> Status {
         }
         CommandError::NoGeneration { .. } => Status::not_found(message),
         CommandError::AddressInUse { .. } => Status::already_exists(message),
-        CommandError::GenerationRetired { .. } | CommandError::PluginInUse { .. } => {
-            Status::failed_precondition(message)
-        }
+        CommandError::GenerationRetired { .. }
+        | CommandError::GenerationTaken { .. }
+        | CommandError::PluginInUse { .. } => Status::failed_precondition(message),
         CommandError::WrongPlugin { .. } => Status::invalid_argument(message),
         CommandError::Bind { source, .. } => match source.kind() {
             std::io::ErrorKind::PermissionDenied => Status::permission_denied(message),
@@ -225,6 +262,9 @@ fn message(error: &CommandError) -> String {
         }
         CommandError::GenerationRetired { name, generation } => {
             Some(CommandError::GenerationRetired { name: short(name), generation: *generation })
+        }
+        CommandError::GenerationTaken { name, generation, newest } => {
+            Some(CommandError::GenerationTaken { name: short(name), generation: *generation, newest: *newest })
         }
         CommandError::PluginInUse { name, users } => {
             Some(CommandError::PluginInUse { name: short(name), users: short(users) })
@@ -325,16 +365,19 @@ impl v1::listeners_server::Listeners for ControlApi {
         let listener = self
             .engine
             .request(|reply| Command::StartListener { address, plugin: request.plugin, config, reply })
-            .await
-            .map_err(status)?;
-        Ok(Response::new(convert::listener(listener)))
+            .await;
+        self.state_changed().await;
+        Ok(Response::new(convert::listener(listener.map_err(status)?)))
     }
 
     async fn stop_listener(&self, request: Request<v1::StopListenerRequest>) -> Result<Response<v1::Listener>, Status> {
-        let v1::StopListenerRequest { id, close_channels } = request.into_inner();
-        let listener =
-            self.engine.request(|reply| Command::StopListener { id, close_channels, reply }).await.map_err(status)?;
-        Ok(Response::new(convert::listener(listener)))
+        let v1::StopListenerRequest { id, close_channels, drain_timeout_ms } = request.into_inner();
+        if let Some(drain_timeout_ms) = drain_timeout_ms {
+            return self.drain_listener(Request::new(v1::DrainListenerRequest { id, drain_timeout_ms })).await;
+        }
+        let listener = self.engine.request(|reply| Command::StopListener { id, close_channels, reply }).await;
+        self.state_changed().await;
+        Ok(Response::new(convert::listener(listener.map_err(status)?)))
     }
 
     async fn list_listeners(
@@ -357,6 +400,89 @@ impl v1::listeners_server::Listeners for ControlApi {
             listeners: listeners.into_iter().map(convert::listener).collect(),
             next_page_token,
         }))
+    }
+
+    async fn suspend_listener(
+        &self,
+        request: Request<v1::SuspendListenerRequest>,
+    ) -> Result<Response<v1::Listener>, Status> {
+        let id = request.into_inner().id;
+        let listener = self.engine.request(|reply| Command::SuspendListener { id, reply }).await;
+        self.state_changed().await;
+        Ok(Response::new(convert::listener(listener.map_err(status)?)))
+    }
+
+    async fn resume_listener(
+        &self,
+        request: Request<v1::ResumeListenerRequest>,
+    ) -> Result<Response<v1::Listener>, Status> {
+        let id = request.into_inner().id;
+        let listener = self.engine.request(|reply| Command::ResumeListener { id, reply }).await;
+        self.state_changed().await;
+        Ok(Response::new(convert::listener(listener.map_err(status)?)))
+    }
+
+    async fn drain_listener(
+        &self,
+        request: Request<v1::DrainListenerRequest>,
+    ) -> Result<Response<v1::Listener>, Status> {
+        let v1::DrainListenerRequest { id, drain_timeout_ms } = request.into_inner();
+        let timeout = listener_drain_timeout(drain_timeout_ms)?;
+        let listener = self.engine.request(|reply| Command::DrainListener { id, timeout, reply }).await;
+        self.state_changed().await;
+        Ok(Response::new(convert::listener(listener.map_err(status)?)))
+    }
+
+    async fn set_listener_limits(
+        &self,
+        request: Request<v1::SetListenerLimitsRequest>,
+    ) -> Result<Response<v1::Listener>, Status> {
+        let v1::SetListenerLimitsRequest { id, max_connections } = request.into_inner();
+        let max_connections = match max_connections {
+            0 => None,
+            n if n <= MAX_CONNECTIONS => Some(n),
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "max_connections {n} is out of range: 0 (no limit) or 1 to {MAX_CONNECTIONS}"
+                )));
+            }
+        };
+        let listener = self.engine.request(|reply| Command::SetListenerLimits { id, max_connections, reply }).await;
+        self.state_changed().await;
+        Ok(Response::new(convert::listener(listener.map_err(status)?)))
+    }
+
+    async fn set_daemon_limits(
+        &self,
+        request: Request<v1::SetDaemonLimitsRequest>,
+    ) -> Result<Response<v1::DaemonLimits>, Status> {
+        let set = match request.into_inner().max_connections {
+            None => None,
+            Some(0) => Some(None),
+            Some(n) if n <= MAX_CONNECTIONS => Some(Some(n)),
+            Some(n) => {
+                return Err(Status::invalid_argument(format!(
+                    "max_connections {n} is out of range: 0 (no limit) or 1 to {MAX_CONNECTIONS}"
+                )));
+            }
+        };
+        let limits = self.engine.request(|reply| Command::DaemonLimits { set, reply }).await.map_err(status)?;
+        Ok(Response::new(v1::DaemonLimits {
+            max_connections: limits.max_connections.unwrap_or(0),
+            connections: limits.connections,
+        }))
+    }
+}
+
+/// The drain timeout of `DrainListener`: 1 ms to [`MAX_DRAIN_TIMEOUT`]. A
+/// listener stopped without waiting is `StopListener`'s.
+fn listener_drain_timeout(ms: u64) -> Result<Duration, Status> {
+    let max_ms = MAX_DRAIN_TIMEOUT.as_millis() as u64;
+    match ms {
+        1.. if ms <= max_ms => Ok(Duration::from_millis(ms)),
+        _ => Err(Status::invalid_argument(format!(
+            "drain_timeout_ms {ms} is out of range: 1 to {max_ms} (7 days); StopListener stops without waiting"
+        ))),
     }
 }
 
@@ -433,8 +559,9 @@ impl ControlApi {
     /// the loop) and adds it to the engine.
     async fn load(&self, request: LoadPlugin) -> Result<Response<v1::Plugin>, Status> {
         let path = self.policy.check(&request.path).map_err(|e| status(e.into()))?;
-        let plugin = self.engine.load_plugin(LoadPlugin { path, ..request }).await.map_err(status)?;
-        Ok(Response::new(convert::plugin(plugin)))
+        let plugin = self.engine.load_plugin(LoadPlugin { path, ..request }).await;
+        self.state_changed().await;
+        Ok(Response::new(convert::plugin(plugin.map_err(status)?)))
     }
 }
 
@@ -481,7 +608,14 @@ impl v1::plugins_server::Plugins for ControlApi {
         } else {
             plugin_path(request.path)?
         };
-        self.load(LoadPlugin { path, expected_name: Some(request.name), activate: true, drain_timeout }).await
+        self.load(LoadPlugin {
+            path,
+            expected_name: Some(request.name),
+            activate: true,
+            drain_timeout,
+            ..LoadPlugin::default()
+        })
+        .await
     }
 
     async fn activate_plugin(
@@ -491,23 +625,18 @@ impl v1::plugins_server::Plugins for ControlApi {
         let v1::ActivatePluginRequest { name, generation, drain_timeout_ms } = request.into_inner();
         require_name(&name)?;
         let drain_timeout = drain_timeout(drain_timeout_ms)?;
-        let plugin = self
-            .engine
-            .request(|reply| Command::ActivatePlugin { name, generation, drain_timeout, reply })
-            .await
-            .map_err(status)?;
-        Ok(Response::new(convert::plugin(plugin)))
+        let plugin =
+            self.engine.request(|reply| Command::ActivatePlugin { name, generation, drain_timeout, reply }).await;
+        self.state_changed().await;
+        Ok(Response::new(convert::plugin(plugin.map_err(status)?)))
     }
 
     async fn unload_plugin(&self, request: Request<v1::UnloadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
         let v1::UnloadPluginRequest { name, generation, force } = request.into_inner();
         require_name(&name)?;
-        let plugin = self
-            .engine
-            .request(|reply| Command::UnloadPlugin { name, generation, force, reply })
-            .await
-            .map_err(status)?;
-        Ok(Response::new(convert::plugin(plugin)))
+        let plugin = self.engine.request(|reply| Command::UnloadPlugin { name, generation, force, reply }).await;
+        self.state_changed().await;
+        Ok(Response::new(convert::plugin(plugin.map_err(status)?)))
     }
 }
 
@@ -542,5 +671,27 @@ impl v1::daemon_server::Daemon for ControlApi {
             plugins: plugins.ok(),
             listeners: listeners.ok(),
         })))
+    }
+
+    async fn reload_config(
+        &self,
+        _request: Request<v1::ReloadConfigRequest>,
+    ) -> Result<Response<v1::ReloadConfigResponse>, Status> {
+        self.check_not_draining()?;
+        let reload = self
+            .config_reload
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition(crate::ReloadError::NoFile.to_string()))?;
+        match reload.reload().await {
+            Ok(outcome) => Ok(Response::new(v1::ReloadConfigResponse {
+                path: outcome.path.display().to_string(),
+                started: outcome.started.into_iter().map(convert::listener).collect(),
+                stopped: outcome.stopped.into_iter().map(convert::listener).collect(),
+                unchanged: outcome.unchanged as u32,
+            })),
+            Err(e @ crate::ReloadError::NoFile) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ crate::ReloadError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(crate::ReloadError::Unavailable(e)) => Err(status(e)),
+        }
     }
 }

@@ -6,10 +6,12 @@
 //! `ARCHITECTURE.md` at the repository root for the map.
 
 pub mod config;
+pub mod config_reload;
 pub mod grpc;
 mod http;
 pub mod lifecycle;
 pub mod limits;
+pub mod state;
 mod watch;
 
 use std::{
@@ -17,6 +19,7 @@ use std::{
     net::SocketAddr,
     panic::{self, AssertUnwindSafe},
     path::{Path, PathBuf},
+    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
@@ -29,6 +32,7 @@ pub use asyncore_engine::{Command, CommandError, Engine, EngineHandle, PluginPol
 
 pub use crate::{
     config::Config,
+    config_reload::{ConfigReload, ReloadError, ReloadOutcome},
     lifecycle::{Lifecycle, Phase, PollLoopDied},
 };
 
@@ -57,6 +61,8 @@ pub struct Daemon {
     stop_server: Option<oneshot::Sender<()>>,
     watcher: Option<tokio::task::JoinHandle<()>>,
     drain_timeout: Duration,
+    /// Re-reads the config file (SIGHUP, `ReloadConfig`).
+    config_reload: Arc<ConfigReload>,
 }
 
 impl Daemon {
@@ -83,18 +89,68 @@ impl Daemon {
         )?;
         let engine = poll_loop.engine.clone();
 
-        load_plugin_dirs(&engine, &config).await;
+        // The saved runtime state goes on top of the config: its plugin
+        // generations first (with their numbers), then the plugin
+        // directories, then the config's listeners and the saved ones.
+        let state = match &config.state_dir {
+            Some(dir) => Some(Arc::new(state::StateStore::open(dir).await?)),
+            None => None,
+        };
+        let mut restore = match &state {
+            Some(store) => store.read().await.map(state::Restore::new),
+            None => None,
+        };
+        let policy = PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
+        if let Some(restore) = &mut restore {
+            restore.plugins(&engine, &policy).await;
+        }
+        load_plugin_dirs(&engine, &config, restore.as_ref()).await;
+        if let Some(restore) = &mut restore {
+            restore.currents(&engine).await;
+        }
+        // What the config started, which a config reload compares with.
+        let mut config_started = Vec::new();
         for listener in &config.listeners {
-            let address: SocketAddr = listener
+            let declared: SocketAddr = listener
                 .address
                 .parse()
                 .with_context(|| format!("listener {:?}: expected ip:port", listener.address))?;
-            let config: BTreeMap<String, String> = listener.config.clone();
-            let plugin = listener.plugin.clone();
-            engine
-                .request(|reply| Command::StartListener { address, plugin, config, reply })
-                .await
-                .with_context(|| format!("listener {} ({})", listener.address, listener.plugin))?;
+            let start = |address: SocketAddr| {
+                let config: BTreeMap<String, String> = listener.config.clone();
+                let plugin = listener.plugin.clone();
+                engine.request(move |reply| Command::StartListener { address, plugin, config, reply })
+            };
+            // A config listener the state saved listens where it did (a
+            // port-0 one on the port it got), or else where declared.
+            let saved = restore.as_mut().and_then(|r| r.config_listener(listener, declared));
+            let started = match saved.as_ref().map(|saved| saved.address) {
+                Some(address) if address != declared => match start(address).await {
+                    Ok(started) => Ok(started),
+                    Err(e) => {
+                        if let Some(restore) = &mut restore {
+                            restore.listener_moved(listener, address, &e);
+                        }
+                        start(declared).await
+                    }
+                },
+                _ => start(declared).await,
+            };
+            let started = started.with_context(|| format!("listener {} ({})", listener.address, listener.plugin))?;
+            if let (Some(restore), Some(saved)) = (&mut restore, &saved) {
+                restore.resuspend(&engine, started.id, saved).await;
+            }
+            config_started.push(started.clone());
+            if let Some(store) = &state {
+                store.declare(started.id, listener.address.clone()).await;
+            }
+        }
+        if let Some(store) = &state {
+            if let Some(mut restore) = restore {
+                restore.listeners(&engine).await;
+                restore.finish(store).await;
+            }
+            // What runs now, restored or not, is the state from here on.
+            store.save(&engine).await.context("cannot save the runtime state")?;
         }
 
         let control = tokio::net::TcpListener::bind(config.control)
@@ -107,13 +163,18 @@ impl Daemon {
         };
         // Nothing below fails: the tasks spawned now are cancelled by `Drop`.
         let (stop_server, stopped) = oneshot::channel::<()>();
-        let policy = PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
         let watcher = config.watch.then(|| {
             info!("watching plugin libraries for changes");
             tokio::spawn(watch::watch_plugins(engine.clone(), policy.clone()))
         });
-        let api =
+        let mut api =
             grpc::ControlApi::new(engine.clone(), lifecycle.clone(), policy).with_stats_limits(config.stats_limits());
+        let config_reload =
+            Arc::new(ConfigReload::new(&config, engine.clone(), &config_started).with_state(state.clone()));
+        api = api.with_config_reload(config_reload.clone());
+        if let Some(store) = state {
+            api = api.with_state(store);
+        }
         let http =
             http_listener.map(|bound| http::HttpServer::spawn(bound, api.clone(), engine.clone(), lifecycle.clone()));
         let server = tokio::spawn(async move {
@@ -138,6 +199,7 @@ impl Daemon {
             stop_server: Some(stop_server),
             watcher,
             drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+            config_reload,
         })
     }
 
@@ -161,6 +223,12 @@ impl Daemon {
         &self.lifecycle
     }
 
+    /// Re-reads the config file and applies the difference in listeners
+    /// (what SIGHUP does).
+    pub fn config_reload(&self) -> &Arc<ConfigReload> {
+        &self.config_reload
+    }
+
     /// Resolves when the poll loop has ended by itself: `Ok` when it was
     /// told to (a `Shutdown` command), [`PollLoopDied`] when it died (a
     /// panic, a failed wait on the poller). Nothing is served after that:
@@ -176,12 +244,25 @@ impl Daemon {
     }
 
     /// Graceful stop (SIGTERM): stop accepting, close every channel after
-    /// flushing its output, wait for them up to the drain timeout, then
-    /// stop.
-    pub async fn drain(mut self) {
+    /// flushing its output (the dispatcher's own included) and after its
+    /// peer acknowledged every byte, wait for them up to the drain timeout,
+    /// then stop.
+    pub async fn drain(self) {
+        self.drain_until(std::future::pending()).await;
+    }
+
+    /// [`drain`](Daemon::drain), cut short when `stop_now` completes (a
+    /// second SIGTERM, or a SIGINT): then every channel still open is
+    /// closed at once, as [`shutdown`](Daemon::shutdown) does.
+    pub async fn drain_until(mut self, stop_now: impl Future<Output = ()>) {
         self.lifecycle.set(Phase::Draining);
         let deadline = Instant::now() + self.drain_timeout;
-        let _ = self.engine.request(|reply| Command::Drain { deadline, reply }).await;
+        tokio::select! {
+            _ = self.engine.request(|reply| Command::Drain { deadline, reply }) => {}
+            () = stop_now => {
+                let _ = self.engine.send(Command::Shutdown);
+            }
+        }
         self.finish().await;
     }
 
@@ -333,7 +414,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// modification time, then by path) becomes current and the others are
 /// loaded as standby generations, to activate by hand; the log says which.
 /// So libraries are loaded oldest first, each made current in turn.
-async fn load_plugin_dirs(engine: &EngineHandle, config: &Config) {
+///
+/// With a restored state, the libraries it accounts for (restored, or
+/// unloaded before) are left out.
+async fn load_plugin_dirs(engine: &EngineHandle, config: &Config, restore: Option<&state::Restore>) {
     // Private directories of daemons killed while loading (a daemon's own
     // is removed as soon as its load is over).
     asyncore_engine::plugin_host::remove_stale_private_dirs();
@@ -345,6 +429,11 @@ async fn load_plugin_dirs(engine: &EngineHandle, config: &Config) {
     libraries.dedup_by(|later, earlier| later.1 == earlier.1);
     let mut loaded: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for (_, path) in libraries {
+        if let Some(restore) = restore
+            && restore.accounts_for(&path).await
+        {
+            continue;
+        }
         let request = asyncore_engine::LoadPlugin { path: path.clone(), activate: true, ..Default::default() };
         match engine.load_plugin(request).await {
             Ok(plugin) => loaded.entry(plugin.name).or_default().push(path),

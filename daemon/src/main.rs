@@ -1,7 +1,9 @@
 //! `asyncored`: parses flags, starts the daemon, waits for a signal.
 //!
-//! SIGTERM drains gracefully (listeners stop, channels flush and close);
-//! SIGINT stops at once.
+//! SIGTERM drains gracefully (listeners stop, channels flush and close,
+//! the peers acknowledge every byte); a second SIGTERM, or SIGINT, stops at
+//! once. SIGHUP re-reads the config file and applies the difference in
+//! listeners.
 //!
 //! Under systemd (`Type=notify`) it reports readiness and stopping, and pings
 //! the watchdog while the poll loop answers (`sd_notify`).
@@ -14,6 +16,7 @@ use anyhow::Context as _;
 use asyncored::{
     Config, Daemon,
     config::{HttpSetting, LogFormat},
+    config_reload::ReloadStage,
 };
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -49,6 +52,18 @@ struct Flags {
     /// line, for log shippers) [default: the config's log_format, or text].
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
+    /// Save the runtime state in DIR after every change made through the
+    /// API (listeners started, stopped, suspended, resumed, their
+    /// max_connections; plugins loaded, reloaded, activated and unloaded,
+    /// with their files' sha256), before answering, and restore it at
+    /// start, on top of the config: the config's listeners always start,
+    /// with the file's settings (a port-0 one on the port it had, never
+    /// twice); saved listeners the config does not declare start again;
+    /// saved plugin generations come back with their numbers. A state that
+    /// cannot be read or restored in full is logged and moved aside
+    /// (state.json.bad-TIME) [default: the config's state_dir, or none].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -81,6 +96,9 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     if let Some(log_format) = flags.log_format {
         config.log_format = log_format;
     }
+    if let Some(state_dir) = flags.state_dir {
+        config.state_dir = Some(state_dir);
+    }
     // Installed once the config says how; errors before that (flags, the
     // config file) go to stderr as one line from `main`. Dropped last, after
     // the runtime: it flushes what is still queued.
@@ -100,12 +118,20 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("grpc")
+        // The control plane yields to the poll loop when they share a core.
+        .on_thread_start(|| {
+            if let Err(e) = asyncored::limits::lower_thread_priority(asyncored::limits::CONTROL_PLANE_NICE) {
+                tracing::debug!(error = %e, "cannot lower the control plane's priority");
+            }
+        })
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        // Installed before the start too: SIGHUP's default action kills.
+        let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         let daemon = Daemon::start(config).await?;
         if let Some(http) = daemon.http_addr() {
             println!("asyncored http: {http}");
@@ -116,28 +142,45 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         systemd.spawn_watchdog(daemon.engine().clone());
         #[cfg(feature = "fault-injection")]
         inject_fault(&daemon);
-        tokio::select! {
-        // The control plane yields to the poll loop when they share a core.
-        .on_thread_start(|| {
-            if let Err(e) = asyncored::limits::lower_thread_priority(asyncored::limits::CONTROL_PLANE_NICE) {
-                tracing::debug!(error = %e, "cannot lower the control plane's priority");
-            }
-        })
-            _ = terminate.recv() => {
-                tracing::info!("SIGTERM: draining");
-                systemd.stopping(Some(drain_timeout));
-                daemon.drain().await;
-            }
-            _ = interrupt.recv() => {
-                tracing::info!("SIGINT: stopping");
-                systemd.stopping(None);
-                daemon.shutdown().await;
-            }
-            // Nothing can be served without the poll loop: exit non-zero so
-            // that a supervisor restarts the daemon.
-            ended = daemon.wait() => {
-                ended?;
-                anyhow::bail!("the poll loop stopped");
+        // RELOADING=1 and READY=1 around every config reload, whether SIGHUP
+        // or the ReloadConfig RPC asked for it.
+        let notifier = systemd.clone();
+        daemon.config_reload().on_reload(move |stage| match stage {
+            ReloadStage::Begin => notifier.reloading(),
+            ReloadStage::End => notifier.reloaded(),
+        });
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    // Logged either way; a refused file changes nothing.
+                    let _ = daemon.config_reload().reload().await;
+                }
+                _ = terminate.recv() => {
+                    tracing::info!("SIGTERM: draining (a second SIGTERM or a SIGINT stops at once)");
+                    systemd.stopping(Some(drain_timeout));
+                    let again = async {
+                        let signal = tokio::select! {
+                            _ = terminate.recv() => "SIGTERM",
+                            _ = interrupt.recv() => "SIGINT",
+                        };
+                        tracing::warn!("{signal} during the drain: stopping now, closing what is left");
+                    };
+                    daemon.drain_until(again).await;
+                    break;
+                }
+                _ = interrupt.recv() => {
+                    tracing::info!("SIGINT: stopping");
+                    systemd.stopping(None);
+                    daemon.shutdown().await;
+                    break;
+                }
+                // Nothing can be served without the poll loop: exit non-zero
+                // so that a supervisor restarts the daemon.
+                ended = daemon.wait() => {
+                    ended?;
+                    anyhow::bail!("the poll loop stopped");
+                }
             }
         }
         Ok(())

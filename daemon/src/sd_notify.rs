@@ -95,6 +95,20 @@ impl Notifier {
         self.send(&format!("READY=1\nSTATUS=serving; control {control}"));
     }
 
+    /// A config reload begins. systemd (`Type=notify-reload`) requires
+    /// `MONOTONIC_USEC`, the time of the request on `CLOCK_MONOTONIC`, to
+    /// tell this reload from an earlier one.
+    pub(crate) fn reloading(&self) {
+        if self.0.is_some() {
+            self.send(&format!("RELOADING=1\nSTATUS=reloading the config\nMONOTONIC_USEC={}", monotonic_usec()));
+        }
+    }
+
+    /// A config reload is over, applied or refused: serving again.
+    pub(crate) fn reloaded(&self) {
+        self.send("READY=1\nSTATUS=serving");
+    }
+
     /// A signal arrived. `drain`: the drain's bound (SIGTERM), which the
     /// stop timeout is extended to cover, so that a `drain_timeout_secs`
     /// longer than the unit's `TimeoutStopSec=` is not cut short by SIGKILL
@@ -153,6 +167,15 @@ impl Notifier {
         }
         answered
     }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, as systemd reads `MONOTONIC_USEC`.
+fn monotonic_usec() -> u128 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a pointer to a
+    // live one; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u128 * 1_000_000 + now.tv_nsec as u128 / 1000
 }
 
 /// How often to ping: half the watchdog's interval (`WATCHDOG_USEC`), as
@@ -239,6 +262,25 @@ mod tests {
                 "STOPPING=1\nSTATUS=draining\nEXTEND_TIMEOUT_USEC=35000000",
             ]
         );
+    }
+
+    #[test]
+    fn a_reload_is_reloading_with_the_monotonic_clock_then_ready() {
+        let (listener, notifier) = Listener::bind("reload");
+        let before = super::monotonic_usec();
+        notifier.reloading();
+        notifier.reloaded();
+        let messages = listener.received();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].starts_with("RELOADING=1\n"), "{messages:?}");
+        let usec: u128 = messages[0]
+            .lines()
+            .find_map(|line| line.strip_prefix("MONOTONIC_USEC="))
+            .expect("MONOTONIC_USEC is sent")
+            .parse()
+            .unwrap();
+        assert!(usec >= before, "the time of the request on CLOCK_MONOTONIC");
+        assert!(messages[1].starts_with("READY=1\n"), "{messages:?}");
     }
 
     #[cfg(target_os = "linux")]

@@ -30,6 +30,32 @@ pub enum Command {
     /// Stop accepting; optionally close the listener's channels gracefully.
     /// A listener already stopped answers [`CommandError::ListenerStopped`].
     StopListener { id: u64, close_channels: bool, reply: Reply<ListenerInfo> },
+    /// Stop accepting but keep the listening socket bound and listening:
+    /// the loop no longer asks it for connections, so the kernel queues
+    /// new ones in the listen backlog (1024) until it fills, after which
+    /// further connection attempts are not answered (a client's connect
+    /// retries its SYN, then times out). Channels already accepted keep
+    /// running. Suspending a suspended listener changes nothing; a stopped
+    /// one answers [`CommandError::ListenerStopped`].
+    SuspendListener { id: u64, reply: Reply<ListenerInfo> },
+    /// Accept again, starting with what waited in the backlog.
+    ResumeListener { id: u64, reply: Reply<ListenerInfo> },
+    /// Stop accepting (closing the listening socket, as
+    /// [`Command::StopListener`]), then answer only once every channel of
+    /// the listener has closed. When `timeout` passes first, the channels
+    /// left are closed gracefully (output flushed, within the close
+    /// timeout) and the answer comes once they are gone.
+    DrainListener { id: u64, timeout: Duration, reply: Reply<ListenerInfo> },
+    /// Sets the most connections the listener keeps open at once (`None`:
+    /// no limit). Past it, a new connection is accepted and closed at once,
+    /// and counted ([`ListenerInfo::connections_refused`]); the connections
+    /// already open stay. The value is kept in the listener's config as
+    /// `max_connections`.
+    SetListenerLimits { id: u64, max_connections: Option<u64>, reply: Reply<ListenerInfo> },
+    /// The loop's own limit over every listener: with `set`, sets the most
+    /// accepted connections open at once, all listeners together (`None`:
+    /// no limit but each listener's); answers the limit and the count.
+    DaemonLimits { set: Option<Option<u64>>, reply: Reply<DaemonLimits> },
     /// Listeners with id greater than `after`, at most `limit`, in id order.
     ListListeners { after: u64, limit: usize, reply: Reply<Vec<ListenerInfo>> },
     /// Channels with id greater than `after`, at most `limit`, optionally of
@@ -51,8 +77,15 @@ pub enum Command {
     /// Add a plugin already loaded (and validated) off the loop thread, as a
     /// new plugin or a new generation of one; `activate` makes it current.
     /// With `drain_timeout`, channels of older generations are closed
-    /// gracefully after it.
-    AddPlugin { plugin: Box<LoadedPlugin>, activate: bool, drain_timeout: Option<Duration>, reply: Reply<PluginInfo> },
+    /// gracefully after it. With `generation` (a restore of saved state),
+    /// see [`LoadPlugin::generation`].
+    AddPlugin {
+        plugin: Box<LoadedPlugin>,
+        activate: bool,
+        drain_timeout: Option<Duration>,
+        generation: Option<u32>,
+        reply: Reply<PluginInfo>,
+    },
     /// Make a loaded generation current.
     ActivatePlugin { name: String, generation: u32, drain_timeout: Option<Duration>, reply: Reply<PluginInfo> },
     /// Retire a generation, or every generation of a plugin.
@@ -94,6 +127,8 @@ pub enum CommandError {
     PluginRefused { plugin: String, message: String },
     #[error("plugin {name} has no generation {generation}")]
     NoGeneration { name: String, generation: u32 },
+    #[error("plugin {name} already has generation {newest}; generation {generation} cannot be added after it")]
+    GenerationTaken { name: String, generation: u32, newest: u32 },
     #[error("plugin {name}@{generation} is retired; load the library again to get a new generation")]
     GenerationRetired { name: String, generation: u32 },
     #[error("plugin {name} is in use ({users}); stop them first, or pass force to close them gracefully")]
@@ -134,6 +169,47 @@ pub struct ListenerInfo {
     /// It stopped because its listening dispatcher panicked more than the
     /// budget allows.
     pub stopped_by_panics: bool,
+    /// Listening, but not accepting ([`Command::SuspendListener`]).
+    pub suspended: bool,
+    /// Stopped, and a [`Command::DrainListener`] waits for its channels.
+    pub draining: bool,
+    /// The most accepted connections it keeps open at once; `None`: no
+    /// limit but the daemon's.
+    pub max_connections: Option<u64>,
+    /// Its accepted connections still open (closing ones included): what
+    /// `max_connections` counts.
+    pub connections: u64,
+    /// Connections closed at once because a limit was reached.
+    pub connections_refused: u64,
+}
+
+/// The loop's limits over every listener ([`Command::DaemonLimits`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DaemonLimits {
+    /// The most accepted connections open at once, all listeners
+    /// together; `None`: no limit but each listener's.
+    pub max_connections: Option<u64>,
+    /// Accepted connections open now, of every listener (closing ones
+    /// included).
+    pub connections: u64,
+}
+
+/// The largest `max_connections`, of a listener or of the daemon: more
+/// than any descriptor limit allows.
+pub const MAX_CONNECTIONS: u64 = 1_000_000;
+
+/// Parses a listener's `max_connections`: 0 (no limit) or 1 to
+/// [`MAX_CONNECTIONS`].
+///
+/// # Errors
+///
+/// A message naming the value and the allowed range.
+pub fn parse_max_connections(text: &str) -> Result<Option<u64>, String> {
+    match text.trim().parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(n) if n <= MAX_CONNECTIONS => Ok(Some(n)),
+        _ => Err(format!("{text:?} is out of range: 0 (no limit) or 1 to {MAX_CONNECTIONS}")),
+    }
 }
 
 /// How a channel came to be.
@@ -340,6 +416,9 @@ pub struct LoopStats {
     pub slow_callbacks: u64,
     /// The longest plugin call so far, slow or not, in microseconds.
     pub slowest_callback_us: u64,
+    /// Times a listener paused accepting (100 ms) because `accept` failed
+    /// for lack of descriptors or memory (`EMFILE`, `ENFILE`, ...).
+    pub accept_pauses: u64,
 }
 
 /// What [`EngineHandle::load_plugin`] loads, and what becomes of it.
@@ -355,6 +434,12 @@ pub struct LoadPlugin {
     /// With `activate`: close the channels of older generations
     /// (gracefully) after this long.
     pub drain_timeout: Option<Duration>,
+    /// Restoring saved state: number the new generation so, instead of
+    /// the next number ([`CommandError::GenerationTaken`] unless it is
+    /// above every generation of the plugin), and make it current only
+    /// with `activate`, even if the plugin has no current generation (as
+    /// when the state was saved).
+    pub generation: Option<u32>,
 }
 
 /// The tokio side's way into the poll loop: a command queue and the waker.
@@ -383,7 +468,7 @@ impl EngineHandle {
     ///
     /// The load error, [`CommandError::WrongPlugin`], or the engine's.
     pub async fn load_plugin(&self, request: LoadPlugin) -> Result<PluginInfo, CommandError> {
-        let LoadPlugin { path, expected_name, activate, drain_timeout } = request;
+        let LoadPlugin { path, expected_name, activate, drain_timeout, generation } = request;
         let display = path.display().to_string();
         let loaded = spawn_loader(move || plugin_host::load(&path))
             .await
@@ -396,7 +481,14 @@ impl EngineHandle {
             let _ = loaded.unload();
             return Err(CommandError::WrongPlugin { path: display, found, expected });
         }
-        self.request(|reply| Command::AddPlugin { plugin: Box::new(loaded), activate, drain_timeout, reply }).await
+        self.request(|reply| Command::AddPlugin {
+            plugin: Box::new(loaded),
+            activate,
+            drain_timeout,
+            generation,
+            reply,
+        })
+        .await
     }
 
     /// [`request`](EngineHandle::request) for a thread that is not in an
@@ -442,7 +534,19 @@ async fn spawn_loader<T: Send + 'static>(load: impl FnOnce() -> T + Send + 'stat
 
 #[cfg(test)]
 mod tests {
-    use super::StatsFilter;
+    use super::{MAX_CONNECTIONS, StatsFilter, parse_max_connections};
+
+    #[test]
+    fn max_connections_is_zero_for_none_or_within_its_range() {
+        assert_eq!(parse_max_connections("0"), Ok(None));
+        assert_eq!(parse_max_connections("1"), Ok(Some(1)));
+        assert_eq!(parse_max_connections(" 250 "), Ok(Some(250)));
+        assert_eq!(parse_max_connections("1000000"), Ok(Some(MAX_CONNECTIONS)));
+        for bad in ["1000001", "-1", "lots", "", "1.5"] {
+            let message = parse_max_connections(bad).unwrap_err();
+            assert!(message.contains("0 (no limit) or 1 to 1000000"), "{bad}: {message}");
+        }
+    }
 
     #[test]
     fn the_default_filter_takes_every_channel() {

@@ -1,4 +1,5 @@
-//! Listener configuration values the engine reads itself (`idle_timeout`);
+//! Listener configuration values the engine reads itself (`idle_timeout`,
+//! `max_connections`);
 //! every other entry is the plugin's to interpret.
 
 use std::collections::BTreeMap;
@@ -7,7 +8,7 @@ use std::collections::BTreeMap;
 /// handed to a plugin's `listen` or `resume`, so a plugin that refuses
 /// unknown keys accepts a listener with an idle timeout. Plugins must not
 /// use these names.
-pub const RESERVED_KEYS: &[&str] = &["idle_timeout"];
+pub const RESERVED_KEYS: &[&str] = &["idle_timeout", "max_connections"];
 
 /// A listener's configuration as its plugin sees it: without the
 /// [`RESERVED_KEYS`].

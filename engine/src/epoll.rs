@@ -151,12 +151,7 @@ impl Poller {
     /// # Safety
     ///
     /// The source must be [`delete`](Poller::delete)d before it is closed.
-    pub(crate) unsafe fn add_with_mode(
-        &self,
-        source: impl AsFd,
-        interest: Event,
-        _mode: PollMode,
-    ) -> io::Result<()> {
+    pub(crate) unsafe fn add_with_mode(&self, source: impl AsFd, interest: Event, _mode: PollMode) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, source.as_fd().as_raw_fd(), interest)
     }
 

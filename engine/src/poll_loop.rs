@@ -50,11 +50,15 @@ use std::{
 use crate::epoll::{Events, Poller};
 
 use self::{
-    channel_map::ChannelMap, closed_log::ClosedLog, log_limit::LogLimits, plugins::Generations, timers::Timers,
+    channel_map::ChannelMap,
+    closed_log::ClosedLog,
+    log_limit::{AcceptPauses, LogLimits},
+    plugins::Generations,
+    timers::Timers,
 };
 use crate::{
     command::{Command, CommandError, EngineHandle, ListenerInfo, LoopStats, PluginInfo, Reply},
-    ids::{ChannelId, GenerationIndex, ListenerId},
+    ids::{ChannelId, GenerationIndex, ListenerId, TimerId},
     loader::LoadedPlugin,
 };
 
@@ -87,11 +91,43 @@ struct Listener {
     recent_panics: VecDeque<Instant>,
     /// It stopped because its listening dispatcher panicked too often.
     stopped_by_panics: bool,
+    /// Listening but not accepting: its listening channel is kept out of
+    /// the poller (`accept_paused`), so connections wait in the backlog.
+    suspended: bool,
+    /// The most accepted connections open at once (`max_connections`).
+    max_connections: Option<u64>,
+    /// Accepted connections still in the map, closing ones included.
+    connections: u64,
+    /// Connections closed at once because a limit was reached.
+    connections_refused: u64,
+    /// A `DrainListener` waiting for `channel_count` to reach 0.
+    draining: Option<ListenerDrain>,
+}
+
+/// A `DrainListener` under way: its reply, sent once the listener's
+/// channels are gone, and its deadline's timer while it is pending.
+struct ListenerDrain {
+    reply: Reply<ListenerInfo>,
+    deadline: Option<(Instant, TimerId)>,
 }
 
 struct Drain {
     deadline: Instant,
     reply: Reply<()>,
+    /// Channels whose close waits for the kernel's send queue to empty
+    /// (`ChannelMap::end_close`), re-checked at `next_check`.
+    awaiting: std::collections::BTreeSet<ChannelId>,
+    next_check: Option<Instant>,
+    /// Channels that waited for their send queue at some point.
+    waited: u64,
+}
+
+impl Drain {
+    /// When the loop must wake for the drain: its deadline, or the next
+    /// check of the send queues.
+    fn next_wake(&self) -> Instant {
+        self.next_check.map_or(self.deadline, |check| check.min(self.deadline))
+    }
 }
 
 /// Everything the loop owns except the poller's event buffer and the
@@ -120,6 +156,12 @@ struct Core {
     slow_callback: Duration,
     /// Rate limits of the lines that could repeat at traffic rate.
     log_limits: LogLimits,
+    /// Accept pauses for lack of descriptors, summed up in the log.
+    accept_pauses: AcceptPauses,
+    /// Accepted connections in the map, of every listener (closing ones
+    /// included), and the most the loop keeps open at once.
+    connections: u64,
+    max_connections: Option<u64>,
     exit: bool,
 }
 
@@ -157,6 +199,9 @@ impl Engine {
                 close_timeout: DEFAULT_CLOSE_TIMEOUT,
                 slow_callback: DEFAULT_SLOW_CALLBACK,
                 log_limits: LogLimits::default(),
+                accept_pauses: AcceptPauses::default(),
+                connections: 0,
+                max_connections: None,
                 exit: false,
             },
             events: Events::new(),
@@ -180,6 +225,14 @@ impl Engine {
     /// served. 10 ms unless set.
     pub fn set_slow_callback(&mut self, threshold: Duration) {
         self.core.slow_callback = threshold;
+    }
+
+    /// Sets the most accepted connections open at once over every
+    /// listener (`None`: no limit but each listener's own). Past it, a new
+    /// connection is accepted and closed at once, and counted in its
+    /// listener's [`ListenerInfo::connections_refused`].
+    pub fn set_max_connections(&mut self, max_connections: Option<u64>) {
+        self.core.max_connections = max_connections;
     }
 
     /// A handle other threads use to send commands to this engine.
@@ -273,6 +326,7 @@ impl Engine {
         let now = Instant::now();
         self.core.fire_timers(now);
         self.core.log_limits.report_ended(now);
+        self.core.accept_pauses.report(now);
         let still_dirty = self.core.refresh_dirty();
         self.core.check_drain(now);
         if self.core.exit {
@@ -284,8 +338,9 @@ impl Engine {
         // be refreshed.
         let deadlines = [
             self.core.timers.next_deadline(),
-            self.core.drain.as_ref().map(|d| d.deadline),
+            self.core.drain.as_ref().map(Drain::next_wake),
             self.core.log_limits.next_report(),
+            self.core.accept_pauses.next_report(),
             still_dirty.then_some(now),
         ];
         let wait = deadlines.into_iter().flatten().map(|at| at.saturating_duration_since(now)).chain(timeout).min();

@@ -348,7 +348,7 @@ mod tests {
     #[test]
     fn requests_parse_in_either_spelling_and_refuse_unknown_fields() {
         let request: v1::StopListenerRequest = from_json(br#"{"id": "3", "closeChannels": true}"#).unwrap();
-        assert_eq!(request, v1::StopListenerRequest { id: 3, close_channels: true });
+        assert_eq!(request, v1::StopListenerRequest { id: 3, close_channels: true, drain_timeout_ms: None });
         let request: v1::StopListenerRequest = from_json(br#"{"id": 3, "close_channels": true}"#).unwrap();
         assert!(request.close_channels);
         let error = from_json::<v1::StopListenerRequest>(br#"{"closeChanels": true}"#).unwrap_err();
@@ -369,7 +369,12 @@ mod tests {
         .unwrap();
         assert_eq!(
             request,
-            v1::WatchStatsRequest { interval_ms: 250, listener_id: Some(4), channel_ids: vec![1, 2, 3], changed_only: false }
+            v1::WatchStatsRequest {
+                interval_ms: 250,
+                listener_id: Some(4),
+                channel_ids: vec![1, 2, 3],
+                changed_only: false
+            }
         );
         let request: v1::StopListenerRequest = from_query(&pairs(&[("close_channels", "true")])).unwrap();
         assert!(request.close_channels);

@@ -19,8 +19,12 @@ pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
         id: info.id,
         address: info.address.to_string(),
         plugin: info.plugin,
-        state: if info.listening {
+        state: if info.listening && info.suspended {
+            v1::ListenerState::Suspended
+        } else if info.listening {
             v1::ListenerState::Listening
+        } else if info.draining {
+            v1::ListenerState::Draining
         } else if info.stopped_by_panics {
             v1::ListenerState::Failed
         } else {
@@ -31,6 +35,9 @@ pub(super) fn listener(info: ListenerInfo) -> v1::Listener {
         channel_id: info.channel_id,
         created_at: Some(timestamp(info.created_at)),
         plugin_generation: info.generation,
+        max_connections: info.max_connections.unwrap_or(0),
+        connections: info.connections,
+        connections_refused: info.connections_refused,
     }
 }
 
@@ -137,6 +144,7 @@ pub(super) fn loop_stats(stats: LoopStats) -> v1::LoopStats {
         bytes_dropped: stats.bytes_dropped,
         slow_callbacks: stats.slow_callbacks,
         slowest_callback_us: stats.slowest_callback_us,
+        accept_pauses: stats.accept_pauses,
     }
 }
 

@@ -23,7 +23,7 @@ use axum::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
     },
-    routing::get,
+    routing::{get, post},
 };
 use prost::{Message, Name};
 use tokio_stream::Stream;
@@ -47,7 +47,8 @@ use crate::{
 pub(super) fn routes() -> Router<HttpState> {
     Router::new()
         .route("/v1/listeners", get(list_listeners).post(start_listener))
-        .route("/v1/listeners/{id}", get(get_listener).delete(stop_listener))
+        .route("/v1/listeners:setLimits", post(set_daemon_limits))
+        .route("/v1/listeners/{id}", get(get_listener).post(listener_verb).delete(stop_listener))
         .route("/v1/channels", get(list_channels))
         .route("/v1/channels/{id}", get(get_channel).delete(close_channel))
         .route("/v1/plugins", get(list_plugins).post(load_plugin))
@@ -55,6 +56,7 @@ pub(super) fn routes() -> Router<HttpState> {
         .route("/v1/stats/watch", get(watch_stats))
         .route("/v1/daemon", get(daemon_info))
         .route("/v1/daemon/loop-stats", get(loop_stats))
+        .route("/v1/config:reload", post(reload_config))
 }
 
 /// A reply message, as JSON.
@@ -168,6 +170,58 @@ async fn stop_listener(
     reply(Listeners::stop_listener(&state.api, request(query)).await)
 }
 
+/// `POST /v1/listeners:setLimits`: the daemon's limits over every
+/// listener.
+async fn set_daemon_limits(
+    State(state): State<HttpState>,
+    Body(body): Body<v1::SetDaemonLimitsRequest>,
+) -> Result<Response, ApiError> {
+    reply(Listeners::set_daemon_limits(&state.api, request(body)).await)
+}
+
+/// `POST /v1/listeners/{id}:suspend`, `:resume`, `:drain` and
+/// `:setLimits`, with the rest of the RPC's request as the body.
+async fn listener_verb(
+    State(state): State<HttpState>,
+    Segment(target): Segment,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some((id, verb)) = target.rsplit_once(':') else {
+        return Err(ApiError(Status::not_found(format!(
+            "POST /v1/listeners/{0} needs a verb: {0}:suspend, {0}:resume, {0}:drain or {0}:setLimits \
+             (see /v1/openapi.json)",
+            excerpt(&target)
+        ))));
+    };
+    let id = parse_id("listener", id)?;
+    match verb {
+        "suspend" => {
+            let mut body: v1::SuspendListenerRequest = parse_body(&body)?;
+            from_path("id", id, &mut body.id)?;
+            reply(Listeners::suspend_listener(&state.api, request(body)).await)
+        }
+        "resume" => {
+            let mut body: v1::ResumeListenerRequest = parse_body(&body)?;
+            from_path("id", id, &mut body.id)?;
+            reply(Listeners::resume_listener(&state.api, request(body)).await)
+        }
+        "drain" => {
+            let mut body: v1::DrainListenerRequest = parse_body(&body)?;
+            from_path("id", id, &mut body.id)?;
+            reply(Listeners::drain_listener(&state.api, request(body)).await)
+        }
+        "setLimits" => {
+            let mut body: v1::SetListenerLimitsRequest = parse_body(&body)?;
+            from_path("id", id, &mut body.id)?;
+            reply(Listeners::set_listener_limits(&state.api, request(body)).await)
+        }
+        verb => Err(ApiError(Status::not_found(format!(
+            "listeners have no verb {:?}: use suspend, resume, drain or setLimits",
+            excerpt(verb)
+        )))),
+    }
+}
+
 async fn list_channels(
     State(state): State<HttpState>,
     Query(query): Query<v1::ListChannelsRequest>,
@@ -274,6 +328,13 @@ async fn loop_stats(
     Query(query): Query<v1::GetLoopStatsRequest>,
 ) -> Result<Response, ApiError> {
     reply(DaemonService::get_loop_stats(&state.api, request(query)).await)
+}
+
+async fn reload_config(
+    State(state): State<HttpState>,
+    Body(body): Body<v1::ReloadConfigRequest>,
+) -> Result<Response, ApiError> {
+    reply(DaemonService::reload_config(&state.api, request(body)).await)
 }
 
 /// `WatchStats` as Server-Sent Events: one event per `StatsUpdate` (its

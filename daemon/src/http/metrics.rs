@@ -94,6 +94,11 @@ impl Metrics {
                 loop_stats.slow_callbacks,
             ),
             ("accepts", "Connections accepted", loop_stats.accepts),
+            (
+                "accept_pauses",
+                "Times a listener paused accepting for 100 ms because accept() failed for lack of descriptors or memory",
+                loop_stats.accept_pauses,
+            ),
             ("panics", "Plugin callbacks that panicked (each closed its own channel)", loop_stats.panics),
             (
                 "bytes_dropped",
@@ -129,6 +134,7 @@ impl Metrics {
 
         let listener_channels = Family::<Labels, Gauge>::default();
         let listener_listening = Family::<Labels, Gauge>::default();
+        let listener_refused = Family::<Labels, Counter>::default();
         for listener in &listeners {
             let labels = vec![
                 ("listener", listener.id.to_string()),
@@ -136,13 +142,19 @@ impl Metrics {
                 ("plugin", listener.plugin.clone()),
             ];
             listener_channels.get_or_create(&labels).set(saturating_i64(listener.channel_count));
-            listener_listening.get_or_create(&labels).set(i64::from(listener.listening));
+            listener_listening.get_or_create(&labels).set(i64::from(listener.listening && !listener.suspended));
+            listener_refused.get_or_create(&labels).inc_by(listener.connections_refused);
         }
         daemon.register("listener_channels", "Live channels of a listener", listener_channels);
         daemon.register(
             "listener_listening",
-            "1 while a listener accepts connections, 0 once stopped",
+            "1 while a listener accepts connections, 0 while suspended or once stopped",
             listener_listening,
+        );
+        daemon.register(
+            "listener_connections_refused",
+            "Connections a listener closed at once because max_connections was reached",
+            listener_refused,
         );
 
         let generation_state = Family::<Labels, Gauge>::default();

@@ -93,6 +93,18 @@ impl Socket {
             Socket::Listener(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
+
+    /// Bytes in the kernel's send queue that the peer has not acknowledged
+    /// yet (`SIOCOUTQ`, tcp(7)); 0 for what is not a stream. Written bytes
+    /// are in the kernel's hands, not the peer's, until this drops to 0.
+    pub(crate) fn unsent_bytes(&self) -> io::Result<usize> {
+        let Socket::Stream(stream) = self else { return Ok(0) };
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int through the
+        // pointer, which points to a live c_int; the descriptor is ours.
+        let result = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        if result < 0 { Err(io::Error::last_os_error()) } else { Ok(queued.max(0) as usize) }
+    }
 }
 
 impl Read for Socket {
@@ -129,7 +141,8 @@ pub(crate) enum Phase {
     /// Output flushed and write side shut down: read and discard until the
     /// peer closes (or a timeout), so that closing with unread input does
     /// not make the kernel send a reset that destroys data the peer has not
-    /// read yet.
+    /// read yet. During a drain a channel may stay here, no longer polled,
+    /// until the kernel's send queue is empty (`awaiting_send_queue`).
     Lingering,
 }
 
@@ -256,6 +269,10 @@ pub(crate) struct Channel {
     pub(crate) dirty: bool,
     /// A listener out of descriptors stops accepting for a while.
     pub(crate) accept_paused: bool,
+    /// Draining: its close is done but for the kernel's send queue, which
+    /// the drain re-checks on a timer (`Core::check_send_queues`); it is no
+    /// longer polled.
+    pub(crate) awaiting_send_queue: bool,
     /// The host is closing the channel for a reason of its own: the
     /// dispatcher was told (`handle_shutdown`), is not read any more, and
     /// is asked for output until it has none left.
@@ -294,6 +311,7 @@ impl Channel {
             failed: None,
             dirty: false,
             accept_paused: false,
+            awaiting_send_queue: false,
             shutdown: None,
             counters: Counters::default(),
             stats_noted: 0,

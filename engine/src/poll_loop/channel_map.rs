@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 
 use super::{
     Core,
-    channel::{Channel, NewChannel, Phase, ShutdownReason},
+    channel::{Channel, NewChannel, Phase, ShutdownReason, Socket},
     stats_changes::ChangeLog,
     timers::TimerKind,
 };
@@ -165,7 +165,19 @@ impl Core {
         if kind != ChannelKind::Listening {
             self.count_dispatcher(generation, listener, 1);
         }
+        if kind == ChannelKind::Accepted {
+            self.count_connection(listener, 1);
+        }
         slot
+    }
+
+    /// Adds or removes an accepted connection to the counts that
+    /// `max_connections` limits: its listener's and the loop's.
+    fn count_connection(&mut self, listener_id: ListenerId, delta: i64) {
+        self.connections = self.connections.saturating_add_signed(delta);
+        if let Some(listener) = self.listeners.get_mut(&listener_id) {
+            listener.connections = listener.connections.saturating_add_signed(delta);
+        }
     }
 
     /// Adds or removes a channel served by a plugin (accepted or outbound)
@@ -176,6 +188,9 @@ impl Core {
         let last_gone = entry.live_channels == 0 && delta < 0;
         if let Some(listener) = self.listeners.get_mut(&listener_id) {
             listener.channel_count = listener.channel_count.saturating_add_signed(delta);
+            if listener.channel_count == 0 && listener.draining.is_some() {
+                self.finish_listener_drain(listener_id);
+            }
         }
         if last_gone {
             self.unload_if_unused(generation);
@@ -237,6 +252,38 @@ impl Core {
         self.channels.mark_dirty(slot);
     }
 
+    /// The end of a graceful close: the output was handed to the kernel,
+    /// and the peer closed or the linger passed. Outside a drain the
+    /// channel goes now. During a drain a stream stays open (writing shut
+    /// down) until the kernel's send queue is empty, that is until the peer
+    /// acknowledged every byte (`SIOCOUTQ`): the process exits right after
+    /// the drain, and in a container the network namespace that would
+    /// still deliver an orphaned socket's bytes goes with it. It is no
+    /// longer polled; the drain re-checks such channels on a timer
+    /// ([`check_send_queues`](Core::check_send_queues)) and closes what is
+    /// left at its deadline.
+    pub(super) fn end_close(&mut self, slot: Slot) {
+        let draining = self.drain.is_some();
+        let Some(ch) = self.channels.get_mut(slot) else { return };
+        if ch.awaiting_send_queue {
+            return;
+        }
+        if !draining || !matches!(ch.socket, Socket::Stream(_)) || ch.shut_write().is_err() {
+            return self.finalize(slot);
+        }
+        match ch.socket.unsent_bytes() {
+            Ok(0) | Err(_) => self.finalize(slot),
+            Ok(_) => {
+                ch.phase = Phase::Lingering;
+                ch.awaiting_send_queue = true;
+                let channel_id = ch.id;
+                // The next refresh takes it out of the poller.
+                self.channels.mark_dirty(slot);
+                self.await_send_queue(channel_id);
+            }
+        }
+    }
+
     /// Removes the channel now: deregisters, frees the dispatcher, closes
     /// the socket, forgets its timers, records the final figures.
     pub(super) fn finalize(&mut self, slot: Slot) {
@@ -266,6 +313,9 @@ impl Core {
                     if held { ", and the dispatcher still had output to give" } else { "" },
                 );
                 self.stats.bytes_dropped += ch.out.len() as u64;
+            }
+            if ch.kind == ChannelKind::Accepted {
+                self.count_connection(ch.listener, -1);
             }
             self.count_dispatcher(ch.generation, ch.listener, -1);
             self.closed.push(ch.stats(true));

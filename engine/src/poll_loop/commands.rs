@@ -2,23 +2,24 @@
 //! listings, stats, plugin generations (in `plugins`), the drain.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     net::{SocketAddr, TcpListener},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 use tracing::{info, warn};
 
 use super::{
-    Core, Drain, Listener,
+    Core, Drain, Listener, ListenerDrain,
     channel::{Channel, NewChannel, Phase, ShutdownReason, Socket},
+    timers::TimerKind,
 };
 use crate::{
     command::{
-        ChannelInfo, ChannelKind, ChannelStats, Command, CommandError, ListenerInfo, LoopStats, Reply, StatsFilter,
-        StatsSnapshot,
+        ChannelInfo, ChannelKind, ChannelStats, Command, CommandError, DaemonLimits, ListenerInfo, LoopStats, Reply,
+        StatsFilter, StatsSnapshot, parse_max_connections,
     },
     config::{parse_duration, plugin_config},
     host_abi::CallCtx,
@@ -29,6 +30,11 @@ use crate::{
 /// shows; older ones are forgotten, so that start/stop cycles do not grow
 /// the map for ever.
 const STOPPED_LISTENERS_KEPT: usize = 100;
+
+/// How often a drain re-checks the send queues of the channels waiting
+/// for their peers' acknowledgements: often enough that the daemon exits
+/// soon after the last one, rarely enough to cost nothing.
+const SEND_QUEUE_CHECK: Duration = Duration::from_millis(25);
 
 impl Core {
     pub(super) fn serve(&mut self, command: Command) {
@@ -43,6 +49,24 @@ impl Core {
             }
             Command::StopListener { id, close_channels, reply } => {
                 let _ = reply.send(self.stop_listener(ListenerId(id), close_channels));
+            }
+            Command::SuspendListener { id, reply } => {
+                let _ = reply.send(self.suspend_listener(ListenerId(id), true));
+            }
+            Command::ResumeListener { id, reply } => {
+                let _ = reply.send(self.suspend_listener(ListenerId(id), false));
+            }
+            Command::DrainListener { id, timeout, reply } => self.drain_listener(ListenerId(id), timeout, reply),
+            Command::SetListenerLimits { id, max_connections, reply } => {
+                let _ = reply.send(self.set_listener_limits(ListenerId(id), max_connections));
+            }
+            Command::DaemonLimits { set, reply } => {
+                if let Some(max_connections) = set {
+                    self.max_connections = max_connections;
+                    info!(max_connections = max_connections.unwrap_or(0), "daemon limits set");
+                }
+                let _ = reply
+                    .send(Ok(DaemonLimits { max_connections: self.max_connections, connections: self.connections }));
             }
             Command::ListListeners { after, limit, reply } => {
                 let after = (std::ops::Bound::Excluded(ListenerId(after)), std::ops::Bound::Unbounded);
@@ -87,8 +111,8 @@ impl Core {
             Command::StatsChanges { filter, closed_after, since, reply } => {
                 let _ = reply.send(Ok(self.stats_changes(&filter, closed_after, since)));
             }
-            Command::AddPlugin { plugin, activate, drain_timeout, reply } => {
-                let _ = reply.send(self.add_plugin(*plugin, activate, drain_timeout));
+            Command::AddPlugin { plugin, activate, drain_timeout, generation, reply } => {
+                let _ = reply.send(self.add_plugin_as(*plugin, activate, drain_timeout, generation));
             }
             Command::ActivatePlugin { name, generation, drain_timeout, reply } => {
                 let _ = reply.send(self.activate_plugin(&name, generation, drain_timeout));
@@ -135,6 +159,11 @@ impl Core {
                 message: format!("{text:?} is not a duration such as 30s, 500ms or 2m"),
             })?),
         };
+        let max_connections = match config.get("max_connections") {
+            None => None,
+            Some(text) => parse_max_connections(text)
+                .map_err(|message| CommandError::BadConfig { key: "max_connections", message })?,
+        };
         let listener = bind(address)?;
         let local = listener.local_addr().ok();
 
@@ -172,6 +201,11 @@ impl Core {
                 created_at: SystemTime::now(),
                 recent_panics: Default::default(),
                 stopped_by_panics: false,
+                suspended: false,
+                max_connections,
+                connections: 0,
+                connections_refused: 0,
+                draining: None,
             },
         );
         info!(listener = id.0, %address, plugin = %plugin_name, "listener started");
@@ -199,6 +233,110 @@ impl Core {
         Ok(info)
     }
 
+    /// Suspends (`suspend`) or resumes accepting. The listening socket
+    /// stays bound and listening; while suspended its channel is kept out
+    /// of the poller (`accept_paused`), so the kernel holds new
+    /// connections in the backlog.
+    fn suspend_listener(&mut self, id: ListenerId, suspend: bool) -> Result<ListenerInfo, CommandError> {
+        let listener = self.listeners.get_mut(&id).ok_or(CommandError::NoListener(id.0))?;
+        let channel_id = listener.channel.ok_or(CommandError::ListenerStopped(id.0))?;
+        if listener.suspended != suspend {
+            listener.suspended = suspend;
+            if let Some(slot) = self.channels.slot_of(channel_id) {
+                // Resuming during an accept pause (EMFILE) tries one accept
+                // early; it pauses again if descriptors are still short.
+                self.channels[slot].accept_paused = suspend;
+                self.channels.mark_dirty(slot);
+            }
+            info!(listener = id.0, "{}", if suspend { "listener suspended" } else { "listener resumed" });
+        }
+        Ok(self.listener_info(&self.listeners[&id]))
+    }
+
+    /// Stops accepting, then answers once the listener's channels are all
+    /// gone ([`finish_listener_drain`](Core::finish_listener_drain)); at
+    /// `timeout` the rest are closed gracefully
+    /// ([`listener_drain_deadline`](Core::listener_drain_deadline)).
+    fn drain_listener(&mut self, id: ListenerId, timeout: Duration, reply: Reply<ListenerInfo>) {
+        if let Err(e) = self.stop_listener(id, false) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let channels = self.listeners[&id].channel_count;
+        if channels == 0 {
+            let _ = reply.send(Ok(self.listener_info(&self.listeners[&id])));
+            return;
+        }
+        let deadline = Instant::now().checked_add(timeout);
+        let timer = self.timers.arm(deadline, None, TimerKind::ListenerDrainDeadline { listener: id });
+        info!(
+            listener = id.0,
+            channels,
+            timeout_ms = timeout.as_millis() as u64,
+            "listener stopped; waiting for its channels to finish"
+        );
+        if let Some(listener) = self.listeners.get_mut(&id) {
+            listener.draining = Some(ListenerDrain { reply, deadline: deadline.map(|at| (at, timer)) });
+        }
+    }
+
+    /// The last channel of a draining listener is gone: answer the
+    /// `DrainListener`, and cancel its deadline.
+    pub(super) fn finish_listener_drain(&mut self, id: ListenerId) {
+        let Some(drain) = self.listeners.get_mut(&id).and_then(|l| l.draining.take()) else { return };
+        if let Some((at, timer)) = drain.deadline {
+            self.timers.cancel(at, timer);
+        }
+        info!(listener = id.0, "listener drained: its channels have all closed");
+        let _ = drain.reply.send(Ok(self.listener_info(&self.listeners[&id])));
+    }
+
+    /// A draining listener's deadline: its channels left are closed
+    /// gracefully (a scan of the map, once per drain); the answer waits
+    /// until they are gone, which the close timeout bounds.
+    pub(super) fn listener_drain_deadline(&mut self, id: ListenerId) {
+        let Some(drain) = self.listeners.get_mut(&id).and_then(|l| l.draining.as_mut()) else { return };
+        drain.deadline = None;
+        let slots = self.channels.slots_where(|ch| ch.listener == id);
+        info!(listener = id.0, channels = slots.len(), "listener drain timeout: closing its channels left gracefully");
+        for slot in slots {
+            self.shut_down(slot, ShutdownReason::Control);
+        }
+    }
+
+    /// Sets a running listener's `max_connections`, kept in its config
+    /// too (so listings and saved state show it).
+    fn set_listener_limits(
+        &mut self,
+        id: ListenerId,
+        max_connections: Option<u64>,
+    ) -> Result<ListenerInfo, CommandError> {
+        let listener = self.listeners.get_mut(&id).ok_or(CommandError::NoListener(id.0))?;
+        if listener.channel.is_none() {
+            return Err(CommandError::ListenerStopped(id.0));
+        }
+        listener.max_connections = max_connections;
+        match max_connections {
+            Some(n) => listener.config.insert("max_connections".to_string(), n.to_string()),
+            None => listener.config.remove("max_connections"),
+        };
+        info!(listener = id.0, max_connections = max_connections.unwrap_or(0), "listener limits set");
+        Ok(self.listener_info(&self.listeners[&id]))
+    }
+
+    /// Whether a connection just accepted by `listener_id` would pass a
+    /// limit: its listener's `max_connections` or the loop's. If so it is
+    /// counted as refused.
+    pub(super) fn over_connection_limit(&mut self, listener_id: ListenerId) -> bool {
+        let global_full = self.max_connections.is_some_and(|max| self.connections >= max);
+        let Some(listener) = self.listeners.get_mut(&listener_id) else { return global_full };
+        let full = global_full || listener.max_connections.is_some_and(|max| listener.connections >= max);
+        if full {
+            listener.connections_refused += 1;
+        }
+        full
+    }
+
     /// Forgets the oldest stopped listeners that have no channels left,
     /// beyond the newest [`STOPPED_LISTENERS_KEPT`]. A stopped listener
     /// whose channels still run stays: they refer to it.
@@ -211,7 +349,7 @@ impl Core {
         }
     }
 
-    fn listener_info(&self, listener: &Listener) -> ListenerInfo {
+    pub(super) fn listener_info(&self, listener: &Listener) -> ListenerInfo {
         ListenerInfo {
             id: listener.id.0,
             address: listener.address,
@@ -224,6 +362,11 @@ impl Core {
             created_at: listener.created_at,
             recent_panics: listener.recent_panics.len() as u32,
             stopped_by_panics: listener.stopped_by_panics,
+            suspended: listener.suspended && listener.channel.is_some(),
+            draining: listener.draining.is_some(),
+            max_connections: listener.max_connections,
+            connections: listener.connections,
+            connections_refused: listener.connections_refused,
         }
     }
 
@@ -280,7 +423,8 @@ impl Core {
     }
 
     /// Stops every listener and closes every channel gracefully; the loop
-    /// exits once the map is empty or the deadline passed.
+    /// exits once the map is empty (every stream's send queue included, see
+    /// [`end_close`](Core::end_close)) or the deadline passed.
     fn start_drain(&mut self, deadline: Instant, reply: Reply<()>) {
         info!(channels = self.channels.len(), "draining: listeners stopped, channels closing");
         let listening: Vec<ListenerId> =
@@ -288,18 +432,70 @@ impl Core {
         for id in listening {
             let _ = self.stop_listener(id, false);
         }
+        self.drain = Some(Drain { deadline, reply, awaiting: BTreeSet::new(), next_check: None, waited: 0 });
+        // Channels already lingering end through `end_close` as well, now
+        // that the drain is set. The drain's deadline bounds the channels it
+        // closes (no close timeout is armed for them); one that was already
+        // closing keeps its own close timeout, which the daemon sets to the
+        // drain timeout, so it ends by then too, waiting for its send queue
+        // or not.
         for slot in self.channels.slots() {
             self.shut_down(slot, ShutdownReason::Drain);
         }
-        self.drain = Some(Drain { deadline, reply });
+    }
+
+    /// A draining channel's close waits for its send queue: checked from
+    /// the next [`SEND_QUEUE_CHECK`] on.
+    pub(super) fn await_send_queue(&mut self, channel_id: ChannelId) {
+        let now = self.now;
+        let Some(drain) = &mut self.drain else { return };
+        if drain.awaiting.insert(channel_id) {
+            drain.waited += 1;
+        }
+        drain.next_check.get_or_insert_with(|| now + SEND_QUEUE_CHECK);
+    }
+
+    /// Closes the draining channels whose send queue is empty (or whose
+    /// socket failed), and arms the next check while some are left. Costs
+    /// the waiting channels only, once per [`SEND_QUEUE_CHECK`].
+    pub(super) fn check_send_queues(&mut self, now: Instant) {
+        let Some(drain) = &mut self.drain else { return };
+        let awaiting = std::mem::take(&mut drain.awaiting);
+        let mut left = BTreeSet::new();
+        for channel_id in awaiting {
+            let Some(slot) = self.channels.slot_of(channel_id) else { continue };
+            match self.channels[slot].socket.unsent_bytes() {
+                Ok(queued) if queued > 0 => {
+                    left.insert(channel_id);
+                }
+                _ => self.finalize(slot),
+            }
+        }
+        if let Some(drain) = &mut self.drain {
+            drain.next_check = (!left.is_empty()).then(|| now + SEND_QUEUE_CHECK);
+            drain.awaiting = left;
+        }
     }
 
     pub(super) fn check_drain(&mut self, now: Instant) {
+        let Some(drain) = &self.drain else { return };
+        if drain.next_check.is_some_and(|at| now >= at) {
+            self.check_send_queues(now);
+        }
         let Some(drain) = &self.drain else { return };
         if !self.channels.is_empty() && now < drain.deadline {
             return;
         }
         if !self.channels.is_empty() {
+            // What the deadline cuts off: output the host still queued, and
+            // bytes the kernel holds that the peers have not acknowledged.
+            let (mut host_bytes, mut kernel_bytes, mut unacknowledged) = (0u64, 0u64, 0u64);
+            for ch in self.channels.iter() {
+                host_bytes += ch.out.len() as u64;
+                let queued = ch.socket.unsent_bytes().unwrap_or(0) as u64;
+                kernel_bytes += queued;
+                unacknowledged += u64::from(queued > 0);
+            }
             let dropped_before = self.stats.bytes_dropped;
             let channels = self.channels.len();
             for slot in self.channels.slots() {
@@ -308,9 +504,13 @@ impl Core {
             warn!(
                 channels,
                 bytes_dropped = self.stats.bytes_dropped - dropped_before,
-                "drain deadline passed; closed the rest: {} queued bytes dropped",
-                self.stats.bytes_dropped - dropped_before
+                bytes_unacknowledged = kernel_bytes,
+                channels_unacknowledged = unacknowledged,
+                "drain deadline passed; closed the {channels} channels left: {host_bytes} queued bytes dropped, \
+                 {kernel_bytes} bytes sent but not acknowledged by {unacknowledged} peers"
             );
+        } else if let Some(drain) = &self.drain {
+            info!(channels_waited = drain.waited, "drained: every channel closed, its output acknowledged by the peer");
         }
         if let Some(drain) = self.drain.take() {
             let _ = drain.reply.send(Ok(()));

@@ -16,7 +16,6 @@ use tracing::{debug, warn};
 use super::{
     Core,
     channel::{NewChannel, Phase, READ, Socket},
-    log_limit::Noisy,
     timers::TimerKind,
 };
 use crate::{
@@ -47,9 +46,23 @@ impl Core {
         for _ in 0..ACCEPTS_PER_PASS {
             let Some(ch) = self.channels.get(listener_slot) else { return };
             let Socket::Listener(listener) = &ch.socket else { return };
+            // Suspended (or paused) within this pass: leave the rest in
+            // the backlog.
+            if ch.accept_paused {
+                return;
+            }
             let (listener_id, generation) = (ch.listener, ch.generation);
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    if self.over_connection_limit(listener_id) {
+                        // Closed at once, never served: the client sees
+                        // the connection end rather than hang in the
+                        // backlog. Counted in the listener's
+                        // `connections_refused`.
+                        debug!(listener = listener_id.0, %peer, "max_connections reached; connection closed");
+                        drop(stream);
+                        continue;
+                    }
                     self.stats.accepts += 1;
                     self.accepted(listener_slot, listener_id, generation, stream, peer);
                 }
@@ -59,11 +72,11 @@ impl Core {
                     // EMFILE and friends: the connection stays in the
                     // backlog; stop asking for a while instead of spinning.
                     // Every listener hits it ten times a second until
-                    // descriptors are freed: one line a second says it.
+                    // descriptors are freed: counted, and summed up in the
+                    // log (`AcceptPauses`).
                     let now = Instant::now();
-                    if self.log_limits.admit(Noisy::AcceptFailed, now) {
-                        warn!(listener = listener_id.0, error = %e, "accept failed; pausing this listener for 100 ms");
-                    }
+                    self.stats.accept_pauses += 1;
+                    self.accept_pauses.paused(now, listener_id.0, &e);
                     let ch = &mut self.channels[listener_slot];
                     ch.accept_paused = true;
                     let channel_id = ch.id;
@@ -136,7 +149,7 @@ impl Core {
         match self.channels[slot].phase {
             Phase::Lingering => {
                 if self.discard_input(slot) {
-                    self.finalize(slot);
+                    self.end_close(slot);
                 }
                 return;
             }

@@ -100,7 +100,9 @@ impl Core {
                 if !ch.out.is_empty() {
                     if ch.read_eof { WRITE } else { WRITE | READ }
                 } else if ch.read_eof || matches!(ch.socket, Socket::Pipe(_)) {
-                    self.finalize(slot);
+                    // Nothing to linger for; a drain may still wait for the
+                    // send queue (it comes back dirty then).
+                    self.end_close(slot);
                     return;
                 } else {
                     // Flushed: shut down writing (the peer sees EOF after
@@ -115,7 +117,15 @@ impl Core {
                     READ
                 }
             }
-            (_, Phase::Lingering) => READ,
+            // Waiting for the send queue only: polled no more (a peer that
+            // closed would make it readable on every pass).
+            (_, Phase::Lingering) => {
+                if ch.awaiting_send_queue {
+                    0
+                } else {
+                    READ
+                }
+            }
         };
         self.set_interest(slot, want);
     }

@@ -92,8 +92,32 @@ impl Core {
         activate: bool,
         drain_timeout: Option<Duration>,
     ) -> Result<PluginInfo, CommandError> {
+        self.add_plugin_as(plugin, activate, drain_timeout, None)
+    }
+
+    /// [`add_plugin`](Core::add_plugin), numbering the generation
+    /// `requested` when given (a restore of saved state): it must be above
+    /// every generation of the plugin, and it becomes current only with
+    /// `activate`, so that a plugin saved with no current generation is
+    /// restored so.
+    pub(super) fn add_plugin_as(
+        &mut self,
+        plugin: LoadedPlugin,
+        activate: bool,
+        drain_timeout: Option<Duration>,
+        requested: Option<u32>,
+    ) -> Result<PluginInfo, CommandError> {
         let name = plugin.name.clone();
-        let generation = self.plugins.of(&name).map(|i| self.plugins[i].generation).max().unwrap_or(0) + 1;
+        let newest = self.plugins.of(&name).map(|i| self.plugins[i].generation).max().unwrap_or(0);
+        let generation = match requested {
+            None => newest + 1,
+            Some(generation) if generation > newest => generation,
+            Some(generation) => {
+                // Never handed to the engine: its library can go now.
+                let _ = plugin.unload();
+                return Err(CommandError::GenerationTaken { name, generation, newest });
+            }
+        };
         info!(
             plugin = %name,
             generation,
@@ -104,7 +128,7 @@ impl Core {
         );
         let index =
             self.plugins.push(Generation { loaded: plugin, generation, retired: false, panics: 0, live_channels: 0 });
-        if activate || !self.current.contains_key(&name) {
+        if activate || (requested.is_none() && !self.current.contains_key(&name)) {
             self.activate(index, drain_timeout)?;
         }
         Ok(self.plugin_info(&name))

@@ -23,7 +23,7 @@ use super::{
     Core,
     channel::{Phase, ShutdownReason},
 };
-use crate::ids::{ChannelId, GenerationIndex, TimerId};
+use crate::ids::{ChannelId, GenerationIndex, ListenerId, TimerId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TimerKind {
@@ -40,6 +40,9 @@ pub(super) enum TimerKind {
     /// A closing channel that has not flushed its output by now is closed
     /// anyway (its peer stopped reading).
     CloseDeadline,
+    /// A `DrainListener` waited long enough: the listener's channels left
+    /// are closed gracefully.
+    ListenerDrainDeadline { listener: ListenerId },
 }
 
 /// A timer that came due.
@@ -107,6 +110,15 @@ impl Timers {
         true
     }
 
+    /// Cancels one of the loop's own timers that belongs to no channel,
+    /// armed due at `at` (a listener's drain that ended before its
+    /// deadline).
+    pub(super) fn cancel(&mut self, at: Instant, id: TimerId) {
+        if let Some(Timer { channel: Some(channel), .. }) = self.due.remove(&(at, id)) {
+            self.by_channel.remove(&(channel, id));
+        }
+    }
+
     /// Cancels the `call_later` timers of a channel handed over to another
     /// generation (they carry the old generation's tokens); the loop's own
     /// timers stay. Costs the channel's own timers.
@@ -155,18 +167,27 @@ impl Core {
                     self.drain_generations(keep);
                     continue;
                 }
+                (TimerKind::ListenerDrainDeadline { listener }, _) => {
+                    self.listener_drain_deadline(listener);
+                    continue;
+                }
                 (_, Some(channel_id)) => channel_id,
                 (_, None) => continue,
             };
             let Some(slot) = self.channels.slot_of(channel_id) else { continue };
             match timer.kind {
                 TimerKind::ResumeAccept => {
-                    self.channels[slot].accept_paused = false;
-                    self.channels.mark_dirty(slot);
+                    // A listener suspended meanwhile stays paused until it
+                    // is resumed.
+                    let listener_id = self.channels[slot].listener;
+                    if !self.listeners.get(&listener_id).is_some_and(|l| l.suspended) {
+                        self.channels[slot].accept_paused = false;
+                        self.channels.mark_dirty(slot);
+                    }
                 }
                 TimerKind::EndLinger => {
                     if self.channels[slot].phase == Phase::Lingering {
-                        self.finalize(slot);
+                        self.end_close(slot);
                     }
                 }
                 TimerKind::Call { token } => {
@@ -181,8 +202,8 @@ impl Core {
                         self.finalize(slot);
                     }
                 }
-                // Handled above: it belongs to no channel.
-                TimerKind::DrainGenerations { .. } => {}
+                // Handled above: they belong to no channel.
+                TimerKind::DrainGenerations { .. } | TimerKind::ListenerDrainDeadline { .. } => {}
                 TimerKind::IdleCheck => {
                     let ch = &self.channels[slot];
                     let Some(timeout) = ch.idle_timeout else { continue };
@@ -280,6 +301,22 @@ mod tests {
                 Timer { channel: Some(stays), kind: TimerKind::Call { token: 2 } },
                 Timer { channel: None, kind: TimerKind::DrainGenerations { keep: GenerationIndex(0) } },
             ]
+        );
+    }
+
+    #[test]
+    fn a_loop_timer_can_be_cancelled_by_its_deadline_and_id() {
+        let mut timers = Timers::default();
+        let at = Instant::now() + HOUR;
+        let kind = TimerKind::ListenerDrainDeadline { listener: crate::ids::ListenerId(3) };
+        let drain = timers.arm(Some(at), None, kind);
+        timers.arm(Some(at), None, TimerKind::DrainGenerations { keep: GenerationIndex(0) });
+        timers.cancel(at, drain);
+        timers.cancel(at, drain);
+        assert_eq!(timers.len(), 1);
+        assert_eq!(
+            timers.pop_due(at),
+            Some(Timer { channel: None, kind: TimerKind::DrainGenerations { keep: GenerationIndex(0) } })
         );
     }
 

@@ -192,7 +192,7 @@ fn hundred_clients_echo_exact_bytes_with_exact_counters() {
         // echoing.
         let stopped = client
             .listeners
-            .stop_listener(v1::StopListenerRequest { id: listener_id, close_channels: false })
+            .stop_listener(v1::StopListenerRequest { id: listener_id, close_channels: false, drain_timeout_ms: None })
             .await
             .unwrap()
             .into_inner();
@@ -214,7 +214,11 @@ fn stop_listener_with_close_channels_closes_them_gracefully() {
         let (id, address) = client.start_listener("echo", &[]).await;
         let mut stream = TcpStream::connect(address).await.unwrap();
         assert_eq!(echo_round_trip(&mut stream, b"bye").await, b"bye");
-        client.listeners.stop_listener(v1::StopListenerRequest { id, close_channels: true }).await.unwrap();
+        client
+            .listeners
+            .stop_listener(v1::StopListenerRequest { id, close_channels: true, drain_timeout_ms: None })
+            .await
+            .unwrap();
         let mut rest = Vec::new();
         within("EOF after StopListener", stream.read_to_end(&mut rest)).await.expect("EOF, not a reset");
         assert!(rest.is_empty());

@@ -87,7 +87,10 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
         );
         // Unknown ids.
         assert_status(
-            client.listeners.stop_listener(v1::StopListenerRequest { id: 999, close_channels: false }).await,
+            client
+                .listeners
+                .stop_listener(v1::StopListenerRequest { id: 999, close_channels: false, drain_timeout_ms: None })
+                .await,
             Code::NotFound,
             "999",
         );
@@ -108,7 +111,12 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
         assert_status(
             client
                 .channels
-                .watch_stats(v1::WatchStatsRequest { interval_ms: 1, listener_id: None, channel_ids: vec![], changed_only: false })
+                .watch_stats(v1::WatchStatsRequest {
+                    interval_ms: 1,
+                    listener_id: None,
+                    channel_ids: vec![],
+                    changed_only: false,
+                })
                 .await,
             Code::InvalidArgument,
             "interval_ms",

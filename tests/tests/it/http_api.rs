@@ -272,7 +272,7 @@ fn listeners_start_stop_and_fail_as_over_grpc() {
         assert!(rest.is_empty());
         let grpc = client
             .listeners
-            .stop_listener(v1::StopListenerRequest { id, close_channels: false })
+            .stop_listener(v1::StopListenerRequest { id, close_channels: false, drain_timeout_ms: None })
             .await
             .expect_err("already stopped");
         http.delete(&format!("/v1/listeners/{id}")).await.same_error_as(&grpc);

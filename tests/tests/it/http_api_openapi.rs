@@ -105,6 +105,23 @@ fn every_documented_operation_answers_as_documented() {
                 Some(json!({ "address": "127.0.0.1:0", "plugin": "echo" })),
             ),
             ("get", "/v1/listeners/{id}", format!("/v1/listeners/{listener}"), None),
+            ("post", "/v1/listeners:setLimits", "/v1/listeners:setLimits".into(), Some(json!({}))),
+            ("post", "/v1/listeners/{id}:suspend", format!("/v1/listeners/{listener}:suspend"), Some(json!({}))),
+            ("post", "/v1/listeners/{id}:resume", format!("/v1/listeners/{listener}:resume"), Some(json!({}))),
+            (
+                "post",
+                "/v1/listeners/{id}:setLimits",
+                format!("/v1/listeners/{listener}:setLimits"),
+                Some(json!({ "maxConnections": "100" })),
+            ),
+            // The listener the POST above started: it has no channels, so
+            // the drain answers at once.
+            (
+                "post",
+                "/v1/listeners/{id}:drain",
+                format!("/v1/listeners/{}:drain", listener + 1),
+                Some(json!({ "drainTimeoutMs": "1000" })),
+            ),
             ("get", "/v1/channels", "/v1/channels".into(), None),
             ("get", "/v1/channels/{id}", format!("/v1/channels/{channel}"), None),
             ("get", "/v1/stats/watch", "/v1/stats/watch?interval_ms=20".into(), None),
@@ -124,6 +141,7 @@ fn every_documented_operation_answers_as_documented() {
             ("delete", "/v1/listeners/{id}", format!("/v1/listeners/{listener}?close_channels=true"), None),
             ("get", "/v1/daemon", "/v1/daemon".into(), None),
             ("get", "/v1/daemon/loop-stats", "/v1/daemon/loop-stats".into(), None),
+            ("post", "/v1/config:reload", "/v1/config:reload".into(), Some(json!({}))),
             ("get", "/healthz", "/healthz".into(), None),
             ("get", "/readyz", "/readyz".into(), None),
             ("get", "/metrics", "/metrics".into(), None),

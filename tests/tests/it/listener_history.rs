@@ -33,7 +33,7 @@ async fn all_listeners(client: &mut Client, page_size: u32) -> Vec<v1::Listener>
 
 async fn cycle(client: &mut Client) -> u64 {
     let (id, _) = client.start_listener("echo", &[]).await;
-    let stop = v1::StopListenerRequest { id, close_channels: false };
+    let stop = v1::StopListenerRequest { id, close_channels: false, drain_timeout_ms: None };
     client.listeners.stop_listener(stop).await.expect("StopListener");
     id
 }
@@ -49,7 +49,11 @@ fn stopped_listeners_are_forgotten_beyond_the_last_hundred() {
         let (busy, busy_address) = client.start_listener("echo", &[]).await;
         let peer = connect(busy_address);
         eventually!(async || client.channels_of(busy).await.len() == 2, "the busy listener's channel").await;
-        client.listeners.stop_listener(v1::StopListenerRequest { id: busy, close_channels: false }).await.unwrap();
+        client
+            .listeners
+            .stop_listener(v1::StopListenerRequest { id: busy, close_channels: false, drain_timeout_ms: None })
+            .await
+            .unwrap();
 
         let mut last = 0;
         for _ in 0..2000 {
@@ -61,7 +65,7 @@ fn stopped_listeners_are_forgotten_beyond_the_last_hundred() {
         assert_eq!(listeners.len(), 102, "the running one, the busy stopped one, the last 100 stopped");
         assert!(ids.contains(&running) && ids.contains(&busy) && ids.contains(&last));
         assert!(!ids.contains(&(last - 100)), "the 101st newest stopped listener is forgotten");
-        let forgotten = v1::StopListenerRequest { id: last - 100, close_channels: false };
+        let forgotten = v1::StopListenerRequest { id: last - 100, close_channels: false, drain_timeout_ms: None };
         let status = client.listeners.stop_listener(forgotten).await.expect_err("forgotten");
         assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 

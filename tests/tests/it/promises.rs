@@ -88,7 +88,7 @@ fn close_channel_delivers_what_the_producers_still_hold() {
 #[test]
 fn stop_listener_with_close_channels_delivers_what_the_producers_still_hold() {
     closed_mid_answer_delivers_everything(async |client, listener_id, _| {
-        let stop = v1::StopListenerRequest { id: listener_id, close_channels: true };
+        let stop = v1::StopListenerRequest { id: listener_id, close_channels: true, drain_timeout_ms: None };
         client.listeners.stop_listener(stop).await.unwrap();
     });
 }

@@ -13,7 +13,7 @@ use crate::runtime;
 /// Receives notifications until one has the line `wanted`, within
 /// [`patience()`]; returns every message received until then.
 #[track_caller]
-fn receive_until(socket: &UnixDatagram, wanted: &str) -> Vec<String> {
+pub(crate) fn receive_until(socket: &UnixDatagram, wanted: &str) -> Vec<String> {
     let deadline = Instant::now() + patience();
     let mut received = Vec::new();
     let mut buf = [0u8; 4096];

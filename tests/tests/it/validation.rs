@@ -52,10 +52,16 @@ fn durations_out_of_range_are_refused_at_the_edge() {
         client.plugins.activate_plugin(activate(604_800_000)).await.expect("the largest drain timeout");
 
         for interval_ms in [1, 9, u32::MAX] {
-            let watch = v1::WatchStatsRequest { interval_ms, listener_id: None, channel_ids: vec![], changed_only: false };
+            let watch =
+                v1::WatchStatsRequest { interval_ms, listener_id: None, channel_ids: vec![], changed_only: false };
             assert_invalid(client.channels.watch_stats(watch).await, &["interval_ms", "10", "3600000"]);
         }
-        let too_many = v1::WatchStatsRequest { interval_ms: 0, listener_id: None, channel_ids: (1..=10_001).collect(), changed_only: false };
+        let too_many = v1::WatchStatsRequest {
+            interval_ms: 0,
+            listener_id: None,
+            channel_ids: (1..=10_001).collect(),
+            changed_only: false,
+        };
         assert_invalid(client.channels.watch_stats(too_many).await, &["channel_ids", "10000"]);
 
         // The loop is alive and serving.

@@ -1,0 +1,296 @@
+//! Re-reading the config file while the daemon runs (SIGHUP, or the
+//! `Daemon.ReloadConfig` RPC): the new file is read and validated first,
+//! then only the difference in listeners is applied. A listener is its
+//! address, plugin and config: one new in the file is started, one gone
+//! from it is stopped (its channels run on), one that changed is stopped
+//! and started again. A file that is invalid, or that cannot be applied (a
+//! plugin that is not loaded, an address in use), leaves the old config in
+//! force: what was stopped is started again, what was started is stopped.
+//! Other settings (control and HTTP addresses, plugin directories, limits)
+//! take effect at the next start.
+//!
+//! Reloads are serialised: the config's listeners and their ids are kept
+//! behind an async mutex held for a whole reload.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+};
+
+use asyncore_engine::{
+    Command, CommandError, EngineHandle,
+    command::{ListenerInfo, PluginInfo},
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, excerpt},
+    state::StateStore,
+};
+
+/// A config listener as a reload compares it: by address, plugin and
+/// config.
+#[derive(Debug, Clone)]
+struct ListenerSpec {
+    address: SocketAddr,
+    /// The address as the file writes it (what the saved state knows a
+    /// config listener by).
+    declared: String,
+    plugin: String,
+    config: BTreeMap<String, String>,
+}
+
+impl PartialEq for ListenerSpec {
+    fn eq(&self, other: &ListenerSpec) -> bool {
+        (self.address, &self.plugin, &self.config) == (other.address, &other.plugin, &other.config)
+    }
+}
+
+impl std::fmt::Display for ListenerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "listener {} ({})", self.address, excerpt(&self.plugin))
+    }
+}
+
+/// A listener of the config that runs.
+#[derive(Debug, Clone)]
+struct Running {
+    spec: ListenerSpec,
+    id: u64,
+    /// Where it is bound (the port a `:0` address got), for a rollback.
+    bound: SocketAddr,
+}
+
+/// Where a reload is, for systemd's `RELOADING=1` and `READY=1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadStage {
+    Begin,
+    End,
+}
+
+type Hook = Arc<dyn Fn(ReloadStage) + Send + Sync>;
+
+/// The daemon's config file and the listeners it started from it.
+pub struct ConfigReload {
+    path: Option<PathBuf>,
+    engine: EngineHandle,
+    running: tokio::sync::Mutex<Vec<Running>>,
+    hook: OnceLock<Hook>,
+    /// Where the runtime state is saved (`--state-dir`), if anywhere.
+    state: Option<Arc<StateStore>>,
+}
+
+impl std::fmt::Debug for ConfigReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigReload").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadOutcome {
+    pub path: PathBuf,
+    pub started: Vec<ListenerInfo>,
+    pub stopped: Vec<ListenerInfo>,
+    pub unchanged: usize,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload: the daemon was started without --config")]
+    NoFile,
+    /// The file cannot be read, does not parse, is out of range, or cannot
+    /// be applied; nothing changed.
+    #[error("{0}; the old config stays in force")]
+    Invalid(String),
+    /// The daemon is draining, or its loop is gone.
+    #[error("{0}")]
+    Unavailable(CommandError),
+}
+
+impl ConfigReload {
+    /// The listeners `started` from `config` (in its order), which the
+    /// first reload compares the file with.
+    pub(crate) fn new(config: &Config, engine: EngineHandle, started: &[ListenerInfo]) -> ConfigReload {
+        let running = config
+            .listeners
+            .iter()
+            .zip(started)
+            .filter_map(|(listener, info)| {
+                Some(Running {
+                    spec: ListenerSpec {
+                        address: listener.address.parse().ok()?,
+                        declared: listener.address.clone(),
+                        plugin: listener.plugin.clone(),
+                        config: listener.config.clone(),
+                    },
+                    id: info.id,
+                    bound: info.address,
+                })
+            })
+            .collect();
+        ConfigReload {
+            path: config.source.clone(),
+            engine,
+            running: tokio::sync::Mutex::new(running),
+            hook: OnceLock::new(),
+            state: None,
+        }
+    }
+
+    /// The same, saving the runtime state in `store` after a reload that
+    /// changed listeners.
+    pub(crate) fn with_state(self, store: Option<Arc<StateStore>>) -> ConfigReload {
+        ConfigReload { state: store, ..self }
+    }
+
+    /// Calls `hook` as each reload begins and ends (systemd's
+    /// `RELOADING=1` and `READY=1`). Only the first hook set is kept.
+    pub fn on_reload(&self, hook: impl Fn(ReloadStage) + Send + Sync + 'static) {
+        let _ = self.hook.set(Arc::new(hook));
+    }
+
+    /// Reads the config file again and applies the difference in
+    /// listeners. Logs what it did, or why it did nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`ReloadError`]; then nothing changed.
+    pub async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+        let hook = self.hook.get().cloned();
+        if let Some(hook) = &hook {
+            hook(ReloadStage::Begin);
+        }
+        let result = self.reload_now().await;
+        match &result {
+            Ok(outcome) => info!(
+                path = %outcome.path.display(),
+                started = outcome.started.len(),
+                stopped = outcome.stopped.len(),
+                unchanged = outcome.unchanged,
+                "config reloaded: {} listeners started, {} stopped, {} unchanged",
+                outcome.started.len(),
+                outcome.stopped.len(),
+                outcome.unchanged
+            ),
+            Err(e) => warn!(error = %e, "config reload refused: {e}"),
+        }
+        if let Some(hook) = &hook {
+            hook(ReloadStage::End);
+        }
+        result
+    }
+
+    async fn reload_now(&self) -> Result<ReloadOutcome, ReloadError> {
+        let path = self.path.clone().ok_or(ReloadError::NoFile)?;
+        let mut running = self.running.lock().await;
+        let config = Config::from_file(&path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let wanted = self.specs(&config).await?;
+
+        // Each running listener the file still has, as it is, stays.
+        let mut unmatched: Vec<ListenerSpec> = Vec::new();
+        let mut keep = vec![false; running.len()];
+        for spec in wanted {
+            match running.iter().enumerate().position(|(i, r)| !keep[i] && r.spec == spec) {
+                Some(i) => keep[i] = true,
+                None => unmatched.push(spec),
+            }
+        }
+        let unchanged = keep.iter().filter(|&&k| k).count();
+        let (kept, gone): (Vec<_>, Vec<_>) = running.drain(..).zip(keep).partition(|(_, k)| *k);
+        let (kept, gone): (Vec<Running>, Vec<Running>) =
+            (kept.into_iter().map(|(r, _)| r).collect(), gone.into_iter().map(|(r, _)| r).collect());
+        *running = kept;
+
+        // Stopped first, so that a changed listener can bind its address
+        // again.
+        let (mut stopped, mut stopped_running) = (Vec::new(), Vec::new());
+        for old in gone {
+            match self.engine.request(|reply| Command::StopListener { id: old.id, close_channels: false, reply }).await
+            {
+                Ok(info) => {
+                    stopped.push(info);
+                    stopped_running.push(old);
+                }
+                // Stopped through the API meanwhile: nothing to stop.
+                Err(CommandError::NoListener(_) | CommandError::ListenerStopped(_)) => {}
+                Err(e) => return Err(ReloadError::Unavailable(e)),
+            }
+        }
+        let mut started: Vec<(ListenerSpec, ListenerInfo)> = Vec::new();
+        for spec in unmatched {
+            let (address, plugin, config) = (spec.address, spec.plugin.clone(), spec.config.clone());
+            match self.engine.request(|reply| Command::StartListener { address, plugin, config, reply }).await {
+                Ok(info) => started.push((spec, info)),
+                Err(e) => {
+                    let message = format!("{spec}: {e}");
+                    self.roll_back(&mut running, &stopped_running, &started).await;
+                    return Err(match e {
+                        CommandError::Draining | CommandError::LoopGone => ReloadError::Unavailable(e),
+                        _ => ReloadError::Invalid(message),
+                    });
+                }
+            }
+        }
+        for (spec, info) in &started {
+            running.push(Running { spec: spec.clone(), id: info.id, bound: info.address });
+        }
+        if let Some(store) = &self.state
+            && !(started.is_empty() && stopped.is_empty())
+        {
+            for (spec, info) in &started {
+                store.declare(info.id, spec.declared.clone()).await;
+            }
+            if let Err(e) = store.save(&self.engine).await {
+                tracing::error!(error = %e, "cannot save the runtime state after a config reload");
+            }
+        }
+        Ok(ReloadOutcome { path, started: started.into_iter().map(|(_, info)| info).collect(), stopped, unchanged })
+    }
+
+    /// The file's listeners, checked against what runs: addresses that
+    /// parse, and plugins that are loaded.
+    async fn specs(&self, config: &Config) -> Result<Vec<ListenerSpec>, ReloadError> {
+        let plugins: Vec<PluginInfo> =
+            self.engine.request(|reply| Command::ListPlugins { reply }).await.map_err(ReloadError::Unavailable)?;
+        config
+            .listeners
+            .iter()
+            .map(|listener| {
+                let name = || format!("listener {} ({})", excerpt(&listener.address), excerpt(&listener.plugin));
+                let address = listener
+                    .address
+                    .parse()
+                    .map_err(|_| ReloadError::Invalid(format!("{}: expected ip:port", name())))?;
+                if !plugins.iter().any(|p| p.name == listener.plugin && p.current_generation != 0) {
+                    return Err(ReloadError::Invalid(format!("{}: no plugin of that name is loaded", name())));
+                }
+                Ok(ListenerSpec {
+                    address,
+                    declared: listener.address.clone(),
+                    plugin: listener.plugin.clone(),
+                    config: listener.config.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Undoes a reload that failed half-way: stops what it started, and
+    /// starts what it stopped again where it was bound.
+    async fn roll_back(&self, running: &mut Vec<Running>, gone: &[Running], started: &[(ListenerSpec, ListenerInfo)]) {
+        for (_, info) in started {
+            let id = info.id;
+            let _ = self.engine.request(|reply| Command::StopListener { id, close_channels: false, reply }).await;
+        }
+        for old in gone {
+            let (address, plugin, config) = (old.bound, old.spec.plugin.clone(), old.spec.config.clone());
+            match self.engine.request(|reply| Command::StartListener { address, plugin, config, reply }).await {
+                Ok(info) => running.push(Running { spec: old.spec.clone(), id: info.id, bound: info.address }),
+                Err(e) => warn!(error = %e, "config reload: cannot start {} again: {e}", old.spec),
+            }
+        }
+    }
+}
