@@ -4,8 +4,8 @@
 use asyncore_proto::v1;
 use asyncore_proto::v1::channels_client::ChannelsClient;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
+use crate::connection::Channel;
 use crate::flags::{ChannelsCommand, OutputFormat};
 use crate::render::{channel_detail, channel_json, channels_table, print_json, print_text};
 

@@ -3,8 +3,8 @@
 use asyncore_proto::v1;
 use asyncore_proto::v1::daemon_client::DaemonClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
+use crate::connection::Channel;
 use crate::flags::{ConfigCommand, OutputFormat};
 use crate::render::{listener_json, listeners_table, print_json, print_text};
 

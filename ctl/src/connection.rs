@@ -7,10 +7,84 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Endpoint,
+};
 
 const DEFAULT_CONTROL: &str = "127.0.0.1:50051";
 const CONTROL_ENV: &str = "ASYNCORED_CONTROL";
+const TOKEN_ENV: &str = "ASYNCORED_TOKEN";
+
+/// A connection to the daemon: every call carries the bearer token, if
+/// one was given.
+pub(crate) type Channel = InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// Adds `authorization: Bearer SECRET` to every call.
+#[derive(Clone, Default)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the secret.
+        f.write_str(if self.0.is_some() { "Bearer(..)" } else { "Bearer(none)" })
+    }
+}
+
+impl PartialEq for Bearer {
+    fn eq(&self, other: &Bearer) -> bool {
+        self.0.as_ref().map(MetadataValue::as_bytes) == other.0.as_ref().map(MetadataValue::as_bytes)
+    }
+}
+
+impl Eq for Bearer {}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The token from `--token-file`, else `ASYNCORED_TOKEN`, else none. The
+/// file is either the daemon's token file (the secret of its first token,
+/// `name level secret`, is used) or a file holding the secret alone.
+///
+/// # Errors
+///
+/// A [`Refused`] naming the file, when it cannot be read or holds no
+/// token, or the token is not printable ASCII; never the secret itself.
+pub(crate) fn bearer(token_file: Option<&std::path::Path>) -> Result<Bearer, Refused> {
+    let secret = match token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                Refused(format!("cannot read the token file {}: {}", path.display(), io_error_text(&error)))
+            })?;
+            let line = text.lines().map(str::trim).find(|line| !line.is_empty() && !line.starts_with('#'));
+            let secret = line.and_then(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                match fields[..] {
+                    [secret] | [_, _, secret] => Some(secret.to_owned()),
+                    _ => None,
+                }
+            });
+            Some(secret.ok_or_else(|| {
+                Refused(format!("token file {}: expected a secret alone, or lines `name level secret`", path.display()))
+            })?)
+        }
+        None => std::env::var(TOKEN_ENV).ok().map(|value| value.trim().to_owned()).filter(|value| !value.is_empty()),
+    };
+    match secret {
+        None => Ok(Bearer(None)),
+        Some(secret) => format!("Bearer {secret}")
+            .parse()
+            .map(|value| Bearer(Some(value)))
+            .map_err(|_| Refused("the token has characters a header cannot carry".to_owned())),
+    }
+}
 
 /// Bounds the TCP connect (or `--timeout`, if shorter). The whole connect,
 /// HTTP/2 handshake included, and each call until its response headers are
@@ -37,12 +111,19 @@ pub(crate) struct ControlTarget {
     uri: String,
     /// How long to wait for it: to connect, and for each answer to begin.
     timeout: Duration,
+    /// The token every call carries.
+    bearer: Bearer,
 }
 
 impl ControlTarget {
     /// The same daemon, waited for `timeout`.
     pub(crate) fn with_timeout(self, timeout: Duration) -> ControlTarget {
         ControlTarget { timeout, ..self }
+    }
+
+    /// The same daemon, reached with this token.
+    pub(crate) fn with_bearer(self, bearer: Bearer) -> ControlTarget {
+        ControlTarget { bearer, ..self }
     }
 
     /// How long it is waited for.
@@ -92,13 +173,15 @@ pub(crate) fn control_address(flag: Option<String>) -> String {
         .unwrap_or_else(|| DEFAULT_CONTROL.to_owned())
 }
 
-/// Turns `host:port` or `http://host:port` into the URI tonic wants.
+/// Turns `host:port`, `http://host:port` or `unix:PATH` (a daemon started
+/// with `--control unix:PATH`) into the URI tonic wants.
 ///
 /// Only plain `http://` is accepted: the daemon's control API has no TLS, and
 /// tonic here is built without it.
 pub(crate) fn control_target(address: &str) -> Result<ControlTarget, String> {
     let uri = match address.split_once("://") {
         Some(("http", _)) => address.to_owned(),
+        _ if address.starts_with("unix:") => address.to_owned(),
         Some((scheme, _)) => {
             return Err(format!(
                 "control address {address:?}: scheme {scheme}:// is not supported, use host:port or http://host:port"
@@ -108,7 +191,7 @@ pub(crate) fn control_target(address: &str) -> Result<ControlTarget, String> {
     };
     Endpoint::from_shared(uri.clone())
         .map_err(|_| format!("control address {address:?} is not valid, expected host:port or http://host:port"))?;
-    Ok(ControlTarget { shown: address.to_owned(), uri, timeout: DEFAULT_TIMEOUT })
+    Ok(ControlTarget { shown: address.to_owned(), uri, timeout: DEFAULT_TIMEOUT, bearer: Bearer::default() })
 }
 
 pub(crate) async fn connect(target: &ControlTarget) -> anyhow::Result<Channel> {
@@ -118,7 +201,7 @@ pub(crate) async fn connect(target: &ControlTarget) -> anyhow::Result<Channel> {
         .connect_timeout(CONNECT_TIMEOUT.min(target.timeout))
         .timeout(target.timeout);
     match tokio::time::timeout(target.timeout, endpoint.connect()).await {
-        Ok(Ok(channel)) => Ok(channel),
+        Ok(Ok(channel)) => Ok(InterceptedService::new(channel, target.bearer.clone())),
         Ok(Err(error)) => Err(unreachable(reason(&error, target)).into()),
         Err(_elapsed) => Err(unreachable(no_answer(target)).into()),
     }

@@ -14,7 +14,7 @@ const MIN_INTERVAL_MS: u64 = 10;
 #[derive(Debug, Parser)]
 #[command(name = "asyncorectl", version)]
 pub(crate) struct Cli {
-    /// Control API of the daemon, host:port or http://host:port
+    /// Control API of the daemon, host:port, http://host:port or unix:PATH
     /// [env: ASYNCORED_CONTROL] [default: 127.0.0.1:50051]
     #[arg(long, value_name = "ADDR", global = true)]
     pub(crate) control: Option<String>,
@@ -25,6 +25,12 @@ pub(crate) struct Cli {
     /// time is unreachable (exit code 3).
     #[arg(long, value_name = "DURATION", global = true, default_value = "10s", value_parser = parse_timeout)]
     pub(crate) timeout: Duration,
+
+    /// Bearer token for a daemon started with --token-file: a file holding
+    /// the secret alone, or the daemon's token file (its first token's
+    /// secret is used) [env: ASYNCORED_TOKEN, the secret itself].
+    #[arg(long, value_name = "FILE", global = true)]
+    pub(crate) token_file: Option<PathBuf>,
 
     /// Output format: aligned tables for people, JSON for scripts.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, global = true)]

@@ -6,9 +6,8 @@ use std::{collections::HashMap, time::Duration};
 use asyncore_proto::v1;
 use asyncore_proto::v1::listeners_client::ListenersClient;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
-use crate::connection::{self, ControlTarget};
+use crate::connection::{self, Channel, ControlTarget};
 use crate::flags::{ListenersCommand, OutputFormat};
 use crate::render::{listener_json, listeners_table, print_json, print_text};
 

@@ -36,9 +36,15 @@ async fn main() -> ExitCode {
         Command::Plugins(PluginsCommand::New(args)) => plugins::new_crate(&args, cli.output),
         command => {
             let target = control_target_or_exit(cli.control).with_timeout(cli.timeout);
-            run(command, cli.output, &target)
-                .await
-                .map_err(|error| connection::transport_failure_as_unreachable(error, &target))
+            match connection::bearer(cli.token_file.as_deref()) {
+                Ok(bearer) => {
+                    let target = target.with_bearer(bearer);
+                    run(command, cli.output, &target)
+                        .await
+                        .map_err(|error| connection::transport_failure_as_unreachable(error, &target))
+                }
+                Err(refused) => Err(refused.into()),
+            }
         }
     };
     match result {

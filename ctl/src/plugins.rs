@@ -12,9 +12,8 @@ use anyhow::Context as _;
 use asyncore_proto::v1;
 use asyncore_proto::v1::plugins_client::PluginsClient;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
-use crate::connection::ControlTarget;
+use crate::connection::{Channel, ControlTarget};
 use crate::flags::{OutputFormat, PluginsCommand};
 use crate::render::{plugin_json, plugins_table, print_json, print_text};
 

@@ -5,8 +5,8 @@ use anyhow::Context as _;
 use asyncore_proto::v1;
 use asyncore_proto::v1::channels_client::ChannelsClient;
 use asyncore_proto::v1::daemon_client::DaemonClient;
-use tonic::transport::Channel;
 
+use crate::connection::Channel;
 use crate::flags::{OutputFormat, StatsArgs};
 use crate::render::{
     daemon_info_json, daemon_info_table, loop_stats_json, loop_stats_table, print_json, print_json_line, print_text,

@@ -21,13 +21,15 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_stream::StreamExt as _;
-use tonic::transport::Channel;
 
 use self::{
     terminal::Screen,
     view::{Action, ChannelFacts, View},
 };
-use crate::{connection::Refused, flags::TopArgs};
+use crate::{
+    connection::{Channel, Refused},
+    flags::TopArgs,
+};
 
 /// What a refresh task brings back.
 struct Refreshed {

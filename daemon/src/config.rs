@@ -60,6 +60,11 @@ pub struct Config {
     /// (`LoopStats::slow_callbacks`).
     #[serde(default = "default_slow_callback_ms")]
     pub slow_callback_ms: u64,
+    /// Connections open at once over every listener (0: no limit; at most
+    /// 1,000,000); past it a new connection is accepted and closed at once,
+    /// and counted. `SetDaemonLimits` changes it on a running daemon.
+    #[serde(default)]
+    pub max_connections: u64,
     /// How log lines are written to stderr (`--log-format` wins).
     #[serde(default)]
     pub log_format: LogFormat,
@@ -69,6 +74,27 @@ pub struct Config {
     /// the config file's directory.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Bearer tokens of the control plane, one a line `name level secret`
+    /// (`read` or `admin`); with them every gRPC and HTTP call but the
+    /// health checks needs one (`--token-file` wins). Required to serve
+    /// the control or HTTP API on an address that is not loopback. A
+    /// relative path is taken relative to the config file's directory.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// With a token file, serve `/metrics` without a token
+    /// (`--metrics-public`).
+    #[serde(default)]
+    pub metrics_public: bool,
+    /// Serve the control API on this Unix socket instead of `control`
+    /// (`--control unix:PATH`): created with mode 0600 in a directory of
+    /// mode 0700 (made if missing). A relative path is taken relative to
+    /// the config file's directory.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Serve the HTTP API on this Unix socket instead of `http`
+    /// (`--http unix:PATH`), as `control_socket`.
+    #[serde(default)]
+    pub http_socket: Option<PathBuf>,
     /// The file it was read from ([`Config::from_file`]), which a config
     /// reload (SIGHUP) reads again; `None` for the built-in default.
     #[serde(skip)]
@@ -131,6 +157,37 @@ impl std::str::FromStr for HttpSetting {
         }
         text.parse().map(|address| HttpSetting(Some(address))).map_err(|_| {
             InvalidConfig(format!("http {:?}: expected ip:port (such as {DEFAULT_HTTP}) or none", excerpt(text)))
+        })
+    }
+}
+
+/// `--control` and `--http`: `ip:port`, `unix:PATH`, or (`--http` only)
+/// `none`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenFlag {
+    /// `ip:port`.
+    Tcp(SocketAddr),
+    /// `unix:PATH`: a Unix socket.
+    Unix(PathBuf),
+    /// `none`.
+    None,
+}
+
+impl std::str::FromStr for ListenFlag {
+    type Err = InvalidConfig;
+
+    fn from_str(text: &str) -> Result<ListenFlag, InvalidConfig> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(InvalidConfig("unix: needs a path, such as unix:/run/asyncored/control.sock".to_owned()));
+            }
+            return Ok(ListenFlag::Unix(PathBuf::from(path)));
+        }
+        if text == "none" {
+            return Ok(ListenFlag::None);
+        }
+        text.parse().map(ListenFlag::Tcp).map_err(|_| {
+            InvalidConfig(format!("{:?}: expected ip:port, unix:PATH, or (for --http) none", excerpt(text)))
         })
     }
 }
@@ -319,8 +376,13 @@ impl Config {
             max_stats_watchers: default_max_stats_watchers(),
             min_stats_interval_ms: default_min_stats_interval(),
             slow_callback_ms: default_slow_callback_ms(),
+            max_connections: 0,
             log_format: LogFormat::default(),
             state_dir: None,
+            token_file: None,
+            metrics_public: false,
+            control_socket: None,
+            http_socket: None,
             source: None,
         }
     }
@@ -353,6 +415,13 @@ impl Config {
             return Err(InvalidConfig(format!(
                 "slow_callback_ms {} is out of range: 1 to {MAX_SLOW_CALLBACK_MS}",
                 self.slow_callback_ms
+            )));
+        }
+        if self.max_connections > asyncore_engine::command::MAX_CONNECTIONS {
+            return Err(InvalidConfig(format!(
+                "max_connections {} is out of range: 0 (no limit) or 1 to {}",
+                self.max_connections,
+                asyncore_engine::command::MAX_CONNECTIONS
             )));
         }
         for listener in &self.listeners {
@@ -405,6 +474,13 @@ impl Config {
         {
             *dir = base.join(&*dir);
         }
+        for file in [&mut config.token_file, &mut config.control_socket, &mut config.http_socket] {
+            if let Some(file) = file
+                && file.is_relative()
+            {
+                *file = base.join(&*file);
+            }
+        }
         config.validate().map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })?;
         config.source = Some(path.to_owned());
         Ok(config)
@@ -440,6 +516,15 @@ mod tests {
         assert_eq!(config.listeners[0].config["high_water"], "1024");
         assert_eq!(config.drain_timeout_secs, 30);
         assert_eq!(config.http, Some(DEFAULT_HTTP.parse().unwrap()));
+    }
+
+    #[test]
+    fn the_daemons_max_connections_is_checked() {
+        let config = |text: &str| toml::from_str::<Config>(text).unwrap();
+        assert_eq!(config("").max_connections, 0, "no limit by default");
+        assert!(config("max_connections = 1000000").validate().is_ok());
+        let refused = config("max_connections = 1000001").validate().unwrap_err().to_string();
+        assert!(refused.contains("max_connections 1000001 is out of range: 0 (no limit) or 1 to 1000000"), "{refused}");
     }
 
     #[test]

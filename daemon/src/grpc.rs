@@ -125,17 +125,23 @@ impl ControlApi {
         ControlApi { stats_limits: limits, stats, ..self }
     }
 
-    /// Serves the API, health and reflection on `listener` until `shutdown`
-    /// completes.
+    /// Serves the API, health and reflection on the connections of
+    /// `incoming` (TCP or a Unix socket) until `shutdown` completes; every
+    /// call's token is checked by `auth`.
     ///
     /// # Errors
     ///
     /// If the server fails.
-    pub async fn serve(
+    pub(crate) async fn serve<IO>(
         self,
-        listener: tokio::net::TcpListener,
+        incoming: impl tokio_stream::Stream<Item = std::io::Result<IO>> + Send + 'static,
+        auth: Arc<crate::auth::Auth>,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<(), tonic::transport::Error>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+        IO::ConnectInfo: Clone + Send + Sync + 'static,
+    {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let health_follows_lifecycle = follow_lifecycle(health, self.lifecycle.clone());
@@ -151,15 +157,22 @@ impl ControlApi {
             .build_v1alpha()
             .expect("the descriptor set compiled at build time is valid");
 
+        // A bound on what a client may make the server buffer, stated
+        // rather than left to tonic's default: 4 MiB, grpcurl's receive
+        // limit too (requests are far smaller; the daemon's own checks
+        // refuse oversized fields with INVALID_ARGUMENT before this).
+        const MAX_REQUEST: usize = 4 * 1024 * 1024;
         let server = tonic::transport::Server::builder()
-            .add_service(ListenersServer::new(self.clone()))
-            .add_service(ChannelsServer::new(self.clone()))
-            .add_service(PluginsServer::new(self.clone()))
-            .add_service(DaemonServer::new(self))
+            // Every call's token, and the audit line of every mutation.
+            .layer(crate::auth::GrpcAuthLayer(auth))
+            .add_service(ListenersServer::new(self.clone()).max_decoding_message_size(MAX_REQUEST))
+            .add_service(ChannelsServer::new(self.clone()).max_decoding_message_size(MAX_REQUEST))
+            .add_service(PluginsServer::new(self.clone()).max_decoding_message_size(MAX_REQUEST))
+            .add_service(DaemonServer::new(self).max_decoding_message_size(MAX_REQUEST))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(Incoming::new(listener), shutdown);
+            .serve_with_incoming_shutdown(incoming, shutdown);
         tokio::select! {
             served = server => served,
             never = health_follows_lifecycle => match never {},

@@ -14,6 +14,11 @@
 //! chose. `WatchStats` streams over SSE share the gRPC streams' feeds and
 //! their limit.
 //!
+//! Every request goes through [`guard`] first: the bearer token and its
+//! level ([`crate::auth`]), `Host` and `Origin` on mutations, and the audit
+//! line. Bodies are limited to 64 KiB. The API listens on TCP or on a Unix
+//! socket ([`crate::unix`]).
+//!
 //! The routes are in [`api`], `/metrics` in [`metrics`], the document in
 //! [`openapi`]. The server runs on the daemon's tokio runtime, with the
 //! control API's accept stream (a back-off and a spare descriptor when
@@ -29,21 +34,31 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use axum::{
     Router,
-    extract::{Request, State},
+    extract::{ConnectInfo, DefaultBodyLimit, Request, State, connect_info},
     http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt as _};
-use tonic::{Code, Status};
+use tonic::{
+    Code, Status,
+    transport::server::{Connected, TcpConnectInfo, UdsConnectInfo},
+};
 
 use asyncore_engine::command::EngineHandle;
 
 use crate::{
+    auth::{self, Auth, Level, Need, Who},
     grpc::{ControlApi, Incoming},
     lifecycle::{Lifecycle, Phase},
+    unix::{Endpoint, UnixIncoming},
 };
+
+/// The largest request body accepted (every body of the API is a small
+/// JSON object); larger is 413.
+const MAX_BODY: usize = 64 * 1024;
 
 /// How long stopping waits for requests under way (an SSE stream ends at
 /// once) before the server task is cancelled.
@@ -54,17 +69,17 @@ const STOP_PATIENCE: Duration = Duration::from_secs(5);
 /// request they serve.
 #[derive(Debug)]
 pub(crate) struct HttpServer {
-    address: SocketAddr,
+    endpoint: Endpoint,
     /// `true` (or dropped) stops the server and ends the SSE streams.
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The HTTP API's port, bound.
+/// The HTTP API's port or Unix socket, bound.
 #[derive(Debug)]
-pub(crate) struct Bound {
-    listener: tokio::net::TcpListener,
-    address: SocketAddr,
+pub(crate) enum Bound {
+    Tcp { listener: tokio::net::TcpListener, address: SocketAddr },
+    Unix(UnixIncoming),
 }
 
 /// Binds the HTTP API's port.
@@ -77,34 +92,60 @@ pub(crate) async fn bind(address: SocketAddr) -> anyhow::Result<Bound> {
         .await
         .with_context(|| format!("cannot bind the http api on {address}"))?;
     let address = listener.local_addr().with_context(|| format!("the http api on {address}"))?;
-    Ok(Bound { listener, address })
+    Ok(Bound::Tcp { listener, address })
+}
+
+/// Binds the HTTP API's Unix socket (see [`crate::unix::bind`]).
+///
+/// # Errors
+///
+/// If the socket or its directory is refused or cannot be made.
+pub(crate) fn bind_unix(path: &std::path::Path) -> anyhow::Result<Bound> {
+    crate::unix::bind("http api", path).map(Bound::Unix)
 }
 
 impl HttpServer {
     /// Serves the API on `listener`, on the current runtime, until stopped.
     /// `api` is the gRPC API's own (so streams count against one limit).
-    pub(crate) fn spawn(bound: Bound, api: ControlApi, engine: EngineHandle, lifecycle: Lifecycle) -> HttpServer {
-        let Bound { listener, address } = bound;
+    /// `auth` checks every request's token (see [`guard`]).
+    pub(crate) fn spawn(
+        bound: Bound,
+        api: ControlApi,
+        engine: EngineHandle,
+        lifecycle: Lifecycle,
+        auth: Arc<Auth>,
+    ) -> HttpServer {
         let (stop, stopped) = watch::channel(false);
         let state =
             HttpState { api, lifecycle, metrics: Arc::new(metrics::Metrics::new(engine)), stopped: stopped.clone() };
-        let app = router(state);
-        let incoming = Accept { incoming: Incoming::new(listener), address };
-        let task = tokio::spawn(async move {
+        let listen = match &bound {
+            Bound::Tcp { address, .. } => Some(*address),
+            Bound::Unix(_) => None,
+        };
+        let app = router(state)
+            .layer(middleware::from_fn_with_state(Guard { auth, listen }, guard))
+            .layer(DefaultBodyLimit::max(MAX_BODY));
+        let shutdown = async move {
             let mut stopped = stopped;
-            let shutdown = async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            // Never fails: accept errors are retried after a pause.
-            let _ = axum::serve(incoming, app).with_graceful_shutdown(shutdown).await;
-        });
-        tracing::info!(address = %address, "http api listening");
-        HttpServer { address, stop, task }
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let (endpoint, task) = match bound {
+            Bound::Tcp { listener, address } => {
+                let incoming = Accept { incoming: Incoming::new(listener), address: address.to_string() };
+                (Endpoint::Tcp(address), serve_on(incoming, app, shutdown))
+            }
+            Bound::Unix(incoming) => {
+                let endpoint = Endpoint::Unix(incoming.path().to_owned());
+                (endpoint, serve_on(Accept { incoming, address: "unix".to_owned() }, app, shutdown))
+            }
+        };
+        tracing::info!(address = %endpoint, "http api listening");
+        HttpServer { endpoint, stop, task }
     }
 
-    /// The bound address.
-    pub(crate) fn address(&self) -> SocketAddr {
-        self.address
+    /// Where it listens.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// Stops accepting, ends the SSE streams, and waits (up to
@@ -125,34 +166,133 @@ impl Drop for HttpServer {
     }
 }
 
-/// The control API's accept stream as an axum listener.
+/// Serves `app` on `incoming` until `shutdown`.
+fn serve_on<S, T>(
+    incoming: Accept<S>,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    Accept<S>: axum::serve::Listener<Io = T, Addr = String>,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let app = app.into_make_service_with_connect_info::<Peer>();
+    tokio::spawn(async move {
+        // Never fails: accept errors are retried after a pause.
+        let _ = axum::serve(incoming, app).with_graceful_shutdown(shutdown).await;
+    })
+}
+
+/// The client's address as the audit log writes it: `ip:port`, or `unix`.
+trait PeerName {
+    fn peer_name(&self) -> Option<String>;
+}
+
+impl PeerName for TcpConnectInfo {
+    fn peer_name(&self) -> Option<String> {
+        self.remote_addr().map(|address| address.to_string())
+    }
+}
+
+impl PeerName for UdsConnectInfo {
+    fn peer_name(&self) -> Option<String> {
+        Some("unix".to_owned())
+    }
+}
+
+/// An accept stream (the control API's, or a Unix socket's) as an axum
+/// listener; its `Addr` is the client's name ([`PeerName`]; the bound
+/// address when the socket no longer knows it).
 struct Accept<S> {
     incoming: S,
-    address: SocketAddr,
+    address: String,
 }
 
 impl<S, T> axum::serve::Listener for Accept<S>
 where
     S: Stream<Item = std::io::Result<T>> + Unpin + Send + 'static,
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    T::ConnectInfo: PeerName,
 {
     type Io = T;
-    type Addr = SocketAddr;
+    type Addr = String;
 
-    async fn accept(&mut self) -> (T, SocketAddr) {
+    async fn accept(&mut self) -> (T, String) {
         loop {
             // The stream pauses after a failed accept itself, and never
             // ends while its listener is open.
             match self.incoming.next().await {
-                Some(Ok(stream)) => return (stream, self.address),
+                Some(Ok(stream)) => {
+                    let peer = stream.connect_info().peer_name().unwrap_or_else(|| self.address.clone());
+                    return (stream, peer);
+                }
                 Some(Err(_)) => continue,
                 None => std::future::pending::<()>().await,
             }
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.address)
+    fn local_addr(&self) -> std::io::Result<String> {
+        Ok(self.address.clone())
+    }
+}
+
+/// The client's name, for the audit log.
+#[derive(Debug, Clone)]
+struct Peer(String);
+
+impl<S> connect_info::Connected<axum::serve::IncomingStream<'_, Accept<S>>> for Peer
+where
+    Accept<S>: axum::serve::Listener<Addr = String>,
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Accept<S>>) -> Peer {
+        Peer(stream.remote_addr().clone())
+    }
+}
+
+/// What [`guard`] checks against.
+#[derive(Clone)]
+struct Guard {
+    auth: Arc<Auth>,
+    /// The TCP address served; `None` on a Unix socket, which no browser
+    /// reaches, so that any `Host` is accepted there.
+    listen: Option<SocketAddr>,
+}
+
+/// Every request: a mutation (anything but GET and HEAD) must come with a
+/// `Host` of this daemon and no foreign `Origin` (403, whatever the token:
+/// a browser's cross-site request), then the token must allow the call
+/// (401 without a valid one, 403 for a read token on a mutation; health
+/// checks need none). Mutations, allowed or refused, are audited.
+async fn guard(
+    State(guard): State<Guard>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let need = guard.auth.http_need(request.method(), request.uri().path());
+    let mutation = need == Need::Level(Level::Admin);
+    let target = request.uri().path_and_query().map_or_else(|| request.uri().path(), |p| p.as_str());
+    let call = format!("{} {}", request.method(), crate::config::excerpt(target));
+    if mutation && let Err(message) = auth::check_host_origin(request.headers(), guard.listen) {
+        auth::audit(&peer, &Who::Anonymous, &call, StatusCode::FORBIDDEN.as_str());
+        return ApiError(Status::permission_denied(message)).into_response();
+    }
+    match guard.auth.check(request.headers(), need, &call) {
+        Err(refusal) => {
+            if mutation || refusal.status.code() == Code::Unauthenticated {
+                auth::audit(&peer, &refusal.who, &call, http_status(refusal.status.code()).0.as_str());
+            }
+            ApiError(refusal.status).into_response()
+        }
+        Ok(who) => {
+            let response = next.run(request).await;
+            if mutation {
+                let status = response.status();
+                auth::audit(&peer, &who, &call, if status.is_success() { "ok" } else { status.as_str() });
+            }
+            response
+        }
     }
 }
 

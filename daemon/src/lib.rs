@@ -5,6 +5,7 @@
 //! in-process; `main.rs` only parses flags and waits for signals. See
 //! `ARCHITECTURE.md` at the repository root for the map.
 
+mod auth;
 pub mod config;
 pub mod config_reload;
 pub mod grpc;
@@ -12,6 +13,7 @@ mod http;
 pub mod lifecycle;
 pub mod limits;
 pub mod state;
+mod unix;
 mod watch;
 
 use std::{
@@ -41,6 +43,14 @@ pub use crate::{
 /// SDK's contract, can hold it up longer.
 const STOP_PATIENCE: Duration = Duration::from_secs(5);
 
+pub use crate::unix::Endpoint;
+
+/// The control API's socket, bound.
+enum ControlListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(unix::UnixIncoming),
+}
+
 /// A started daemon: the poll-loop thread and the control API.
 ///
 /// Dropping it stops everything it started: the poll loop exits (closing
@@ -51,7 +61,7 @@ const STOP_PATIENCE: Duration = Duration::from_secs(5);
 /// a failed start or a finished test does.
 #[derive(Debug)]
 pub struct Daemon {
-    control: SocketAddr,
+    control: Endpoint,
     /// The HTTP API, unless turned off (`--http none`).
     http: Option<http::HttpServer>,
     engine: EngineHandle,
@@ -79,6 +89,15 @@ impl Daemon {
     /// thread exits and the listeners it had bound are closed.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         config.validate()?;
+        // Before anything starts: a control plane open to the network
+        // without authentication is refused.
+        let auth = Arc::new(auth::Auth::load(config.token_file.as_deref(), config.metrics_public)?);
+        if config.control_socket.is_none() {
+            auth::check_exposure("control api", config.control, &auth)?;
+        }
+        if let (Some(address), None) = (config.http, &config.http_socket) {
+            auth::check_exposure("http api", address, &auth)?;
+        }
         let lifecycle = Lifecycle::default();
         // From here on, an early return drops `poll_loop`, which stops the
         // thread and so closes whatever it bound.
@@ -88,6 +107,10 @@ impl Daemon {
             config.slow_callback(),
         )?;
         let engine = poll_loop.engine.clone();
+        if config.max_connections > 0 {
+            let set = Some(Some(config.max_connections));
+            engine.request(|reply| Command::DaemonLimits { set, reply }).await?;
+        }
 
         // The saved runtime state goes on top of the config: its plugin
         // generations first (with their numbers), then the plugin
@@ -153,13 +176,23 @@ impl Daemon {
             store.save(&engine).await.context("cannot save the runtime state")?;
         }
 
-        let control = tokio::net::TcpListener::bind(config.control)
-            .await
-            .with_context(|| format!("cannot bind the control api on {}", config.control))?;
-        let control_addr = control.local_addr()?;
-        let http_listener = match config.http {
-            Some(address) => Some(http::bind(address).await?),
-            None => None,
+        let (control, control_endpoint) = match &config.control_socket {
+            Some(path) => {
+                let incoming = unix::bind("control api", path)?;
+                (ControlListener::Unix(incoming), Endpoint::Unix(path.clone()))
+            }
+            None => {
+                let listener = tokio::net::TcpListener::bind(config.control)
+                    .await
+                    .with_context(|| format!("cannot bind the control api on {}", config.control))?;
+                let address = listener.local_addr()?;
+                (ControlListener::Tcp(listener), Endpoint::Tcp(address))
+            }
+        };
+        let http_listener = match (&config.http_socket, config.http) {
+            (Some(path), _) => Some(http::bind_unix(path)?),
+            (None, Some(address)) => Some(http::bind(address).await?),
+            (None, None) => None,
         };
         // Nothing below fails: the tasks spawned now are cancelled by `Drop`.
         let (stop_server, stopped) = oneshot::channel::<()>();
@@ -175,22 +208,24 @@ impl Daemon {
         if let Some(store) = state {
             api = api.with_state(store);
         }
-        let http =
-            http_listener.map(|bound| http::HttpServer::spawn(bound, api.clone(), engine.clone(), lifecycle.clone()));
+        let http = http_listener
+            .map(|bound| http::HttpServer::spawn(bound, api.clone(), engine.clone(), lifecycle.clone(), auth.clone()));
         let server = tokio::spawn(async move {
-            if let Err(e) = api
-                .serve(control, async {
-                    let _ = stopped.await;
-                })
-                .await
-            {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            let served = match control {
+                ControlListener::Tcp(listener) => api.serve(grpc::Incoming::new(listener), auth, shutdown).await,
+                ControlListener::Unix(incoming) => api.serve(incoming, auth, shutdown).await,
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "control api failed");
             }
         });
-        info!(address = %control_addr, "control api listening");
+        info!(address = %control_endpoint, "control api listening");
         lifecycle.set(Phase::Running);
         Ok(Daemon {
-            control: control_addr,
+            control: control_endpoint,
             http,
             engine,
             lifecycle,
@@ -204,13 +239,35 @@ impl Daemon {
     }
 
     /// The bound address of the control API.
+    ///
+    /// # Panics
+    ///
+    /// If the control API is on a Unix socket (`control_socket`): see
+    /// [`Daemon::control_endpoint`].
     pub fn control_addr(&self) -> SocketAddr {
-        self.control
+        match &self.control {
+            Endpoint::Tcp(address) => *address,
+            Endpoint::Unix(path) => panic!("the control api is on the unix socket {}", path.display()),
+        }
     }
 
-    /// The bound address of the HTTP API, unless it is turned off.
+    /// Where the control API listens: its bound address or Unix socket.
+    pub fn control_endpoint(&self) -> &Endpoint {
+        &self.control
+    }
+
+    /// The bound address of the HTTP API, unless it is turned off or on a
+    /// Unix socket ([`Daemon::http_endpoint`]).
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().map(http::HttpServer::address)
+        match self.http_endpoint()? {
+            Endpoint::Tcp(address) => Some(*address),
+            Endpoint::Unix(_) => None,
+        }
+    }
+
+    /// Where the HTTP API listens, unless it is turned off.
+    pub fn http_endpoint(&self) -> Option<&Endpoint> {
+        self.http.as_ref().map(http::HttpServer::endpoint)
     }
 
     /// A handle for sending commands to the poll loop.

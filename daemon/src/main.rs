@@ -10,12 +10,12 @@
 
 mod sd_notify;
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use asyncored::{
     Config, Daemon,
-    config::{HttpSetting, LogFormat},
+    config::{ListenFlag, LogFormat},
     config_reload::ReloadStage,
 };
 use clap::Parser;
@@ -26,13 +26,14 @@ use tokio::signal::unix::{SignalKind, signal};
 #[derive(Debug, Parser)]
 #[command(name = "asyncored", version)]
 struct Flags {
-    /// Address of the gRPC control API [default: 127.0.0.1:50051].
-    #[arg(long, value_name = "ADDR")]
-    control: Option<SocketAddr>,
-    /// Address of the HTTP/JSON API, /metrics and the health checks, or
-    /// `none` [default: 127.0.0.1:50052].
-    #[arg(long, value_name = "ADDR|none")]
-    http: Option<HttpSetting>,
+    /// Address of the gRPC control API, or unix:PATH for a Unix socket
+    /// (mode 0600, in a directory of mode 0700) [default: 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR|unix:PATH")]
+    control: Option<ListenFlag>,
+    /// Address of the HTTP/JSON API, /metrics and the health checks,
+    /// unix:PATH, or `none` [default: 127.0.0.1:50052].
+    #[arg(long, value_name = "ADDR|unix:PATH|none")]
+    http: Option<ListenFlag>,
     /// Load every plugin library in DIR at start (repeatable) [default: the
     /// directory of this binary].
     #[arg(long = "plugin-dir", value_name = "DIR")]
@@ -64,6 +65,16 @@ struct Flags {
     /// (state.json.bad-TIME) [default: the config's state_dir, or none].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Bearer tokens of the control plane, one a line `name level secret`
+    /// (level read or admin): every gRPC and HTTP call but the health
+    /// checks then needs `authorization: Bearer SECRET`. Required to listen
+    /// on an address that is not loopback [default: the config's
+    /// token_file, or none].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// With --token-file, serve /metrics without a token.
+    #[arg(long)]
+    metrics_public: bool,
 }
 
 fn main() -> ExitCode {
@@ -82,11 +93,17 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         Some(path) => Config::from_file(path)?,
         None => Config::builtin_default(),
     };
-    if let Some(control) = flags.control {
-        config.control = control;
+    match flags.control {
+        Some(ListenFlag::Tcp(control)) => (config.control, config.control_socket) = (control, None),
+        Some(ListenFlag::Unix(path)) => config.control_socket = Some(path),
+        Some(ListenFlag::None) => anyhow::bail!("--control none: the control api cannot be turned off"),
+        None => {}
     }
-    if let Some(HttpSetting(http)) = flags.http {
-        config.http = http;
+    match flags.http {
+        Some(ListenFlag::Tcp(http)) => (config.http, config.http_socket) = (Some(http), None),
+        Some(ListenFlag::Unix(path)) => config.http_socket = Some(path),
+        Some(ListenFlag::None) => (config.http, config.http_socket) = (None, None),
+        None => {}
     }
     if !flags.plugin_dirs.is_empty() {
         config.plugin_dirs = flags.plugin_dirs;
@@ -96,6 +113,10 @@ fn run(flags: Flags) -> anyhow::Result<()> {
     if let Some(log_format) = flags.log_format {
         config.log_format = log_format;
     }
+    if let Some(token_file) = flags.token_file {
+        config.token_file = Some(token_file);
+    }
+    config.metrics_public |= flags.metrics_public;
     if let Some(state_dir) = flags.state_dir {
         config.state_dir = Some(state_dir);
     }
@@ -133,12 +154,12 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         // Installed before the start too: SIGHUP's default action kills.
         let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         let daemon = Daemon::start(config).await?;
-        if let Some(http) = daemon.http_addr() {
+        if let Some(http) = daemon.http_endpoint() {
             println!("asyncored http: {http}");
         }
         // Scripts and tests wait for this line: everything is bound.
-        println!("asyncored ready: control {}", daemon.control_addr());
-        systemd.ready(daemon.control_addr());
+        println!("asyncored ready: control {}", daemon.control_endpoint());
+        systemd.ready(daemon.control_endpoint());
         systemd.spawn_watchdog(daemon.engine().clone());
         #[cfg(feature = "fault-injection")]
         inject_fault(&daemon);

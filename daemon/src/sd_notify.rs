@@ -91,7 +91,7 @@ impl Notifier {
     }
 
     /// Everything is bound and the control API serves.
-    pub(crate) fn ready(&self, control: std::net::SocketAddr) {
+    pub(crate) fn ready(&self, control: impl std::fmt::Display) {
         self.send(&format!("READY=1\nSTATUS=serving; control {control}"));
     }
 
@@ -253,7 +253,7 @@ mod tests {
     #[test]
     fn messages_reach_a_path_socket() {
         let (listener, notifier) = Listener::bind("path");
-        notifier.ready("127.0.0.1:50051".parse().unwrap());
+        notifier.ready("127.0.0.1:50051".parse::<std::net::SocketAddr>().unwrap());
         notifier.stopping(Some(Duration::from_secs(30)));
         assert_eq!(
             listener.received(),

@@ -291,6 +291,10 @@ pub struct Options {
     /// Make stderr a pipe that nobody reads (binary only; [`Daemon::log`]
     /// is then empty).
     pub stalled_stderr: bool,
+    /// The control API's address in the config [default: 127.0.0.1:0].
+    pub control: Option<String>,
+    /// The HTTP API's address in the config [default: 127.0.0.1:0].
+    pub http: Option<String>,
 }
 
 impl Default for Options {
@@ -301,6 +305,8 @@ impl Default for Options {
             env: Vec::new(),
             args: Vec::new(),
             stalled_stderr: false,
+            control: None,
+            http: None,
         }
     }
 }
@@ -321,7 +327,12 @@ fn prepare(options: &Options, label: &str) -> (TempDir, PathBuf) {
     // shared by every test.
     std::fs::write(
         &config,
-        format!("control = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nplugin_dirs = [\"plugins\"]\n{}", options.config),
+        format!(
+            "control = \"{}\"\nhttp = \"{}\"\nplugin_dirs = [\"plugins\"]\n{}",
+            options.control.as_deref().unwrap_or("127.0.0.1:0"),
+            options.http.as_deref().unwrap_or("127.0.0.1:0"),
+            options.config
+        ),
     )
     .unwrap();
     (dir, config)
@@ -352,7 +363,8 @@ async fn connect_client(control: SocketAddr) -> Client {
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
-    control: SocketAddr,
+    /// The ready line's control endpoint: `ip:port`, or `unix:PATH`.
+    control: String,
     dir: TempDir,
     /// The read end of a stalled stderr, kept open so writes block rather
     /// than fail.
@@ -396,7 +408,7 @@ impl Daemon {
             .spawn(move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     if let Some(address) = line.strip_prefix("asyncored ready: control ") {
-                        let _ = tx.send(address.parse::<SocketAddr>().expect("control address"));
+                        let _ = tx.send(address.to_owned());
                     }
                 }
             })
@@ -414,8 +426,19 @@ impl Daemon {
     }
 
     /// The control API address.
+    ///
+    /// # Panics
+    ///
+    /// If the control API is on a Unix socket: see [`Daemon::control_endpoint`].
+    #[track_caller]
     pub fn control(&self) -> SocketAddr {
-        self.control
+        self.control.parse().unwrap_or_else(|_| panic!("the control api is not on TCP: {}", self.control))
+    }
+
+    /// Where the control API listens, as the ready line said: `ip:port`, or
+    /// `unix:PATH`.
+    pub fn control_endpoint(&self) -> &str {
+        &self.control
     }
 
     /// The daemon's private directory (config, plugins, log).
@@ -490,12 +513,12 @@ impl Daemon {
     /// output (within [`patience()`]).
     #[track_caller]
     pub fn ctl(&self, args: &[&str]) -> Output {
-        output_within(Command::new(binary("asyncorectl")).arg("--control").arg(self.control.to_string()).args(args))
+        output_within(Command::new(binary("asyncorectl")).arg("--control").arg(&self.control).args(args))
     }
 
     /// gRPC clients of every service over one connection.
     pub async fn client(&self) -> Client {
-        connect_client(self.control).await
+        connect_client(self.control()).await
     }
 }
 

@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use asyncore_proto::v1;
 use asyncore_proto::v1::plugins_client::PluginsClient;
-use tonic::transport::Channel;
 
 use super::{current_generation, current_of, find_plugin, generation_number, path_text, switch_summary};
 use crate::connection::{
-    ControlTarget, EXIT_UNREACHABLE, describe_error, exit_code, io_error_text, transport_failure_as_unreachable,
+    Channel, ControlTarget, EXIT_UNREACHABLE, describe_error, exit_code, io_error_text,
+    transport_failure_as_unreachable,
 };
 use crate::flags::{OutputFormat, ReloadArgs};
 use crate::render::{plugin_json, print_json_line, print_text};

@@ -466,6 +466,6 @@ mod tests {
         let stop = &document["paths"]["/v1/listeners/{id}"]["delete"];
         let names: Vec<&str> =
             stop["parameters"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["id", "close_channels"]);
+        assert_eq!(names, ["id", "close_channels", "drain_timeout_ms"]);
     }
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use asyncore_proto::v1;
-use asyncore_tests::{Client, Daemon, InProcessDaemon, connect, eventually, patience, within};
+use asyncore_tests::{Client, Daemon, InProcessDaemon, Options, connect, eventually, patience, within};
 use serde_json::{Value, json};
 use tonic::Code;
 
@@ -248,6 +248,22 @@ fn the_daemons_max_connections_counts_every_listener() {
         let error = client.listeners.set_daemon_limits(limits(Some(1_000_001))).await.unwrap_err();
         assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
         assert!(error.message().contains("0 (no limit) or 1 to 1000000"), "{}", error.message());
+    });
+}
+
+#[test]
+fn the_configs_max_connections_is_the_daemons_limit_from_the_start() {
+    runtime().block_on(async {
+        let options = Options { config: "max_connections = 1\n".into(), ..Options::default() };
+        let daemon = InProcessDaemon::start_with(options).await;
+        let mut client = daemon.client().await;
+        let limits = client.listeners.set_daemon_limits(v1::SetDaemonLimitsRequest { max_connections: None }).await;
+        assert_eq!(limits.unwrap().into_inner().max_connections, 1);
+        let (id, address) = client.start_listener("echo", &[]).await;
+        let mut first = connect(address);
+        round_trip(&mut first, b"1");
+        assert_closed_by_daemon(&mut connect(address));
+        assert_eq!(listener(&mut client, id).await.connections_refused, 1);
     });
 }
 

@@ -37,6 +37,7 @@ mod proxy;
 mod reflection;
 mod reload;
 mod sd_notify;
+mod security;
 mod sighup;
 mod slow_callbacks;
 mod state;
