@@ -7,10 +7,13 @@ use std::fmt;
 use std::io;
 use std::time::Duration;
 
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::Endpoint,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
 };
 
 const DEFAULT_CONTROL: &str = "127.0.0.1:50051";
@@ -113,6 +116,32 @@ pub(crate) struct ControlTarget {
     timeout: Duration,
     /// The token every call carries.
     bearer: Bearer,
+    /// TLS (an `https://` address): the files, checked.
+    tls: Option<TlsFiles>,
+}
+
+/// `--ca`, `--client-cert` and `--client-key`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TlsFiles {
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) client_cert: Option<PathBuf>,
+    pub(crate) client_key: Option<PathBuf>,
+}
+
+/// A PEM file's bytes, checked to hold at least one item of its kind.
+fn pem_file(what: &str, path: &Path, certificate: bool) -> Result<Vec<u8>, Refused> {
+    let bytes = std::fs::read(path)
+        .map_err(|error| Refused(format!("cannot read the {what} {}: {}", path.display(), io_error_text(&error))))?;
+    let found = if certificate {
+        CertificateDer::pem_slice_iter(&bytes).next().is_some_and(|cert| cert.is_ok())
+    } else {
+        PrivateKeyDer::from_pem_slice(&bytes).is_ok()
+    };
+    if !found {
+        let item = if certificate { "certificate" } else { "private key" };
+        return Err(Refused(format!("{what} {}: no PEM {item} in it", path.display())));
+    }
+    Ok(bytes)
 }
 
 impl ControlTarget {
@@ -129,6 +158,61 @@ impl ControlTarget {
     /// How long it is waited for.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The same daemon over TLS when `files` name a CA or a client
+    /// certificate (a `host:port` address becomes `https://host:port`).
+    ///
+    /// # Errors
+    ///
+    /// A [`Refused`] when TLS files go with a `unix:` or `http://`
+    /// address, an `https://` address comes without `--ca`, or a file
+    /// cannot be read or holds no PEM item of its kind.
+    pub(crate) fn with_tls(self, files: TlsFiles) -> Result<ControlTarget, Refused> {
+        let wanted = files != TlsFiles::default();
+        let https = self.uri.starts_with("https://");
+        if !wanted && !https {
+            return Ok(self);
+        }
+        if self.uri.starts_with("unix:") || self.shown.starts_with("http://") {
+            return Err(Refused(format!(
+                "--ca, --client-cert and --client-key are for https://host:port addresses, not {}",
+                self.shown
+            )));
+        }
+        if files.ca.is_none() {
+            return Err(Refused(format!(
+                "{} is reached over TLS: give --ca FILE, the CA that signed the daemon's certificate",
+                self.shown
+            )));
+        }
+        for (what, path, certificate) in [
+            ("CA file", &files.ca, true),
+            ("client certificate", &files.client_cert, true),
+            ("client key", &files.client_key, false),
+        ] {
+            if let Some(path) = path {
+                pem_file(what, path, certificate)?;
+            }
+        }
+        let uri = if https { self.uri } else { self.uri.replacen("http://", "https://", 1) };
+        Ok(ControlTarget { uri, tls: Some(files), ..self })
+    }
+
+    /// tonic's TLS settings of [`TlsFiles`] (checked by
+    /// [`with_tls`](ControlTarget::with_tls)).
+    fn tls_config(&self) -> Result<Option<ClientTlsConfig>, Refused> {
+        let Some(files) = &self.tls else { return Ok(None) };
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &files.ca {
+            config = config.ca_certificate(Certificate::from_pem(pem_file("CA file", ca, true)?));
+        }
+        if let (Some(cert), Some(key)) = (&files.client_cert, &files.client_key) {
+            let cert = pem_file("client certificate", cert, true)?;
+            let key = pem_file("client key", key, false)?;
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        Ok(Some(config))
     }
 }
 
@@ -173,33 +257,36 @@ pub(crate) fn control_address(flag: Option<String>) -> String {
         .unwrap_or_else(|| DEFAULT_CONTROL.to_owned())
 }
 
-/// Turns `host:port`, `http://host:port` or `unix:PATH` (a daemon started
-/// with `--control unix:PATH`) into the URI tonic wants.
-///
-/// Only plain `http://` is accepted: the daemon's control API has no TLS, and
-/// tonic here is built without it.
+/// Turns `host:port`, `http://host:port`, `https://host:port` (a daemon
+/// started with `--tls-cert`) or `unix:PATH` (a daemon started with
+/// `--control unix:PATH`) into the URI tonic wants.
 pub(crate) fn control_target(address: &str) -> Result<ControlTarget, String> {
     let uri = match address.split_once("://") {
-        Some(("http", _)) => address.to_owned(),
+        Some(("http" | "https", _)) => address.to_owned(),
         _ if address.starts_with("unix:") => address.to_owned(),
         Some((scheme, _)) => {
             return Err(format!(
-                "control address {address:?}: scheme {scheme}:// is not supported, use host:port or http://host:port"
+                "control address {address:?}: scheme {scheme}:// is not supported, use host:port, http://host:port \
+                 or https://host:port"
             ));
         }
         None => format!("http://{address}"),
     };
     Endpoint::from_shared(uri.clone())
         .map_err(|_| format!("control address {address:?} is not valid, expected host:port or http://host:port"))?;
-    Ok(ControlTarget { shown: address.to_owned(), uri, timeout: DEFAULT_TIMEOUT, bearer: Bearer::default() })
+    Ok(ControlTarget { shown: address.to_owned(), uri, timeout: DEFAULT_TIMEOUT, bearer: Bearer::default(), tls: None })
 }
 
 pub(crate) async fn connect(target: &ControlTarget) -> anyhow::Result<Channel> {
     let unreachable = |reason: String| Unreachable { address: target.shown.clone(), reason };
-    let endpoint = Endpoint::from_shared(target.uri.clone())
+    let mut endpoint = Endpoint::from_shared(target.uri.clone())
         .map_err(|error| unreachable(root_cause_text(&error)))?
         .connect_timeout(CONNECT_TIMEOUT.min(target.timeout))
         .timeout(target.timeout);
+    if let Some(tls) = target.tls_config()? {
+        endpoint =
+            endpoint.tls_config(tls).map_err(|error| unreachable(format!("TLS: {}", root_cause_text(&error))))?;
+    }
     match tokio::time::timeout(target.timeout, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(InterceptedService::new(channel, target.bearer.clone())),
         Ok(Err(error)) => Err(unreachable(reason(&error, target)).into()),
@@ -221,7 +308,9 @@ fn duration_text(duration: Duration) -> String {
 }
 
 /// Why a connect or a call failed in the transport: a timeout in the
-/// words of `--timeout`, else the innermost cause.
+/// words of `--timeout`, else the innermost cause. A plain client that
+/// reads a TLS alert as HTTP/2 sees a frame of an invalid size: then the
+/// daemon probably serves TLS, and the line says so.
 fn reason(error: &(dyn StdError + 'static), target: &ControlTarget) -> String {
     let mut cause = error;
     loop {
@@ -230,8 +319,14 @@ fn reason(error: &(dyn StdError + 'static), target: &ControlTarget) -> String {
         }
         match cause.source() {
             Some(source) => cause = source,
-            None => return root_cause_text(error),
+            None => break,
         }
+    }
+    let text = root_cause_text(error);
+    if target.tls.is_none() && !target.uri.starts_with("unix:") && text.contains("frame with invalid size") {
+        format!("{text} (does the daemon serve TLS? give --ca FILE)")
+    } else {
+        text
     }
 }
 
@@ -337,7 +432,15 @@ mod tests {
     fn control_addresses() {
         assert_eq!(control_target("127.0.0.1:50051").map(|target| target.uri), Ok("http://127.0.0.1:50051".to_owned()));
         assert_eq!(control_target("http://[::1]:7000").map(|target| target.uri), Ok("http://[::1]:7000".to_owned()));
-        assert!(control_target("https://example:1").is_err());
+        assert_eq!(control_target("https://example:1").map(|target| target.uri), Ok("https://example:1".to_owned()));
+        assert!(control_target("ftp://example:1").is_err());
+        let needs_ca = control_target("https://example:1").unwrap().with_tls(TlsFiles::default()).unwrap_err();
+        assert!(needs_ca.0.contains("--ca"), "{needs_ca}");
+        let files = TlsFiles { ca: Some("/nonexistent/ca.pem".into()), ..TlsFiles::default() };
+        let unix = control_target("unix:/run/c.sock").unwrap().with_tls(files.clone()).unwrap_err();
+        assert!(unix.0.contains("https://"), "{unix}");
+        let missing = control_target("127.0.0.1:1").unwrap().with_tls(files).unwrap_err();
+        assert!(missing.0.contains("cannot read the CA file /nonexistent/ca.pem"), "{missing}");
         assert!(control_target("not a host").is_err());
     }
 

@@ -14,8 +14,9 @@ const MIN_INTERVAL_MS: u64 = 10;
 #[derive(Debug, Parser)]
 #[command(name = "asyncorectl", version)]
 pub(crate) struct Cli {
-    /// Control API of the daemon, host:port, http://host:port or unix:PATH
-    /// [env: ASYNCORED_CONTROL] [default: 127.0.0.1:50051]
+    /// Control API of the daemon, host:port, http://host:port,
+    /// https://host:port (a daemon started with --tls-cert; with --ca) or
+    /// unix:PATH [env: ASYNCORED_CONTROL] [default: 127.0.0.1:50051]
     #[arg(long, value_name = "ADDR", global = true)]
     pub(crate) control: Option<String>,
 
@@ -31,6 +32,21 @@ pub(crate) struct Cli {
     /// secret is used) [env: ASYNCORED_TOKEN, the secret itself].
     #[arg(long, value_name = "FILE", global = true)]
     pub(crate) token_file: Option<PathBuf>,
+
+    /// TLS: trust this PEM CA for the daemon's certificate (the daemon's
+    /// --tls-cert, or the CA that signed it). A host:port address is then
+    /// reached over TLS, as https://host:port.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub(crate) ca: Option<PathBuf>,
+
+    /// Mutual TLS: present this PEM client certificate (with
+    /// --client-key) to a daemon started with --client-ca.
+    #[arg(long, value_name = "FILE", global = true, requires = "client_key")]
+    pub(crate) client_cert: Option<PathBuf>,
+
+    /// The PEM private key of --client-cert.
+    #[arg(long, value_name = "FILE", global = true, requires = "client_cert")]
+    pub(crate) client_key: Option<PathBuf>,
 
     /// Output format: aligned tables for people, JSON for scripts.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Table, global = true)]

@@ -36,13 +36,13 @@ async fn main() -> ExitCode {
         Command::Plugins(PluginsCommand::New(args)) => plugins::new_crate(&args, cli.output),
         command => {
             let target = control_target_or_exit(cli.control).with_timeout(cli.timeout);
-            match connection::bearer(cli.token_file.as_deref()) {
-                Ok(bearer) => {
-                    let target = target.with_bearer(bearer);
-                    run(command, cli.output, &target)
-                        .await
-                        .map_err(|error| connection::transport_failure_as_unreachable(error, &target))
-                }
+            let tls = connection::TlsFiles { ca: cli.ca, client_cert: cli.client_cert, client_key: cli.client_key };
+            match connection::bearer(cli.token_file.as_deref())
+                .and_then(|bearer| target.with_bearer(bearer).with_tls(tls))
+            {
+                Ok(target) => run(command, cli.output, &target)
+                    .await
+                    .map_err(|error| connection::transport_failure_as_unreachable(error, &target)),
                 Err(refused) => Err(refused.into()),
             }
         }

@@ -9,16 +9,22 @@
 //! skipped. Secrets are compared in constant time, against every token.
 //!
 //! Without a token file every call is allowed, as it always was: the
-//! control plane is then on loopback only ([`check_exposure`]). With one,
+//! control plane is then on loopback only, or behind TLS
+//! ([`check_exposure`]). With one,
 //! every call needs `authorization: Bearer SECRET`, except the health
 //! checks (`grpc.health.v1`, `/healthz`, `/readyz`) and, with
 //! `metrics_public`, `/metrics`. A missing or unknown token is
 //! UNAUTHENTICATED (HTTP 401); a read token on a mutation is
 //! PERMISSION_DENIED (HTTP 403).
 //!
+//! Over TLS with `--client-ca` ([`crate::tls`]), a client that presented a
+//! certificate the CA signed is admin, whatever its token: it needs none.
+//! A client without a certificate (let through the handshake only when a
+//! token file is configured) is checked by its token as above.
+//!
 //! Every mutation, allowed or not, writes one line at info level with
 //! target `audit`: `peer` (the client's address), `who` (the token's name,
-//! or `anonymous`), `call` (the RPC, or the HTTP method, path and query,
+//! `cert:CN` for a client certificate, or `anonymous`), `call` (the RPC, or the HTTP method, path and query,
 //! which carry the main argument) and `result` (`ok`, or the gRPC code or
 //! HTTP status).
 
@@ -82,6 +88,9 @@ pub(crate) enum Who {
     Anonymous,
     /// The token of this name.
     Token(String),
+    /// A verified client certificate of this name (its CN, or
+    /// `sha256:HEX`): admin.
+    Cert(String),
 }
 
 impl std::fmt::Display for Who {
@@ -89,6 +98,7 @@ impl std::fmt::Display for Who {
         match self {
             Who::Anonymous => f.write_str("anonymous"),
             Who::Token(name) => f.write_str(name),
+            Who::Cert(name) => write!(f, "cert:{name}"),
         }
     }
 }
@@ -124,8 +134,19 @@ impl Auth {
         !self.tokens.is_empty()
     }
 
-    /// Checks the `authorization` header of a call that needs `need`.
-    pub(crate) fn check(&self, headers: &HeaderMap, need: Need, call: &str) -> Result<Who, Refusal> {
+    /// Checks the `authorization` header of a call that needs `need`; a
+    /// verified client certificate (`client_cert`, its name) allows every
+    /// call.
+    pub(crate) fn check(
+        &self,
+        headers: &HeaderMap,
+        need: Need,
+        call: &str,
+        client_cert: Option<&str>,
+    ) -> Result<Who, Refusal> {
+        if let Some(name) = client_cert {
+            return Ok(Who::Cert(name.to_owned()));
+        }
         if !self.enabled() {
             return Ok(Who::Anonymous);
         }
@@ -263,19 +284,20 @@ fn parse_tokens(text: &str) -> Result<Vec<Token>, String> {
     Ok(tokens)
 }
 
-/// Refuses to serve `what` on `address` when it is not loopback and no
-/// token protects it.
+/// Refuses to serve `what` on `address` when it is not loopback and
+/// neither TLS nor a token protects it.
 ///
 /// # Errors
 ///
 /// One line saying why and what to do.
-pub(crate) fn check_exposure(what: &str, address: SocketAddr, auth: &Auth) -> anyhow::Result<()> {
-    if address.ip().is_loopback() || auth.enabled() {
+pub(crate) fn check_exposure(what: &str, address: SocketAddr, auth: &Auth, tls: bool) -> anyhow::Result<()> {
+    if address.ip().is_loopback() || auth.enabled() || tls {
         return Ok(());
     }
     anyhow::bail!(
         "refusing to serve the {what} on {address}, which is not a loopback address, without authentication: \
-         configure a token file (--token-file) or listen on 127.0.0.1"
+         configure TLS (--tls-cert and --tls-key, with --client-ca for client certificates), a token file \
+         (--token-file), or listen on 127.0.0.1"
     )
 }
 
@@ -326,14 +348,21 @@ where
         let path = request.uri().path().to_owned();
         let need = grpc_need(&path);
         let extensions = request.extensions();
-        let peer = match extensions.get::<tonic::transport::server::TcpConnectInfo>() {
-            Some(info) => info.remote_addr().map_or_else(|| "unknown".to_owned(), |addr| addr.to_string()),
-            None if extensions.get::<tonic::transport::server::UdsConnectInfo>().is_some() => "unix".to_owned(),
-            None => "unknown".to_owned(),
+        let address = |remote: Option<SocketAddr>| remote.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let mut client_cert = None;
+        let peer = if let Some(info) = extensions.get::<tonic::transport::server::TcpConnectInfo>() {
+            address(info.remote_addr())
+        } else if let Some(info) = extensions.get::<crate::tls::TlsConnectInfo>() {
+            client_cert = info.client_cert.clone();
+            address(info.remote)
+        } else if extensions.get::<tonic::transport::server::UdsConnectInfo>().is_some() {
+            "unix".to_owned()
+        } else {
+            "unknown".to_owned()
         };
         let call = path.trim_start_matches('/').to_owned();
         let mutation = need == Need::Level(Level::Admin);
-        match self.auth.check(request.headers(), need, &call) {
+        match self.auth.check(request.headers(), need, &call, client_cert.as_deref()) {
             Err(refusal) => {
                 if mutation || refusal.status.code() == Code::Unauthenticated {
                     audit(&peer, &refusal.who, &call, code_name(refusal.status.code()));
@@ -382,12 +411,14 @@ fn loopback_host(host: &str) -> bool {
 /// Checks an HTTP mutation's `Host` and `Origin`: the Host must be a
 /// loopback name or address, or the address the API listens on; an Origin,
 /// if sent (browsers send it on every cross-site POST), must be
-/// `http://HOST` of that same Host. So a page of another site, or one that
+/// `SCHEME://HOST` of that same Host (`scheme` is `https` over TLS). So a page of another site, or one that
 /// made a name of its own resolve to 127.0.0.1, is refused.
 ///
-/// On a Unix socket (`listen` is `None`) any Host is accepted: no browser
-/// reaches one.
-pub(crate) fn check_host_origin(headers: &HeaderMap, listen: Option<SocketAddr>) -> Result<(), String> {
+/// On a Unix socket, and over TLS, `listen` is `None` and any Host is
+/// accepted: no browser reaches a Unix socket, and over TLS a browser
+/// completes the handshake only for a name the certificate carries, which
+/// no other site's page can make its own.
+pub(crate) fn check_host_origin(headers: &HeaderMap, listen: Option<SocketAddr>, scheme: &str) -> Result<(), String> {
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
     if let Some(listen) = listen
         && host != listen.to_string()
@@ -400,7 +431,7 @@ pub(crate) fn check_host_origin(headers: &HeaderMap, listen: Option<SocketAddr>)
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
-        if origin != format!("http://{host}") {
+        if origin != format!("{scheme}://{host}") {
             return Err(format!(
                 "Origin {:?} is not this daemon's own: cross-site requests are refused",
                 crate::config::excerpt(origin)
@@ -441,14 +472,18 @@ mod tests {
         };
         let admin = Need::Level(Level::Admin);
         assert_eq!(
-            auth.check(&headers(&[("authorization", "Bearer aaaaaaaaaaaaaaaa")]), admin, "x").unwrap(),
+            auth.check(&headers(&[("authorization", "Bearer aaaaaaaaaaaaaaaa")]), admin, "x", None).unwrap(),
             Who::Token("a".into())
         );
-        let refused = auth.check(&headers(&[("authorization", "Bearer rrrrrrrrrrrrrrrr")]), admin, "x").unwrap_err();
+        let refused =
+            auth.check(&headers(&[("authorization", "Bearer rrrrrrrrrrrrrrrr")]), admin, "x", None).unwrap_err();
         assert_eq!(refused.status.code(), Code::PermissionDenied);
-        let refused = auth.check(&headers(&[("authorization", "Bearer nope")]), admin, "x").unwrap_err();
+        let refused = auth.check(&headers(&[("authorization", "Bearer nope")]), admin, "x", None).unwrap_err();
         assert_eq!(refused.status.code(), Code::Unauthenticated);
-        assert_eq!(auth.check(&headers(&[]), Need::Nothing, "x").unwrap(), Who::Anonymous);
+        assert_eq!(auth.check(&headers(&[]), Need::Nothing, "x", None).unwrap(), Who::Anonymous);
+        // A verified client certificate is admin, with or without a token.
+        let by_cert = auth.check(&headers(&[("authorization", "Bearer nope")]), admin, "x", Some("ops")).unwrap();
+        assert_eq!(by_cert.to_string(), "cert:ops");
         assert_eq!(grpc_need("/asyncore.v1.Listeners/ListListeners"), Need::Level(Level::Read));
         assert_eq!(grpc_need("/asyncore.v1.Listeners/StartListener"), admin);
         assert_eq!(grpc_need("/grpc.health.v1.Health/Check"), Need::Nothing);
@@ -457,13 +492,16 @@ mod tests {
     #[test]
     fn host_and_origin() {
         let listen = Some("127.0.0.1:8080".parse().unwrap());
-        assert!(check_host_origin(&headers(&[("host", "127.0.0.1:8080")]), listen).is_ok());
-        assert!(check_host_origin(&headers(&[("host", "localhost:8080")]), listen).is_ok());
-        assert!(check_host_origin(&headers(&[("host", "[::1]:8080")]), listen).is_ok());
-        assert!(check_host_origin(&headers(&[("host", "evil.example:8080")]), listen).is_err());
+        assert!(check_host_origin(&headers(&[("host", "127.0.0.1:8080")]), listen, "http").is_ok());
+        assert!(check_host_origin(&headers(&[("host", "localhost:8080")]), listen, "http").is_ok());
+        assert!(check_host_origin(&headers(&[("host", "[::1]:8080")]), listen, "http").is_ok());
+        assert!(check_host_origin(&headers(&[("host", "evil.example:8080")]), listen, "http").is_err());
         let cross = headers(&[("host", "127.0.0.1:8080"), ("origin", "http://evil.example")]);
-        assert!(check_host_origin(&cross, listen).is_err());
+        assert!(check_host_origin(&cross, listen, "http").is_err());
         let own = headers(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080")]);
-        assert!(check_host_origin(&own, listen).is_ok());
+        assert!(check_host_origin(&own, listen, "http").is_ok());
+        assert!(check_host_origin(&own, listen, "https").is_err(), "over TLS the origin is https://");
+        let tls = headers(&[("host", "127.0.0.1:8080"), ("origin", "https://127.0.0.1:8080")]);
+        assert!(check_host_origin(&tls, listen, "https").is_ok());
     }
 }

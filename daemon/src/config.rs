@@ -95,6 +95,21 @@ pub struct Config {
     /// (`--http unix:PATH`), as `control_socket`.
     #[serde(default)]
     pub http_socket: Option<PathBuf>,
+    /// Serve the control and HTTP APIs on TCP over TLS with this PEM
+    /// certificate chain (`--tls-cert`), with `tls_key`. With TLS, an
+    /// address that is not loopback may be served without a token file.
+    /// A relative path is taken relative to the config file's directory.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `tls_cert` (`--tls-key`).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS (`--client-ca`): clients present a certificate this PEM
+    /// CA signed, which makes them admin. Required in the handshake unless
+    /// a token file is configured too (then a client without one is
+    /// checked by its token). Needs `tls_cert`.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
     /// The file it was read from ([`Config::from_file`]), which a config
     /// reload (SIGHUP) reads again; `None` for the built-in default.
     #[serde(skip)]
@@ -383,6 +398,9 @@ impl Config {
             metrics_public: false,
             control_socket: None,
             http_socket: None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
             source: None,
         }
     }
@@ -423,6 +441,16 @@ impl Config {
                 self.max_connections,
                 asyncore_engine::command::MAX_CONNECTIONS
             )));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err(InvalidConfig("tls_cert needs tls_key (--tls-key), its private key".into())),
+            (None, Some(_)) => return Err(InvalidConfig("tls_key needs tls_cert (--tls-cert)".into())),
+            _ => {}
+        }
+        if self.client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(InvalidConfig(
+                "client_ca (--client-ca) needs TLS: set tls_cert and tls_key (--tls-cert, --tls-key)".into(),
+            ));
         }
         for listener in &self.listeners {
             check_listener_config(&listener.config).map_err(|InvalidConfig(message)| {
@@ -474,7 +502,14 @@ impl Config {
         {
             *dir = base.join(&*dir);
         }
-        for file in [&mut config.token_file, &mut config.control_socket, &mut config.http_socket] {
+        for file in [
+            &mut config.token_file,
+            &mut config.control_socket,
+            &mut config.http_socket,
+            &mut config.tls_cert,
+            &mut config.tls_key,
+            &mut config.client_ca,
+        ] {
             if let Some(file) = file
                 && file.is_relative()
             {
@@ -525,6 +560,16 @@ mod tests {
         assert!(config("max_connections = 1000000").validate().is_ok());
         let refused = config("max_connections = 1000001").validate().unwrap_err().to_string();
         assert!(refused.contains("max_connections 1000001 is out of range: 0 (no limit) or 1 to 1000000"), "{refused}");
+    }
+
+    #[test]
+    fn tls_keys_go_together() {
+        let refused = |text: &str| toml::from_str::<Config>(text).unwrap().validate().unwrap_err().to_string();
+        assert!(refused("tls_cert = \"c.pem\"").contains("needs tls_key"));
+        assert!(refused("tls_key = \"k.pem\"").contains("needs tls_cert"));
+        assert!(refused("client_ca = \"ca.pem\"").contains("needs TLS"));
+        let both = toml::from_str::<Config>("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nclient_ca = \"ca.pem\"");
+        assert!(both.unwrap().validate().is_ok());
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! [`incoming`].
 
 mod convert;
-mod incoming;
+pub(crate) mod incoming;
 mod stats_feed;
 
 use std::{
@@ -40,7 +40,7 @@ use crate::{
     state::StateStore,
 };
 
-pub(crate) use self::incoming::Incoming;
+pub(crate) use self::incoming::{ControlStream, Incoming};
 
 /// Default and largest page of `ListChannels`: grpcurl refuses replies over
 /// 4 MiB.
@@ -126,7 +126,7 @@ impl ControlApi {
     }
 
     /// Serves the API, health and reflection on the connections of
-    /// `incoming` (TCP or a Unix socket) until `shutdown` completes; every
+    /// `incoming` (TCP, TLS over TCP, or a Unix socket) until `shutdown` completes; every
     /// call's token is checked by `auth`.
     ///
     /// # Errors

@@ -16,8 +16,8 @@
 //!
 //! Every request goes through [`guard`] first: the bearer token and its
 //! level ([`crate::auth`]), `Host` and `Origin` on mutations, and the audit
-//! line. Bodies are limited to 64 KiB. The API listens on TCP or on a Unix
-//! socket ([`crate::unix`]).
+//! line. Bodies are limited to 64 KiB. The API listens on TCP (over TLS
+//! when configured, [`crate::tls`]) or on a Unix socket ([`crate::unix`]).
 //!
 //! The routes are in [`api`], `/metrics` in [`metrics`], the document in
 //! [`openapi`]. The server runs on the daemon's tokio runtime, with the
@@ -53,6 +53,7 @@ use crate::{
     auth::{self, Auth, Level, Need, Who},
     grpc::{ControlApi, Incoming},
     lifecycle::{Lifecycle, Phase},
+    tls::{Protocol, Tls, TlsConnectInfo, TlsIncoming},
     unix::{Endpoint, UnixIncoming},
 };
 
@@ -107,13 +108,15 @@ pub(crate) fn bind_unix(path: &std::path::Path) -> anyhow::Result<Bound> {
 impl HttpServer {
     /// Serves the API on `listener`, on the current runtime, until stopped.
     /// `api` is the gRPC API's own (so streams count against one limit).
-    /// `auth` checks every request's token (see [`guard`]).
+    /// `auth` checks every request's token (see [`guard`]). With `tls`,
+    /// TCP connections are served over TLS.
     pub(crate) fn spawn(
         bound: Bound,
         api: ControlApi,
         engine: EngineHandle,
         lifecycle: Lifecycle,
         auth: Arc<Auth>,
+        tls: Option<&Tls>,
     ) -> HttpServer {
         let (stop, stopped) = watch::channel(false);
         let state =
@@ -122,8 +125,15 @@ impl HttpServer {
             Bound::Tcp { address, .. } => Some(*address),
             Bound::Unix(_) => None,
         };
+        let tls = tls.filter(|_| listen.is_some());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        // Over TLS a browser reaches the API only by a name the certificate
+        // carries, so no page can make its own name lead here (DNS
+        // rebinding): any Host is accepted, and the Origin must still be
+        // `https://` and that Host.
+        let host_checked = if tls.is_some() { None } else { listen };
         let app = router(state)
-            .layer(middleware::from_fn_with_state(Guard { auth, listen }, guard))
+            .layer(middleware::from_fn_with_state(Guard { auth, listen: host_checked, scheme }, guard))
             .layer(DefaultBodyLimit::max(MAX_BODY));
         let shutdown = async move {
             let mut stopped = stopped;
@@ -131,15 +141,22 @@ impl HttpServer {
         };
         let (endpoint, task) = match bound {
             Bound::Tcp { listener, address } => {
-                let incoming = Accept { incoming: Incoming::new(listener), address: address.to_string() };
-                (Endpoint::Tcp(address), serve_on(incoming, app, shutdown))
+                let name = address.to_string();
+                let task = match tls {
+                    Some(tls) => {
+                        let incoming = TlsIncoming::new(Incoming::new(listener), tls, Protocol::Http, "http api");
+                        serve_on(Accept { incoming, address: name }, app, shutdown)
+                    }
+                    None => serve_on(Accept { incoming: Incoming::new(listener), address: name }, app, shutdown),
+                };
+                (Endpoint::Tcp(address), task)
             }
             Bound::Unix(incoming) => {
                 let endpoint = Endpoint::Unix(incoming.path().to_owned());
                 (endpoint, serve_on(Accept { incoming, address: "unix".to_owned() }, app, shutdown))
             }
         };
-        tracing::info!(address = %endpoint, "http api listening");
+        tracing::info!(address = %endpoint, tls = tls.is_some(), "http api listening");
         HttpServer { endpoint, stop, task }
     }
 
@@ -173,7 +190,7 @@ fn serve_on<S, T>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()>
 where
-    Accept<S>: axum::serve::Listener<Io = T, Addr = String>,
+    Accept<S>: axum::serve::Listener<Io = T, Addr = PeerAddr>,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let app = app.into_make_service_with_connect_info::<Peer>();
@@ -183,9 +200,24 @@ where
     })
 }
 
-/// The client's address as the audit log writes it: `ip:port`, or `unix`.
+/// The client's address as the audit log writes it: `ip:port`, or `unix`;
+/// and the name of its verified client certificate, if any.
 trait PeerName {
     fn peer_name(&self) -> Option<String>;
+
+    fn client_cert(&self) -> Option<String> {
+        None
+    }
+}
+
+impl PeerName for TlsConnectInfo {
+    fn peer_name(&self) -> Option<String> {
+        self.remote.map(|address| address.to_string())
+    }
+
+    fn client_cert(&self) -> Option<String> {
+        self.client_cert.clone()
+    }
 }
 
 impl PeerName for TcpConnectInfo {
@@ -200,9 +232,9 @@ impl PeerName for UdsConnectInfo {
     }
 }
 
-/// An accept stream (the control API's, or a Unix socket's) as an axum
-/// listener; its `Addr` is the client's name ([`PeerName`]; the bound
-/// address when the socket no longer knows it).
+/// An accept stream (the control API's, its TLS layer's, or a Unix
+/// socket's) as an axum listener; its `Addr` is the client's name
+/// ([`PeerName`]; the bound address when the socket no longer knows it).
 struct Accept<S> {
     incoming: S,
     address: String,
@@ -215,16 +247,17 @@ where
     T::ConnectInfo: PeerName,
 {
     type Io = T;
-    type Addr = String;
+    type Addr = PeerAddr;
 
-    async fn accept(&mut self) -> (T, String) {
+    async fn accept(&mut self) -> (T, PeerAddr) {
         loop {
             // The stream pauses after a failed accept itself, and never
             // ends while its listener is open.
             match self.incoming.next().await {
                 Some(Ok(stream)) => {
-                    let peer = stream.connect_info().peer_name().unwrap_or_else(|| self.address.clone());
-                    return (stream, peer);
+                    let info = stream.connect_info();
+                    let name = info.peer_name().unwrap_or_else(|| self.address.clone());
+                    return (stream, PeerAddr { name, client_cert: info.client_cert() });
                 }
                 Some(Err(_)) => continue,
                 None => std::future::pending::<()>().await,
@@ -232,18 +265,26 @@ where
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<String> {
-        Ok(self.address.clone())
+    fn local_addr(&self) -> std::io::Result<PeerAddr> {
+        Ok(PeerAddr { name: self.address.clone(), client_cert: None })
     }
 }
 
-/// The client's name, for the audit log.
+/// The client's name, for the audit log, and its client certificate's
+/// (verified by the TLS handshake).
 #[derive(Debug, Clone)]
-struct Peer(String);
+struct PeerAddr {
+    name: String,
+    client_cert: Option<String>,
+}
+
+/// [`PeerAddr`] as a request extension.
+#[derive(Debug, Clone)]
+struct Peer(PeerAddr);
 
 impl<S> connect_info::Connected<axum::serve::IncomingStream<'_, Accept<S>>> for Peer
 where
-    Accept<S>: axum::serve::Listener<Addr = String>,
+    Accept<S>: axum::serve::Listener<Addr = PeerAddr>,
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, Accept<S>>) -> Peer {
         Peer(stream.remote_addr().clone())
@@ -255,8 +296,11 @@ where
 struct Guard {
     auth: Arc<Auth>,
     /// The TCP address served; `None` on a Unix socket, which no browser
-    /// reaches, so that any `Host` is accepted there.
+    /// reaches, and over TLS, whose handshake checks the name the browser
+    /// used, so that any `Host` is accepted there.
     listen: Option<SocketAddr>,
+    /// `https` over TLS, else `http`: what a same-site `Origin` starts with.
+    scheme: &'static str,
 }
 
 /// Every request: a mutation (anything but GET and HEAD) must come with a
@@ -266,7 +310,7 @@ struct Guard {
 /// checks need none). Mutations, allowed or refused, are audited.
 async fn guard(
     State(guard): State<Guard>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    ConnectInfo(Peer(PeerAddr { name: peer, client_cert })): ConnectInfo<Peer>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -274,11 +318,12 @@ async fn guard(
     let mutation = need == Need::Level(Level::Admin);
     let target = request.uri().path_and_query().map_or_else(|| request.uri().path(), |p| p.as_str());
     let call = format!("{} {}", request.method(), crate::config::excerpt(target));
-    if mutation && let Err(message) = auth::check_host_origin(request.headers(), guard.listen) {
-        auth::audit(&peer, &Who::Anonymous, &call, StatusCode::FORBIDDEN.as_str());
+    if mutation && let Err(message) = auth::check_host_origin(request.headers(), guard.listen, guard.scheme) {
+        let who = client_cert.clone().map_or(Who::Anonymous, Who::Cert);
+        auth::audit(&peer, &who, &call, StatusCode::FORBIDDEN.as_str());
         return ApiError(Status::permission_denied(message)).into_response();
     }
-    match guard.auth.check(request.headers(), need, &call) {
+    match guard.auth.check(request.headers(), need, &call, client_cert.as_deref()) {
         Err(refusal) => {
             if mutation || refusal.status.code() == Code::Unauthenticated {
                 auth::audit(&peer, &refusal.who, &call, http_status(refusal.status.code()).0.as_str());

@@ -13,6 +13,7 @@ mod http;
 pub mod lifecycle;
 pub mod limits;
 pub mod state;
+mod tls;
 mod unix;
 mod watch;
 
@@ -92,11 +93,19 @@ impl Daemon {
         // Before anything starts: a control plane open to the network
         // without authentication is refused.
         let auth = Arc::new(auth::Auth::load(config.token_file.as_deref(), config.metrics_public)?);
+        // TLS of both APIs on TCP; a bad file stops the start here.
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = tls::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: config.client_ca.clone() };
+                Some(tls::Tls::load(&files, auth.enabled())?)
+            }
+            _ => None,
+        };
         if config.control_socket.is_none() {
-            auth::check_exposure("control api", config.control, &auth)?;
+            auth::check_exposure("control api", config.control, &auth, tls.is_some())?;
         }
         if let (Some(address), None) = (config.http, &config.http_socket) {
-            auth::check_exposure("http api", address, &auth)?;
+            auth::check_exposure("http api", address, &auth, tls.is_some())?;
         }
         let lifecycle = Lifecycle::default();
         // From here on, an early return drops `poll_loop`, which stops the
@@ -208,21 +217,30 @@ impl Daemon {
         if let Some(store) = state {
             api = api.with_state(store);
         }
-        let http = http_listener
-            .map(|bound| http::HttpServer::spawn(bound, api.clone(), engine.clone(), lifecycle.clone(), auth.clone()));
+        let http = http_listener.map(|bound| {
+            http::HttpServer::spawn(bound, api.clone(), engine.clone(), lifecycle.clone(), auth.clone(), tls.as_ref())
+        });
+        let control_tls = tls.is_some() && matches!(control, ControlListener::Tcp(_));
         let server = tokio::spawn(async move {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            let served = match control {
-                ControlListener::Tcp(listener) => api.serve(grpc::Incoming::new(listener), auth, shutdown).await,
-                ControlListener::Unix(incoming) => api.serve(incoming, auth, shutdown).await,
+            let served = match (control, tls) {
+                (ControlListener::Tcp(listener), Some(tls)) => {
+                    let incoming = grpc::Incoming::new(listener);
+                    let incoming = tls::TlsIncoming::new(incoming, &tls, tls::Protocol::Grpc, "control api");
+                    api.serve(incoming, auth, shutdown).await
+                }
+                (ControlListener::Tcp(listener), None) => {
+                    api.serve(grpc::Incoming::new(listener), auth, shutdown).await
+                }
+                (ControlListener::Unix(incoming), _) => api.serve(incoming, auth, shutdown).await,
             };
             if let Err(e) = served {
                 tracing::error!(error = %e, "control api failed");
             }
         });
-        info!(address = %control_endpoint, "control api listening");
+        info!(address = %control_endpoint, tls = control_tls, "control api listening");
         lifecycle.set(Phase::Running);
         Ok(Daemon {
             control: control_endpoint,

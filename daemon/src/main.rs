@@ -75,6 +75,21 @@ struct Flags {
     /// With --token-file, serve /metrics without a token.
     #[arg(long)]
     metrics_public: bool,
+    /// Serve the control and HTTP APIs on TCP over TLS with this PEM
+    /// certificate chain (with --tls-key). With TLS an address that is not
+    /// loopback may be served without --token-file [default: the config's
+    /// tls_cert, or none].
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert [default: the config's tls_key].
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by this PEM CA
+    /// (optional when --token-file is set too; then a client without one
+    /// needs a token). A verified client certificate is admin, and audited
+    /// as cert:CN [default: the config's client_ca, or none].
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -117,6 +132,12 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         config.token_file = Some(token_file);
     }
     config.metrics_public |= flags.metrics_public;
+    if let (Some(cert), Some(key)) = (flags.tls_cert, flags.tls_key) {
+        (config.tls_cert, config.tls_key) = (Some(cert), Some(key));
+    }
+    if let Some(client_ca) = flags.client_ca {
+        config.client_ca = Some(client_ca);
+    }
     if let Some(state_dir) = flags.state_dir {
         config.state_dir = Some(state_dir);
     }

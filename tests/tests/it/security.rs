@@ -4,22 +4,37 @@
 //! log of mutations.
 //!
 //! The matrix covers the transports this daemon has: loopback TCP and Unix
-//! sockets, each without and with tokens, and a non-loopback bind
-//! (`0.0.0.0:0`, reached on 127.0.0.1) with tokens; the non-loopback bind
-//! without authentication is refused at start. TLS and client
-//! certificates are not implemented yet, so they have no rows or columns.
+//! sockets, each without and with tokens, a non-loopback bind (`0.0.0.0:0`,
+//! reached on 127.0.0.1) with tokens, with TLS alone, and with TLS, a
+//! client CA and tokens, and mutual TLS alone on loopback; the
+//! non-loopback bind without authentication is refused at start. The
+//! credentials are no token, a wrong one, a read token, an admin token,
+//! and a client certificate (signed by the `--client-ca`, presented over
+//! TLS; on a plain TCP port or a Unix socket, which have no TLS, the
+//! handshake itself fails). The CA and the certificates are made at test
+//! time with rcgen.
 
 use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Command,
+    sync::Arc,
 };
 
 use asyncore_proto::v1::{self, listeners_client::ListenersClient};
 use asyncore_tests::{Daemon, Options, TempDir, binary, eventually, output_within, patience, within};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tonic::{Code, Request, metadata::MetadataValue, transport::Endpoint};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tonic::{
+    Code, Request,
+    metadata::MetadataValue,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
+};
 
 use crate::{http_api::http_address_of, runtime};
 
@@ -33,12 +48,14 @@ enum Credential {
     Wrong,
     Read,
     Admin,
+    /// A client certificate signed by the daemon's client CA, over TLS.
+    ClientCert,
 }
 
 impl Credential {
     fn secret(self) -> Option<&'static str> {
         match self {
-            Credential::None => None,
+            Credential::None | Credential::ClientCert => None,
             Credential::Wrong => Some("not-a-token-of-this-daemon"),
             Credential::Read => Some(READ_SECRET),
             Credential::Admin => Some(ADMIN_SECRET),
@@ -61,11 +78,13 @@ enum Call {
 enum Outcome {
     Grpc(Code),
     Http(u16),
+    /// No answer: the connection or its TLS handshake failed.
+    NoConnection,
 }
 
 use Call::*;
 use Credential as C;
-use Outcome::{Grpc, Http};
+use Outcome::{Grpc, Http, NoConnection};
 
 /// Expected outcomes: one row per credential, one column per call of
 /// [`CALLS`].
@@ -73,23 +92,137 @@ type Table = [(Credential, [Outcome; 5])];
 
 const CALLS: [Call; 5] = [GrpcRead, GrpcMutation, HttpGet, HttpPost, HttpPostForeignOrigin];
 
-/// With tokens configured (loopback or not): credentials x
+/// Everything allowed, but a browser's cross-site request.
+const ALLOWED: [Outcome; 5] = [Grpc(Code::Ok), Grpc(Code::Ok), Http(200), Http(200), Http(403)];
+
+/// A client certificate on a port without TLS: the handshake fails.
+const NO_TLS_THERE: [Outcome; 5] = [NoConnection; 5];
+
+/// With tokens configured (loopback or not, plain TCP): credentials x
 /// {gRPC read, gRPC mutation, HTTP GET, HTTP POST, HTTP POST with a foreign Origin}.
-const WITH_TOKENS: [(Credential, [Outcome; 5]); 4] = [
+const WITH_TOKENS: [(Credential, [Outcome; 5]); 5] = [
     (C::None, [Grpc(Code::Unauthenticated), Grpc(Code::Unauthenticated), Http(401), Http(401), Http(403)]),
     (C::Wrong, [Grpc(Code::Unauthenticated), Grpc(Code::Unauthenticated), Http(401), Http(401), Http(403)]),
     (C::Read, [Grpc(Code::Ok), Grpc(Code::PermissionDenied), Http(200), Http(403), Http(403)]),
-    (C::Admin, [Grpc(Code::Ok), Grpc(Code::Ok), Http(200), Http(200), Http(403)]),
+    (C::Admin, ALLOWED),
+    (C::ClientCert, NO_TLS_THERE),
 ];
 
 /// Without tokens, on loopback: anyone may do anything, but a browser's
 /// cross-site request is still refused. A header sent anyway is ignored.
-const WITHOUT_TOKENS: [(Credential, [Outcome; 5]); 4] = [
-    (C::None, [Grpc(Code::Ok), Grpc(Code::Ok), Http(200), Http(200), Http(403)]),
-    (C::Wrong, [Grpc(Code::Ok), Grpc(Code::Ok), Http(200), Http(200), Http(403)]),
-    (C::Read, [Grpc(Code::Ok), Grpc(Code::Ok), Http(200), Http(200), Http(403)]),
-    (C::Admin, [Grpc(Code::Ok), Grpc(Code::Ok), Http(200), Http(200), Http(403)]),
+const WITHOUT_TOKENS: [(Credential, [Outcome; 5]); 5] =
+    [(C::None, ALLOWED), (C::Wrong, ALLOWED), (C::Read, ALLOWED), (C::Admin, ALLOWED), (C::ClientCert, NO_TLS_THERE)];
+
+/// TLS without a client CA or tokens (allowed on any address): TLS keeps
+/// the traffic private, and anyone who completes the handshake may do
+/// anything; a client certificate is not asked for, so it changes nothing.
+const TLS_ONLY: [(Credential, [Outcome; 5]); 5] =
+    [(C::None, ALLOWED), (C::Wrong, ALLOWED), (C::Read, ALLOWED), (C::Admin, ALLOWED), (C::ClientCert, ALLOWED)];
+
+/// TLS with a client CA and tokens: the certificate is optional in the
+/// handshake; with one a client is admin, without one its token decides.
+const TLS_CLIENT_CA_AND_TOKENS: [(Credential, [Outcome; 5]); 5] =
+    [WITH_TOKENS[0], WITH_TOKENS[1], WITH_TOKENS[2], WITH_TOKENS[3], (C::ClientCert, ALLOWED)];
+
+/// Mutual TLS alone (no tokens): a client without a certificate fails the
+/// handshake, whatever header it would send; one with a certificate is
+/// admin.
+const MUTUAL_TLS: [(Credential, [Outcome; 5]); 5] = [
+    (C::None, [NoConnection; 5]),
+    (C::Wrong, [NoConnection; 5]),
+    (C::Read, [NoConnection; 5]),
+    (C::Admin, [NoConnection; 5]),
+    (C::ClientCert, ALLOWED),
 ];
+
+/// A test PKI, made with rcgen: a CA, a server certificate for
+/// `localhost` and 127.0.0.1 signed by it, a client certificate (CN
+/// `ops-laptop`) signed by it, and a client certificate of another CA.
+#[derive(Debug)]
+struct Pki {
+    dir: TempDir,
+    ca: String,
+    client_cert: String,
+    client_key: String,
+    foreign_cert: String,
+    foreign_key: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = TempDir::new("security-pki");
+        let ca = Pki::ca("asyncored test CA");
+        let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        server.distinguished_name.push(DnType::CommonName, "asyncored");
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = KeyPair::generate().unwrap();
+        let server = server.signed_by(&server_key, &ca).unwrap();
+        let (client_cert, client_key) = Pki::client(&ca, "ops-laptop");
+        let (foreign_cert, foreign_key) = Pki::client(&Pki::ca("another CA"), "intruder");
+        let pki = Pki { dir, ca: ca.pem(), client_cert, client_key, foreign_cert, foreign_key };
+        for (name, text) in [
+            ("ca.pem", pki.ca.clone()),
+            ("server.pem", server.pem()),
+            ("server.key", server_key.serialize_pem()),
+            ("client.pem", pki.client_cert.clone()),
+            ("client.key", pki.client_key.clone()),
+        ] {
+            std::fs::write(pki.dir.path().join(name), text).unwrap();
+        }
+        pki
+    }
+
+    fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    fn client(ca: &CertifiedIssuer<'static, KeyPair>, name: &str) -> (String, String) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        (params.signed_by(&key, ca).unwrap().pem(), key.serialize_pem())
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// Config lines: TLS, and with `client_ca` mutual TLS.
+    fn config(&self, client_ca: bool) -> String {
+        let mut config = format!("tls_cert = {:?}\ntls_key = {:?}\n", self.path("server.pem"), self.path("server.key"));
+        if client_ca {
+            config.push_str(&format!("client_ca = {:?}\n", self.path("ca.pem")));
+        }
+        config
+    }
+
+    /// A rustls client config trusting the CA, presenting `identity` (a
+    /// certificate and its key) if given, offering `alpn`.
+    fn rustls_client(&self, identity: Option<(&str, &str)>, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(self.ca.as_bytes()).unwrap()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(config)
+    }
+}
 
 fn token_file(dir: &TempDir) -> String {
     let path = dir.path().join("tokens");
@@ -101,27 +234,59 @@ fn token_file(dir: &TempDir) -> String {
 /// Where a daemon's APIs are reached.
 #[derive(Debug, Clone)]
 enum Target {
-    Tcp { control: SocketAddr, http: SocketAddr },
-    Unix { control: PathBuf, http: PathBuf },
+    /// `tls`: the daemon serves TLS (with the [`Pki`]'s server certificate).
+    Tcp {
+        control: SocketAddr,
+        http: SocketAddr,
+        tls: bool,
+    },
+    Unix {
+        control: PathBuf,
+        http: PathBuf,
+    },
 }
 
 impl Target {
     /// The control API's URI for tonic.
-    fn grpc_uri(&self) -> String {
+    fn grpc_uri(&self, tls: bool) -> String {
         match self {
+            Target::Tcp { control, .. } if tls => format!("https://{control}"),
             Target::Tcp { control, .. } => format!("http://{control}"),
+            // TLS over the socket: tonic's TLS needs an https:// URI, and
+            // [`UnixConnector`] reaches the socket.
+            Target::Unix { .. } if tls => "https://localhost".to_owned(),
             Target::Unix { control, .. } => format!("unix:{}", control.display()),
         }
     }
+
+    /// Whether a client speaks TLS to it with `credential`: always with a
+    /// client certificate, else when the daemon serves TLS.
+    fn tls(&self, credential: Credential) -> bool {
+        credential == C::ClientCert || matches!(self, Target::Tcp { tls: true, .. })
+    }
 }
 
-async fn grpc_call(target: &Target, credential: Credential, call: Call) -> Outcome {
-    let channel = Endpoint::from_shared(target.grpc_uri())
-        .unwrap()
-        .timeout(patience())
-        .connect()
-        .await
-        .expect("connect to the control api");
+/// A gRPC call with tonic, over TLS when [`Target::tls`] (trusting the
+/// test CA; with the client certificate for [`Credential::ClientCert`]).
+async fn grpc_call(target: &Target, pki: &Pki, credential: Credential, call: Call) -> Outcome {
+    let tls = target.tls(credential);
+    let mut endpoint = Endpoint::from_shared(target.grpc_uri(tls)).unwrap().timeout(patience());
+    if tls {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca));
+        if credential == C::ClientCert {
+            config = config.identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
+        }
+        endpoint = endpoint.tls_config(config).unwrap();
+    }
+    let connected = match target {
+        Target::Unix { control, .. } if tls => endpoint.connect_with_connector(UnixConnector(control.clone())).await,
+        _ => endpoint.connect().await,
+    };
+    let channel = match connected {
+        Ok(channel) => channel,
+        Err(_) if tls => return NoConnection,
+        Err(e) => panic!("connect to the control api: {e}"),
+    };
     let secret = credential.secret();
     let mut client = ListenersClient::with_interceptor(channel, move |mut request: Request<()>| {
         if let Some(secret) = secret {
@@ -137,50 +302,136 @@ async fn grpc_call(target: &Target, credential: Credential, call: Call) -> Outco
         }
         _ => unreachable!("not a gRPC call"),
     };
-    Grpc(result.map_or_else(|status| status.code(), |()| Code::Ok))
+    match result {
+        Ok(()) => Grpc(Code::Ok),
+        // Made up on this side: the connection (its TLS handshake) failed.
+        Err(status) if tls && std::error::Error::source(&status).is_some() => NoConnection,
+        Err(status) => Grpc(status.code()),
+    }
 }
 
-async fn http_call(target: &Target, credential: Credential, call: Call) -> Outcome {
+async fn http_call(target: &Target, pki: &Pki, credential: Credential, call: Call) -> Outcome {
     match target {
+        _ if target.tls(credential) => tls_http_call(target, pki, credential, call).await,
         Target::Tcp { http, .. } => tcp_http_call(*http, credential, call).await,
         Target::Unix { http, .. } => unix_http_call(http, credential, call).await,
     }
 }
 
-/// The same request as [`tcp_http_call`], by hand over a Unix socket.
-async fn unix_http_call(socket: &Path, credential: Credential, call: Call) -> Outcome {
+/// The same request as [`unix_http_call`], by hand over TLS (tokio-rustls,
+/// ALPN `http/1.1`), trusting the test CA; with the client certificate
+/// for [`Credential::ClientCert`]. A failed handshake, or a connection
+/// closed without an answer, is [`NoConnection`].
+async fn tls_http_call(target: &Target, pki: &Pki, credential: Credential, call: Call) -> Outcome {
+    let identity = (credential == C::ClientCert).then_some((pki.client_cert.as_str(), pki.client_key.as_str()));
+    let connector = tokio_rustls::TlsConnector::from(pki.rustls_client(identity, b"http/1.1"));
+    within("an HTTP answer over TLS", async {
+        match target {
+            Target::Tcp { http, .. } => {
+                let request = http_request(&http.to_string(), "https://evil.example", credential, call);
+                let tcp = tokio::net::TcpStream::connect(http).await.expect("connect to the http api");
+                tls_exchange(&connector, tcp, &request, call).await
+            }
+            Target::Unix { http, .. } => {
+                let request = http_request("localhost", "https://evil.example", credential, call);
+                let unix = tokio::net::UnixStream::connect(http).await.expect("connect to the http socket");
+                tls_exchange(&connector, unix, &request, call).await
+            }
+        }
+    })
+    .await
+}
+
+/// The TLS handshake (for `localhost`) on `stream`, then the exchange.
+async fn tls_exchange(
+    connector: &tokio_rustls::TlsConnector,
+    stream: impl AsyncRead + AsyncWrite + Unpin,
+    request: &str,
+    call: Call,
+) -> Outcome {
+    let Ok(stream) = connector.connect(ServerName::try_from("localhost").unwrap(), stream).await else {
+        return NoConnection;
+    };
+    match exchange(stream, request).await {
+        Some(answer) => http_status_of(call, &answer),
+        None => NoConnection,
+    }
+}
+
+/// Connects tonic to a Unix socket whatever the URI says (so that TLS, which
+/// tonic applies to `https://` URIs, can be tried over the socket).
+#[derive(Debug, Clone)]
+struct UnixConnector(PathBuf);
+
+impl tonic::codegen::Service<tonic::transport::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = std::io::Result<hyper_util::rt::TokioIo<tokio::net::UnixStream>>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::transport::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) })
+    }
+}
+
+/// An HTTP/1.1 request of `call`, by hand; `foreign` is the Origin of
+/// [`HttpPostForeignOrigin`].
+fn http_request(host: &str, foreign: &str, credential: Credential, call: Call) -> String {
     let (method, path, body) = match call {
         HttpGet => ("GET", "/v1/listeners", ""),
         HttpPost | HttpPostForeignOrigin => ("POST", "/v1/listeners:setLimits", r#"{"maxConnections": "0"}"#),
         _ => unreachable!("not an HTTP call"),
     };
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-type: application/json\r\n\
          content-length: {}\r\n",
         body.len()
     );
     if call == HttpPostForeignOrigin {
-        request.push_str("origin: http://evil.example\r\n");
+        request.push_str(&format!("origin: {foreign}\r\n"));
     }
     if let Some(secret) = credential.secret() {
         request.push_str(&format!("authorization: Bearer {secret}\r\n"));
     }
     request.push_str("\r\n");
     request.push_str(body);
-    let answer = within("an HTTP answer over the unix socket", async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await.expect("connect to the http socket");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.unwrap();
-        String::from_utf8(answer).unwrap()
-    })
-    .await;
+    request
+}
+
+/// Sends `request` and reads the whole answer; `None` if the connection
+/// fails or closes without one.
+async fn exchange(mut stream: impl AsyncRead + AsyncWrite + Unpin, request: &str) -> Option<String> {
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.ok()?;
+    (!answer.is_empty()).then(|| String::from_utf8(answer).unwrap())
+}
+
+/// The status of a raw HTTP answer; an error's body must carry a message.
+fn http_status_of(call: Call, answer: &str) -> Outcome {
     let status: u16 = answer.split(' ').nth(1).and_then(|code| code.parse().ok()).expect("a status line");
     if status >= 400 {
         let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
         assert!(body.contains("\"message\""), "{call:?}: {answer}");
     }
     Http(status)
+}
+
+/// The same request as [`tcp_http_call`], by hand over a Unix socket.
+async fn unix_http_call(socket: &Path, credential: Credential, call: Call) -> Outcome {
+    let request = http_request("localhost", "http://evil.example", credential, call);
+    let answer = within("an HTTP answer over the unix socket", async {
+        let stream = tokio::net::UnixStream::connect(socket).await.expect("connect to the http socket");
+        exchange(stream, &request).await.expect("an answer over the unix socket")
+    })
+    .await;
+    http_status_of(call, &answer)
 }
 
 async fn tcp_http_call(http: SocketAddr, credential: Credential, call: Call) -> Outcome {
@@ -212,13 +463,13 @@ async fn tcp_http_call(http: SocketAddr, credential: Credential, call: Call) -> 
 
 /// Runs every cell of `table` against a daemon and returns the cells that
 /// differ, as lines.
-async fn run_matrix(row: &str, target: &Target, table: &Table) -> Vec<String> {
+async fn run_matrix(row: &str, target: &Target, pki: &Pki, table: &Table) -> Vec<String> {
     let mut wrong = Vec::new();
     for (credential, expected) in table {
         for (call, expected) in CALLS.iter().zip(expected) {
             let got = match call {
-                GrpcRead | GrpcMutation => grpc_call(target, *credential, *call).await,
-                _ => http_call(target, *credential, *call).await,
+                GrpcRead | GrpcMutation => grpc_call(target, pki, *credential, *call).await,
+                _ => http_call(target, pki, *credential, *call).await,
             };
             if got != *expected {
                 wrong.push(format!("{row} x {credential:?} x {call:?}: expected {expected:?}, got {got:?}"));
@@ -238,33 +489,39 @@ fn reach(bound: SocketAddr) -> SocketAddr {
 fn security_matrix() {
     let tokens = TempDir::new("security-tokens");
     let token_file = token_file(&tokens);
-    let rows: [(&str, Options, &Table); 3] = [
-        ("loopback TCP without tokens", Options::default(), &WITHOUT_TOKENS),
+    let pki = Pki::new();
+    let tokens = format!("token_file = {token_file:?}\n");
+    let anywhere = |config: String| Options {
+        config,
+        control: Some("0.0.0.0:0".into()),
+        http: Some("0.0.0.0:0".into()),
+        ..Options::default()
+    };
+    // Each row: its daemon, whether it serves TLS, and the expected table.
+    let rows: [(&str, Options, bool, &Table); 6] = [
+        ("loopback TCP without tokens", Options::default(), false, &WITHOUT_TOKENS),
+        ("loopback TCP with tokens", Options { config: tokens.clone(), ..Options::default() }, false, &WITH_TOKENS),
+        ("non-loopback TCP with tokens", anywhere(tokens.clone()), false, &WITH_TOKENS),
+        ("non-loopback with TLS", anywhere(pki.config(false)), true, &TLS_ONLY),
         (
-            "loopback TCP with tokens",
-            Options { config: format!("token_file = {token_file:?}\n"), ..Options::default() },
-            &WITH_TOKENS,
+            "non-loopback with TLS, a client CA and tokens",
+            anywhere(pki.config(true) + &tokens),
+            true,
+            &TLS_CLIENT_CA_AND_TOKENS,
         ),
-        (
-            "non-loopback TCP with tokens",
-            Options {
-                config: format!("token_file = {token_file:?}\n"),
-                control: Some("0.0.0.0:0".into()),
-                http: Some("0.0.0.0:0".into()),
-                ..Options::default()
-            },
-            &WITH_TOKENS,
-        ),
+        ("loopback with mutual TLS", Options { config: pki.config(true), ..Options::default() }, true, &MUTUAL_TLS),
     ];
     let mut wrong = Vec::new();
-    for (row, options, table) in rows {
+    for (row, options, tls, table) in rows {
         let daemon = Daemon::start_with(options);
         runtime().block_on(async {
-            let target = Target::Tcp { control: reach(daemon.control()), http: reach(http_address_of(&daemon).await) };
-            wrong.extend(run_matrix(row, &target, table).await);
+            let (control, http) = (reach(daemon.control()), reach(http_address_of(&daemon).await));
+            let target = Target::Tcp { control, http, tls };
+            wrong.extend(run_matrix(row, &target, &pki, table).await);
         });
     }
-    // Unix sockets, with and without tokens.
+    // Unix sockets, with and without tokens; no TLS there, so a client
+    // certificate gets no further than the handshake.
     for (row, tokens, table) in
         [("unix socket without tokens", false, &WITHOUT_TOKENS), ("unix socket with tokens", true, &WITH_TOKENS)]
     {
@@ -278,7 +535,7 @@ fn security_matrix() {
         let daemon = Daemon::start_with(Options { config, ..Options::default() });
         assert_eq!(daemon.control_endpoint(), format!("unix:{}", control.display()));
         let target = Target::Unix { control, http };
-        runtime().block_on(async { wrong.extend(run_matrix(row, &target, table).await) });
+        runtime().block_on(async { wrong.extend(run_matrix(row, &target, &pki, table).await) });
     }
     assert!(wrong.is_empty(), "cells that differ from the table:\n{}", wrong.join("\n"));
 }
@@ -321,13 +578,14 @@ fn mutations_are_audited_and_health_needs_no_token() {
     let tokens = TempDir::new("security-audit");
     let token_file = token_file(&tokens);
     let daemon = Daemon::start_with(Options { config: format!("token_file = {token_file:?}\n"), ..Options::default() });
+    let pki = Pki::new();
     runtime().block_on(async {
         let http = http_address_of(&daemon).await;
-        let target = Target::Tcp { control: daemon.control(), http };
-        assert_eq!(grpc_call(&target, C::Admin, GrpcMutation).await, Grpc(Code::Ok));
-        assert_eq!(grpc_call(&target, C::Read, GrpcMutation).await, Grpc(Code::PermissionDenied));
-        assert_eq!(http_call(&target, C::Admin, HttpPost).await, Http(200));
-        assert_eq!(http_call(&target, C::None, HttpPost).await, Http(401));
+        let target = Target::Tcp { control: daemon.control(), http, tls: false };
+        assert_eq!(grpc_call(&target, &pki, C::Admin, GrpcMutation).await, Grpc(Code::Ok));
+        assert_eq!(grpc_call(&target, &pki, C::Read, GrpcMutation).await, Grpc(Code::PermissionDenied));
+        assert_eq!(http_call(&target, &pki, C::Admin, HttpPost).await, Http(200));
+        assert_eq!(http_call(&target, &pki, C::None, HttpPost).await, Http(401));
 
         // Health checks answer without a token, gRPC and HTTP.
         let channel = Endpoint::from_shared(format!("http://{}", daemon.control())).unwrap().connect().await.unwrap();
@@ -464,4 +722,181 @@ fn unix_sockets_are_private_and_asyncorectl_reaches_them() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("has mode 755, open to group or others"), "{stderr}");
     assert!(!open.join("control.sock").exists());
+}
+
+/// Runs `asyncorectl --control CONTROL ARGS` and returns its exit code and
+/// stderr.
+fn ctl_at(control: &str, args: &[&str]) -> (Option<i32>, String) {
+    let output = output_within(
+        Command::new(binary("asyncorectl")).arg("--control").arg(control).args(args).env_remove("ASYNCORED_TOKEN"),
+    );
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn tls_on_a_non_loopback_address_needs_no_token_file_and_asyncorectl_reaches_it_with_its_ca() {
+    let pki = Pki::new();
+    // 0.0.0.0 with TLS and no token file: allowed.
+    let daemon = Daemon::start_with(Options {
+        config: pki.config(false),
+        control: Some("0.0.0.0:0".into()),
+        http: Some("0.0.0.0:0".into()),
+        ..Options::default()
+    });
+    let control = reach(daemon.control());
+    let ca = pki.path("ca.pem");
+    runtime().block_on(async {
+        let http = reach(http_address_of(&daemon).await);
+        // Plain clients against the TLS ports: no answer.
+        let plain = Target::Tcp { control, http, tls: false };
+        let plain_grpc = within("a plain gRPC call on a TLS port", async {
+            let channel = Endpoint::from_shared(plain.grpc_uri(false)).unwrap().timeout(patience()).connect().await;
+            match channel {
+                Ok(channel) => {
+                    ListenersClient::new(channel).list_listeners(v1::ListListenersRequest::default()).await.err()
+                }
+                Err(_) => Some(tonic::Status::unavailable("no connection")),
+            }
+        })
+        .await;
+        assert!(plain_grpc.is_some(), "a plain gRPC client was answered over a TLS port");
+        let plain_http = reqwest::Client::builder().timeout(patience()).build().unwrap();
+        assert!(plain_http.get(format!("http://{http}/v1/listeners")).send().await.is_err());
+        // TLS clients trusting the CA: answered.
+        let tls = Target::Tcp { control, http, tls: true };
+        assert_eq!(grpc_call(&tls, &pki, C::None, GrpcRead).await, Grpc(Code::Ok));
+        assert_eq!(http_call(&tls, &pki, C::None, HttpGet).await, Http(200));
+        // Over TLS the Host may be any name (the handshake checked the one
+        // the client used); a foreign Origin is still refused.
+        for (origin, wanted) in [("", 200), ("https://evil.example", 403), ("http://asyncored.example", 403)] {
+            let mut request = http_request("asyncored.example", origin, C::None, HttpPostForeignOrigin);
+            if origin.is_empty() {
+                request = request.replace("origin: \r\n", "");
+            }
+            let connector = tokio_rustls::TlsConnector::from(pki.rustls_client(None, b"http/1.1"));
+            let answer = within("an HTTP answer over TLS", async {
+                let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+                let stream = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+                exchange(stream, &request).await.expect("an answer")
+            })
+            .await;
+            assert_eq!(http_status_of(HttpPost, &answer), Http(wanted), "Origin {origin:?}: {answer}");
+        }
+    });
+
+    // asyncorectl with --ca: host:port becomes https://, and so does https:// itself.
+    let (code, stderr) = ctl_at(&control.to_string(), &["--ca", &ca, "listeners", "ls"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = ctl_at(&format!("https://localhost:{}", control.port()), &["--ca", &ca, "info"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // Without --ca: one line, a usage error.
+    let (code, stderr) = ctl_at(&format!("https://{control}"), &["listeners", "ls"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--ca FILE"), "{stderr}");
+    // A CA that did not sign the daemon's certificate: one line, unreachable.
+    let (code, stderr) = ctl_at(&control.to_string(), &["--ca", &pki.path("client.pem"), "listeners", "ls"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("asyncorectl: cannot reach the daemon at"), "{stderr}");
+    // Plain gRPC against the TLS port: one line, unreachable (usually with
+    // a hint to give --ca, when the TLS alert was read as HTTP/2; a reset
+    // may come first).
+    let (code, stderr) = ctl_at(&control.to_string(), &["--timeout", "3s", "listeners", "ls"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // A CA file that is not PEM: one line naming it, a usage error.
+    let (code, stderr) = ctl_at(&control.to_string(), &["--ca", &pki.path("server.key"), "listeners", "ls"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("server.key: no PEM certificate"), "{stderr}");
+}
+
+#[test]
+fn mutual_tls_needs_a_certificate_of_the_client_ca_which_is_admin_and_audited() {
+    let pki = Pki::new();
+    let daemon = Daemon::start_with(Options {
+        config: pki.config(true),
+        control: Some("0.0.0.0:0".into()),
+        http: Some("0.0.0.0:0".into()),
+        ..Options::default()
+    });
+    let control = reach(daemon.control());
+    runtime().block_on(async {
+        let http = reach(http_address_of(&daemon).await);
+        let target = Target::Tcp { control, http, tls: true };
+        // Without a certificate the handshake fails, even with the CA trusted.
+        assert_eq!(grpc_call(&target, &pki, C::None, GrpcRead).await, NoConnection);
+        assert_eq!(http_call(&target, &pki, C::None, HttpGet).await, NoConnection);
+        // A certificate of another CA fails too.
+        let foreign = pki.rustls_client(Some((&pki.foreign_cert, &pki.foreign_key)), b"http/1.1");
+        let request = http_request(&http.to_string(), "", C::None, HttpGet);
+        let answer = within("an HTTP answer to a foreign certificate", async {
+            let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+            match tokio_rustls::TlsConnector::from(foreign)
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+            {
+                Ok(stream) => exchange(stream, &request).await,
+                Err(_) => None,
+            }
+        })
+        .await;
+        assert_eq!(answer, None, "a certificate of another CA was answered");
+        // With the client certificate: admin, on both APIs, and audited by its CN.
+        assert_eq!(grpc_call(&target, &pki, C::ClientCert, GrpcMutation).await, Grpc(Code::Ok));
+        assert_eq!(http_call(&target, &pki, C::ClientCert, HttpPost).await, Http(200));
+        let wanted = ["call=asyncore.v1.Listeners/SetDaemonLimits", "call=POST /v1/listeners:setLimits"];
+        eventually!(
+            async || {
+                let log = daemon.log();
+                wanted.iter().all(|call| {
+                    log.lines()
+                        .map(|l| l.replace('"', ""))
+                        .any(|l| l.contains(" audit:") && l.contains("who=cert:ops-laptop") && l.contains(call))
+                })
+            },
+            "the audit lines of {wanted:?} by cert:ops-laptop in the log:\n{}",
+            daemon.log()
+        )
+        .await;
+    });
+    // asyncorectl with its certificate; without one it fails in one line.
+    let ca = pki.path("ca.pem");
+    let (client_cert, client_key) = (pki.path("client.pem"), pki.path("client.key"));
+    let with_cert = ["--ca", &ca, "--client-cert", &client_cert, "--client-key", &client_key];
+    let (code, stderr) = ctl_at(&control.to_string(), &[&with_cert[..], &["config", "reload"]].concat());
+    assert_eq!(code, Some(0), "a mutation with the client certificate: {stderr}");
+    let (code, stderr) = ctl_at(&control.to_string(), &[&with_cert[..], &["listeners", "ls"]].concat());
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = ctl_at(&control.to_string(), &["--ca", &ca, "listeners", "ls"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn a_bad_tls_file_stops_the_start_in_one_line_naming_it() {
+    let pki = Pki::new();
+    let dir = TempDir::new("security-bad-tls");
+    let config = dir.path().join("asyncored.toml");
+    std::fs::write(&config, "control = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\nplugin_dirs = []\nlistener = []\n")
+        .unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let not_pem = not_pem.display().to_string();
+    let (cert, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
+    let cases: [(Vec<&str>, &str); 5] = [
+        (vec!["--tls-cert", "/nonexistent/cert.pem", "--tls-key", &key], "/nonexistent/cert.pem"),
+        (vec!["--tls-cert", &not_pem, "--tls-key", &key], "no PEM certificate"),
+        (vec!["--tls-cert", &cert, "--tls-key", &not_pem], "no PEM private key"),
+        (vec!["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &not_pem], "client CA"),
+        (vec!["--client-ca", &ca], "needs TLS"),
+    ];
+    for (flags, wanted) in cases {
+        let output = output_within(Command::new(binary("asyncored")).arg("--config").arg(&config).args(&flags));
+        assert!(!output.status.success(), "{flags:?} started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("asyncored:")).collect();
+        assert_eq!(lines.len(), 1, "{flags:?}: {stderr}");
+        assert!(lines[0].contains(wanted), "{flags:?}: {stderr}");
+    }
 }
