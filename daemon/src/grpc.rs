@@ -479,7 +479,11 @@ impl v1::listeners_server::Listeners for ControlApi {
                 )));
             }
         };
+        let changes = set.is_some();
         let limits = self.engine.request(|reply| Command::DaemonLimits { set, reply }).await.map_err(status)?;
+        if changes {
+            self.state_changed().await;
+        }
         Ok(Response::new(v1::DaemonLimits {
             max_connections: limits.max_connections.unwrap_or(0),
             connections: limits.connections,

@@ -125,7 +125,7 @@ impl Daemon {
         // generations first (with their numbers), then the plugin
         // directories, then the config's listeners and the saved ones.
         let state = match &config.state_dir {
-            Some(dir) => Some(Arc::new(state::StateStore::open(dir).await?)),
+            Some(dir) => Some(Arc::new(state::StateStore::open(dir, config.max_connections).await?)),
             None => None,
         };
         let mut restore = match &state {
@@ -134,6 +134,7 @@ impl Daemon {
         };
         let policy = PluginPolicy::new(&config.plugin_dirs, config.allow_any_plugin_path);
         if let Some(restore) = &mut restore {
+            restore.limits(&engine, config.max_connections).await;
             restore.plugins(&engine, &policy).await;
         }
         load_plugin_dirs(&engine, &config, restore.as_ref()).await;

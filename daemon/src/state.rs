@@ -64,6 +64,19 @@ pub struct SavedState {
     pub version: u32,
     pub listeners: Vec<SavedListener>,
     pub plugins: Vec<SavedPlugin>,
+    /// The daemon-wide connection limit, and what the config said of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<SavedLimit>,
+}
+
+/// The daemon-wide `max_connections` (0: none) as it was, and as the
+/// config file gave it then. Restored only while the config still gives
+/// the same: an edit of the file wins over what `SetDaemonLimits` set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedLimit {
+    pub live: u64,
+    pub configured: u64,
 }
 
 /// A listener that was listening.
@@ -177,7 +190,7 @@ impl SavedState {
                 retired.push(library.clone());
             }
         }
-        SavedState { version: FORMAT_VERSION, listeners, plugins }
+        SavedState { version: FORMAT_VERSION, listeners, plugins, max_connections: None }
     }
 }
 
@@ -205,6 +218,8 @@ struct Inner {
     declared: HashMap<u64, String>,
     /// Retired libraries of the restored state, by plugin name.
     carried: Vec<(String, SavedLibrary)>,
+    /// The config's daemon-wide `max_connections` (0: none).
+    configured_limit: u64,
 }
 
 impl StateStore {
@@ -213,7 +228,7 @@ impl StateStore {
     /// # Errors
     ///
     /// If the directory cannot be created.
-    pub async fn open(dir: &Path) -> anyhow::Result<StateStore> {
+    pub async fn open(dir: &Path, configured_limit: u64) -> anyhow::Result<StateStore> {
         let owned = dir.to_path_buf();
         blocking(move || {
             use std::os::unix::fs::DirBuilderExt as _;
@@ -221,7 +236,8 @@ impl StateStore {
         })
         .await
         .map_err(|e| anyhow::anyhow!("state dir {}: {e}", dir.display()))?;
-        Ok(StateStore { dir: dir.to_path_buf(), inner: Mutex::new(Inner::default()) })
+        let inner = Inner { configured_limit, ..Inner::default() };
+        Ok(StateStore { dir: dir.to_path_buf(), inner: Mutex::new(inner) })
     }
 
     /// The state file's path.
@@ -308,13 +324,16 @@ impl StateStore {
     pub async fn save(&self, engine: &EngineHandle) -> Result<(), StateError> {
         let mut inner = self.inner.lock().await;
         // Under the lock: a save that starts later lists a later state.
-        let (listeners, plugins) = tokio::join!(
+        let (listeners, plugins, limits) = tokio::join!(
             engine.request(|reply| Command::ListListeners { after: 0, limit: usize::MAX, reply }),
             engine.request(|reply| Command::ListPlugins { reply }),
+            engine.request(|reply| Command::DaemonLimits { set: None, reply }),
         );
-        let (listeners, plugins) = (listeners?, plugins?);
+        let (listeners, plugins, limits) = (listeners?, plugins?, limits?);
         inner.declared.retain(|id, _| listeners.iter().any(|l| l.id == *id && l.listening));
-        let state = SavedState::from_listings(&listeners, &plugins, &inner.declared, &inner.carried);
+        let mut state = SavedState::from_listings(&listeners, &plugins, &inner.declared, &inner.carried);
+        state.max_connections =
+            Some(SavedLimit { live: limits.max_connections.unwrap_or(0), configured: inner.configured_limit });
         let mut bytes = serde_json::to_vec_pretty(&state).expect("the state serializes");
         bytes.push(b'\n');
         if inner.last_written.as_ref() == Some(&bytes) {
@@ -364,6 +383,23 @@ impl Restore {
     pub fn new(saved: SavedState) -> Restore {
         let listeners = saved.listeners.clone();
         Restore { saved, restored: HashSet::new(), listeners, problems: Vec::new() }
+    }
+
+    /// Sets the saved daemon-wide connection limit again, unless the
+    /// config's `max_connections` (`configured`) changed since it was saved.
+    pub async fn limits(&mut self, engine: &EngineHandle, configured: u64) {
+        let Some(saved) = self.saved.max_connections else { return };
+        if saved.configured != configured {
+            info!(
+                saved = saved.live,
+                configured, "the config's max_connections changed since the state was saved: the config's applies"
+            );
+            return;
+        }
+        let set = Some((saved.live > 0).then_some(saved.live));
+        if let Err(e) = engine.request(|reply| Command::DaemonLimits { set, reply }).await {
+            self.problem(format!("cannot set the daemon's max_connections to {} again: {e}", saved.live));
+        }
     }
 
     fn problem(&mut self, problem: String) {
@@ -594,6 +630,7 @@ mod tests {
                 generations: vec![SavedGeneration { generation: 2, path: "/p/echo.so".into(), sha256: "ab".into() }],
                 retired: vec![SavedLibrary { path: "/p/old.so".into(), sha256: "cd".into() }],
             }],
+            max_connections: Some(SavedLimit { live: 5, configured: 0 }),
         };
         let text = serde_json::to_string(&state).unwrap();
         assert_eq!(serde_json::from_str::<SavedState>(&text).unwrap(), state);

@@ -694,3 +694,38 @@ fn changes_made_over_http_are_saved_too() {
         let _ = asyncore_tests::connect(address.parse().unwrap());
     });
 }
+
+/// The daemon-wide limit set with `SetDaemonLimits` is saved and comes
+/// back after a restart; once the config file's `max_connections` is
+/// edited, the file's applies.
+#[test]
+fn the_daemons_connection_limit_comes_back_unless_the_config_changed_it() {
+    runtime().block_on(async {
+        let state_dir = TempDir::new("state-limits");
+        let options = |configured: u64| Options {
+            plugins: Vec::new(),
+            config: format!(
+                "state_dir = {:?}\nmax_connections = {configured}\n",
+                state_dir.path().display().to_string()
+            ),
+            args: vec!["--allow-any-plugin-path"],
+            ..Options::default()
+        };
+        let limit = async |daemon: &Daemon, set: Option<u64>| {
+            let mut client = daemon.client().await;
+            let request = v1::SetDaemonLimitsRequest { max_connections: set };
+            client.listeners.set_daemon_limits(request).await.unwrap().into_inner().max_connections
+        };
+        let daemon = Daemon::start_with(options(100));
+        assert_eq!(limit(&daemon, None).await, 100, "the config's");
+        assert_eq!(limit(&daemon, Some(7)).await, 7);
+        drop(daemon);
+
+        let daemon = Daemon::start_with(options(100));
+        assert_eq!(limit(&daemon, None).await, 7, "the saved one: {}", daemon.log());
+        drop(daemon);
+
+        let daemon = Daemon::start_with(options(50));
+        assert_eq!(limit(&daemon, None).await, 50, "the edited config's: {}", daemon.log());
+    });
+}
