@@ -435,13 +435,7 @@ impl Config {
                 self.slow_callback_ms
             )));
         }
-        if self.max_connections > asyncore_engine::command::MAX_CONNECTIONS {
-            return Err(InvalidConfig(format!(
-                "max_connections {} is out of range: 0 (no limit) or 1 to {}",
-                self.max_connections,
-                asyncore_engine::command::MAX_CONNECTIONS
-            )));
-        }
+        asyncore_engine::command::max_connections(self.max_connections).map_err(InvalidConfig)?;
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => return Err(InvalidConfig("tls_cert needs tls_key (--tls-key), its private key".into())),
             (None, Some(_)) => return Err(InvalidConfig("tls_key needs tls_cert (--tls-cert)".into())),

@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, server::NamedService};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use asyncore_engine::{
-    command::{Command, CommandError, EngineHandle, LoadPlugin, MAX_CONNECTIONS},
+    command::{self, Command, CommandError, EngineHandle, LoadPlugin},
     plugin_host::{PluginLoadError, PluginPolicy},
 };
 
@@ -451,15 +451,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         request: Request<v1::SetListenerLimitsRequest>,
     ) -> Result<Response<v1::Listener>, Status> {
         let v1::SetListenerLimitsRequest { id, max_connections } = request.into_inner();
-        let max_connections = match max_connections {
-            0 => None,
-            n if n <= MAX_CONNECTIONS => Some(n),
-            n => {
-                return Err(Status::invalid_argument(format!(
-                    "max_connections {n} is out of range: 0 (no limit) or 1 to {MAX_CONNECTIONS}"
-                )));
-            }
-        };
+        let max_connections = command::max_connections(max_connections).map_err(Status::invalid_argument)?;
         let listener = self.engine.request(|reply| Command::SetListenerLimits { id, max_connections, reply }).await;
         self.state_changed().await;
         Ok(Response::new(convert::listener(listener.map_err(status)?)))
@@ -469,16 +461,12 @@ impl v1::listeners_server::Listeners for ControlApi {
         &self,
         request: Request<v1::SetDaemonLimitsRequest>,
     ) -> Result<Response<v1::DaemonLimits>, Status> {
-        let set = match request.into_inner().max_connections {
-            None => None,
-            Some(0) => Some(None),
-            Some(n) if n <= MAX_CONNECTIONS => Some(Some(n)),
-            Some(n) => {
-                return Err(Status::invalid_argument(format!(
-                    "max_connections {n} is out of range: 0 (no limit) or 1 to {MAX_CONNECTIONS}"
-                )));
-            }
-        };
+        let set = request
+            .into_inner()
+            .max_connections
+            .map(command::max_connections)
+            .transpose()
+            .map_err(Status::invalid_argument)?;
         let changes = set.is_some();
         let limits = self.engine.request(|reply| Command::DaemonLimits { set, reply }).await.map_err(status)?;
         if changes {

@@ -205,10 +205,22 @@ pub const MAX_CONNECTIONS: u64 = 1_000_000;
 ///
 /// A message naming the value and the allowed range.
 pub fn parse_max_connections(text: &str) -> Result<Option<u64>, String> {
-    match text.trim().parse::<u64>() {
-        Ok(0) => Ok(None),
-        Ok(n) if n <= MAX_CONNECTIONS => Ok(Some(n)),
-        _ => Err(format!("{text:?} is out of range: 0 (no limit) or 1 to {MAX_CONNECTIONS}")),
+    let out_of_range = || format!("{text:?} is out of range: 0 (no limit) or 1 to {MAX_CONNECTIONS}");
+    let n = text.trim().parse::<u64>().map_err(|_| out_of_range())?;
+    max_connections(n).map_err(|_| out_of_range())
+}
+
+/// A `max_connections` given as a number, of a listener or of the daemon:
+/// 0 is no limit.
+///
+/// # Errors
+///
+/// Past [`MAX_CONNECTIONS`]: a message naming the value and the range.
+pub fn max_connections(n: u64) -> Result<Option<u64>, String> {
+    match n {
+        0 => Ok(None),
+        n if n <= MAX_CONNECTIONS => Ok(Some(n)),
+        n => Err(format!("max_connections {n} is out of range: 0 (no limit) or 1 to {MAX_CONNECTIONS}")),
     }
 }
 

@@ -21,14 +21,7 @@ fn without_no_color() -> Vec<(String, String)> {
 #[test]
 fn a_log_file_has_no_colour_codes() {
     let daemon = Daemon::start_with(Options { env: without_no_color(), ..Options::default() });
-    let log = runtime().block_on(eventually!(
-        async || {
-            let log = daemon.log();
-            log.contains("control api listening").then_some(log)
-        },
-        "the ready line's record in the log:\n{}",
-        daemon.log()
-    ));
+    let log = log_once_ready(&daemon);
     assert!(log.contains(" INFO "), "{log}");
     assert!(!log.contains('\u{1b}'), "escape codes in a log file:\n{log:?}");
 }
@@ -85,14 +78,7 @@ fn the_flag_wins_over_the_config() {
         args: vec!["--log-format", "text"],
         ..Options::default()
     });
-    let log = runtime().block_on(eventually!(
-        async || {
-            let log = daemon.log();
-            log.contains("control api listening").then_some(log)
-        },
-        "the ready line's record in the log:\n{}",
-        daemon.log()
-    ));
+    let log = log_once_ready(&daemon);
     assert!(log.lines().all(|line| !line.starts_with('{')), "{log}");
 }
 
@@ -180,4 +166,16 @@ fn failed_accepts_are_logged_once_per_shortage_with_a_count() {
         daemon.log()
     ));
     assert!(over.contains("accept pauses for lack of descriptors"), "{over}");
+}
+
+/// The daemon's log once it holds the record of the control API listening.
+fn log_once_ready(daemon: &Daemon) -> String {
+    runtime().block_on(eventually!(
+        async || {
+            let log = daemon.log();
+            log.contains("control api listening").then_some(log)
+        },
+        "the ready line's record in the log:\n{}",
+        daemon.log()
+    ))
 }

@@ -115,17 +115,17 @@ fn taken_ports(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// The first page of `ListListeners` (the tests start fewer than 200).
+async fn list_listeners(client: &mut Client) -> Vec<v1::Listener> {
+    let request = v1::ListListenersRequest { page_size: 200, page_token: String::new() };
+    client.listeners.list_listeners(request).await.expect("ListListeners").into_inner().listeners
+}
+
 /// Everything `ListListeners` and `ListPlugins` say, and the newest
 /// generation number of each plugin (retired ones included: the next load
 /// gets the number after it).
 async fn observe(client: &mut Client) -> (Snapshot, BTreeMap<String, u32>) {
-    let listeners = client
-        .listeners
-        .list_listeners(v1::ListListenersRequest { page_size: 200, page_token: String::new() })
-        .await
-        .expect("ListListeners")
-        .into_inner()
-        .listeners;
+    let listeners = list_listeners(client).await;
     let plugins =
         client.plugins.list_plugins(v1::ListPluginsRequest {}).await.expect("ListPlugins").into_inner().plugins;
     let mut snapshot = Snapshot::default();
@@ -377,13 +377,7 @@ fn bound(listener: &v1::Listener) -> bool {
 
 /// Ids of the listeners by address.
 async fn listener_ids(client: &mut Client) -> BTreeMap<String, u64> {
-    let listeners = client
-        .listeners
-        .list_listeners(v1::ListListenersRequest { page_size: 200, page_token: String::new() })
-        .await
-        .expect("ListListeners")
-        .into_inner()
-        .listeners;
+    let listeners = list_listeners(client).await;
     listeners.into_iter().filter(bound).map(|l| (l.address, l.id)).collect()
 }
 
