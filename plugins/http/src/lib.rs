@@ -12,8 +12,9 @@
 //! dropped. Each request is answered, its response queued as one producer,
 //! before the next is parsed, so pipelined requests are answered in order.
 //!
-//! Time is bounded with one timer per connection, re-armed once per
-//! request, never per byte: a request must arrive within `head_timeout`
+//! Time is bounded with one deadline per connection, moved once per
+//! request, never per byte, and one timer that is armed again only when it
+//! comes due before the deadline: a request must arrive within `head_timeout`
 //! (else 408), and a kept-alive connection that sent everything it was
 //! asked for is closed after `keepalive_timeout` without a new request.
 //! Refusals are logged and counted per listener. See the README for the
@@ -27,7 +28,13 @@ mod request;
 mod response;
 mod site;
 
-use std::{io, path::Path, rc::Rc, time::SystemTime};
+use std::{
+    cell::RefCell,
+    io,
+    path::Path,
+    rc::Rc,
+    time::{Instant, SystemTime},
+};
 
 use asyncore_sdk::prelude::*;
 
@@ -35,7 +42,7 @@ use crate::{
     config::Settings,
     listener::{Admission, Listener},
     request::{HeadParser, RequestHead, Step, Version},
-    response::{Connection, InFlight, Response, Status, write_head},
+    response::{Connection, InFlight, Response, Status, append_head, write_head},
     site::{Answer, Site},
 };
 
@@ -50,6 +57,15 @@ const MAX_IN_FLIGHT: usize = 32;
 const MAX_DRAINED_BODY: u64 = 1024 * 1024;
 /// The line buffer is shrunk back after a head that grew it past this.
 const KEEP_LINE_CAPACITY: usize = 4 * 1024;
+/// The response buffer is shrunk back after a response (a large status
+/// page, say) grew it past this.
+const KEEP_RESPONSE_CAPACITY: usize = 64 * 1024;
+
+thread_local! {
+    /// Where a response in memory is put together before it is pushed: one
+    /// for the loop's thread, not one per connection.
+    static RESPONSE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// The listening dispatcher: one per listener, owning what its
 /// connections share (settings, counters, connections per address).
@@ -83,6 +99,7 @@ impl Dispatcher for HttpServer {
             in_flight: InFlight::default(),
             wait: Wait::Head,
             timer: None,
+            deadline: None,
             next_token: 0,
         };
         let mut chat = AsyncChat::new(handler)
@@ -195,6 +212,8 @@ enum Wait {
 struct Armed {
     id: TimerId,
     token: u64,
+    /// When it comes due.
+    due: Instant,
 }
 
 /// The protocol: request heads line by line, bodies by count.
@@ -209,7 +228,12 @@ struct HttpHandler {
     line: Vec<u8>,
     in_flight: InFlight,
     wait: Wait,
+    /// The one timer armed, which may come due before `deadline` (it is
+    /// then armed again for the rest) or when there is none (it is then
+    /// let go): a request moves the deadline without touching the timer.
     timer: Option<Armed>,
+    /// When what the connection waits for is late, if it is timed.
+    deadline: Option<Instant>,
     next_token: u64,
 }
 
@@ -244,6 +268,7 @@ impl ChatHandler for HttpHandler {
             // The body is over; the next request's head follows.
             chat.set_terminator(b"\n");
             self.respond(chat, &head, false);
+            self.parser.recycle(head);
         } else {
             let step = self.parser.line(&self.line);
             self.line.clear();
@@ -257,7 +282,11 @@ impl ChatHandler for HttpHandler {
                     };
                     self.refuse(chat, status, self.head_only(), why);
                 }
-                Step::Done(head) => self.request(chat, head),
+                Step::Done(head) => {
+                    if let Some(head) = self.request(chat, head) {
+                        self.parser.recycle(head);
+                    }
+                }
             }
         }
         if self.body_of.is_none() {
@@ -278,9 +307,17 @@ impl ChatHandler for HttpHandler {
             return;
         }
         self.timer = None;
+        let Some(deadline) = self.deadline else { return };
         if chat.is_closing() {
             return;
         }
+        let now = Instant::now();
+        if now < deadline {
+            // The deadline moved on since this timer was armed.
+            self.set_timer(chat.channel(), deadline, now);
+            return;
+        }
+        self.deadline = None;
         // Earlier responses are still going out: the connection may have
         // stopped reading meanwhile (backpressure), so the time was not
         // the client's to use. Start the clock again.
@@ -311,8 +348,9 @@ impl ChatHandler for HttpHandler {
 }
 
 impl HttpHandler {
-    /// A complete head: answer now, or first read and drop its body.
-    fn request(&mut self, chat: &mut Chat<'_>, head: RequestHead) {
+    /// A complete head: answer now, or first read and drop its body. Gives
+    /// the head back once it is answered.
+    fn request(&mut self, chat: &mut Chat<'_>, head: RequestHead) -> Option<RequestHead> {
         if self.line.capacity() > KEEP_LINE_CAPACITY {
             self.line = Vec::new();
         }
@@ -335,9 +373,11 @@ impl HttpHandler {
                 chat.set_max_input(usize::MAX);
                 self.body_of = Some(head);
                 self.arm(chat.channel(), Wait::Body);
+                return None;
             }
             Ok(_) => self.respond(chat, &head, true),
         }
+        Some(head)
     }
 
     /// Queues the answer to `head`, then closes if the connection is not
@@ -349,7 +389,7 @@ impl HttpHandler {
         }
         // The request is in: the keep-alive clock starts once its response
         // went out (`idle_once_answered`).
-        self.disarm(chat.channel());
+        self.disarm();
         self.wait = Wait::Idle;
         let keep_alive = !force_close && head.keep_alive();
         let connection = match (keep_alive, head.line.version) {
@@ -378,16 +418,36 @@ impl HttpHandler {
             status.code(),
             status.reason(),
         );
-        self.disarm(channel);
+        self.disarm();
         self.push(chat, Answer::error(status), Connection::Close, head_only);
         chat.close_when_done();
     }
 
     fn push(&mut self, chat: &mut Chat<'_>, answer: Answer, connection: Connection, head_only: bool) {
         self.listener.counters.responded(answer.status);
-        let head = write_head(answer.status, answer.content_type, answer.body.len(), connection, SystemTime::now());
-        let response = Response::new(head, answer.body, head_only, self.in_flight.ticket());
-        chat.push_with_producer(Box::new(response));
+        let (status, content_type, length, now) =
+            (answer.status, answer.content_type, answer.body.len(), SystemTime::now());
+        let in_memory = if head_only { Some(&[][..]) } else { answer.body.bytes() };
+        if let Some(body) = in_memory {
+            // Head and body in one push: straight into the channel's output
+            // unless producers wait before it (then queued behind them), so
+            // a pipelined burst is answered without a producer per request.
+            RESPONSE.with_borrow_mut(|response| {
+                response.clear();
+                append_head(response, status, content_type, length, connection, now);
+                response.extend_from_slice(body);
+                chat.push(response);
+                if response.capacity() > KEEP_RESPONSE_CAPACITY {
+                    *response = Vec::new();
+                }
+            });
+        } else {
+            // A file is read as the peer drains it, and counts as in flight
+            // until it has been.
+            let head = write_head(status, content_type, length, connection, now);
+            let response = Response::new(head, answer.body, head_only, self.in_flight.ticket());
+            chat.push_with_producer(Box::new(response));
+        }
     }
 
     /// Whether the request being read is a `HEAD`, whose error answer has
@@ -399,33 +459,48 @@ impl HttpHandler {
         }
     }
 
-    /// Arms the connection's timer for `wait`, replacing the one armed
-    /// before. Called once per request phase, never per byte.
+    /// Starts the clock for `wait`. Called once per request phase, never
+    /// per byte, and cheap then: the timer armed already is kept if it
+    /// comes due before the new deadline (it is armed again for the rest
+    /// when it does), which with the defaults (`head_timeout` under
+    /// `keepalive_timeout`) is every request but the first.
     fn arm(&mut self, channel: &mut Channel<'_>, wait: Wait) {
-        self.disarm(channel);
         self.wait = wait;
         let settings = &self.listener.settings;
         let timeout = match wait {
             Wait::Idle => settings.keepalive_timeout,
             Wait::Head | Wait::Body => settings.head_timeout,
         };
-        if let Some(timeout) = timeout {
-            self.next_token += 1;
-            let id = channel.call_later(timeout, self.next_token);
-            self.timer = Some(Armed { id, token: self.next_token });
+        let now = Instant::now();
+        // Both timeouts are bounded by the config, so this is some.
+        self.deadline = timeout.and_then(|timeout| now.checked_add(timeout));
+        match (self.deadline, &self.timer) {
+            (Some(deadline), Some(armed)) if armed.due > deadline => self.set_timer(channel, deadline, now),
+            (Some(deadline), None) => self.set_timer(channel, deadline, now),
+            _ => {}
         }
     }
 
-    fn disarm(&mut self, channel: &mut Channel<'_>) {
+    /// Stops the clock. The timer is left armed: it finds no deadline when
+    /// it comes due, unless a later `arm` needs it.
+    fn disarm(&mut self) {
+        self.deadline = None;
+    }
+
+    /// Arms the one timer for `deadline`, cancelling the one armed before.
+    fn set_timer(&mut self, channel: &mut Channel<'_>, deadline: Instant, now: Instant) {
         if let Some(armed) = self.timer.take() {
             channel.cancel_timer(armed.id);
         }
+        self.next_token += 1;
+        let id = channel.call_later(deadline - now, self.next_token);
+        self.timer = Some(Armed { id, token: self.next_token, due: deadline });
     }
 
     /// Starts the keep-alive clock if the last request was answered and
     /// every response produced.
     fn idle_once_answered(&mut self, channel: &mut Channel<'_>) {
-        if self.wait == Wait::Idle && self.timer.is_none() && self.in_flight.count() == 0 {
+        if self.wait == Wait::Idle && self.deadline.is_none() && self.in_flight.count() == 0 {
             self.arm(channel, Wait::Idle);
         }
     }

@@ -27,7 +27,15 @@ pub(crate) struct RequestLine {
 ///
 /// Strict, as RFC 9112 section 3 allows: exactly one space between the
 /// three parts, a token for the method, visible ASCII for the target.
+#[cfg(test)]
 pub(crate) fn parse_request_line(line: &[u8]) -> Result<RequestLine, Status> {
+    let (method, target, version) = split_request_line(line)?;
+    Ok(RequestLine { method: method.to_string(), target: target.to_string(), version })
+}
+
+/// [`parse_request_line`] without copying: the method and the target
+/// borrowed from `line`.
+fn split_request_line(line: &[u8]) -> Result<(&str, &str, Version), Status> {
     let text = std::str::from_utf8(line).map_err(|_| Status::BadRequest)?;
     let mut parts = text.split(' ');
     let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
@@ -37,8 +45,7 @@ pub(crate) fn parse_request_line(line: &[u8]) -> Result<RequestLine, Status> {
     if !is_token(method.as_bytes()) || target.is_empty() || !target.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Status::BadRequest);
     }
-    let version = parse_version(version)?;
-    Ok(RequestLine { method: method.to_string(), target: target.to_string(), version })
+    Ok((method, target, parse_version(version)?))
 }
 
 /// `HTTP/` DIGIT `.` DIGIT; the name is case-sensitive.
@@ -120,6 +127,20 @@ impl RequestHead {
             connection_keep_alive: false,
             expect_continue: false,
         }
+    }
+
+    /// A head of this request line, in `spare`'s memory if there is one:
+    /// a connection's requests reuse the strings of the one before.
+    fn start(spare: Option<RequestHead>, method: &str, target: &str, version: Version) -> RequestHead {
+        let Some(mut head) = spare else {
+            return RequestHead::new(RequestLine { method: method.to_string(), target: target.to_string(), version });
+        };
+        head.line.method.clear();
+        head.line.method.push_str(method);
+        head.line.target.clear();
+        head.line.target.push_str(target);
+        head.line.version = version;
+        RequestHead::new(head.line)
     }
 
     /// Takes in one header field.
@@ -219,11 +240,20 @@ pub(crate) struct HeadParser {
     /// Bytes of the current head so far, line endings included.
     used: usize,
     head: Option<RequestHead>,
+    /// The last head answered, given back with [`HeadParser::recycle`]:
+    /// the next one is parsed into its strings.
+    spare: Option<RequestHead>,
 }
 
 impl HeadParser {
     pub(crate) fn new(max_bytes: usize) -> HeadParser {
-        HeadParser { max_bytes, used: 0, head: None }
+        HeadParser { max_bytes, used: 0, head: None, spare: None }
+    }
+
+    /// Gives back a head that was answered, so that the next request line
+    /// is copied into its memory rather than into new strings.
+    pub(crate) fn recycle(&mut self, head: RequestHead) {
+        self.spare = Some(head);
     }
 
     /// Takes one line, without its `\n`: a `\r` before it is dropped, so
@@ -235,9 +265,9 @@ impl HeadParser {
             // Empty lines before a request line are skipped, as section 2.2
             // asks (some clients send CRLF after a POST body).
             None if line.is_empty() => Step::More,
-            None => match parse_request_line(line) {
-                Ok(request_line) => {
-                    self.head = Some(RequestHead::new(request_line));
+            None => match split_request_line(line) {
+                Ok((method, target, version)) => {
+                    self.head = Some(RequestHead::start(self.spare.take(), method, target, version));
                     Step::More
                 }
                 Err(status) => Step::Reject(status),
@@ -444,6 +474,32 @@ mod tests {
         let head = head("POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 9\r\n\r\n");
         assert!(head.expects_continue());
         assert!(!head.is_head());
+    }
+
+    #[test]
+    fn a_recycled_head_keeps_nothing_of_its_request() {
+        let mut parser = HeadParser::new(16 * 1024);
+        let feed = |parser: &mut HeadParser, text: &str| {
+            let mut step = Step::More;
+            for line in text.split_inclusive('\n') {
+                step = parser.line(line.strip_suffix('\n').unwrap().as_bytes());
+            }
+            match step {
+                Step::Done(head) => head,
+                step => panic!("expected a complete head, got {step:?}"),
+            }
+        };
+        let first = feed(
+            &mut parser,
+            "POST /upload/a/long/path HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: gzip\r\n\
+             Expect: 100-continue\r\n\r\n",
+        );
+        assert!(first.keep_alive() && first.expects_continue());
+        parser.recycle(first);
+        let second = feed(&mut parser, "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+        assert_eq!(second.line, line("GET", "/", Version::Http11));
+        assert_eq!(second.body_length(), Ok(0));
+        assert!(!second.keep_alive() && !second.expects_continue());
     }
 
     #[test]

@@ -13,9 +13,6 @@ use std::{
 
 use asyncore_sdk::{FileProducer, Producer, SimpleProducer};
 
-/// The `Server` header's value.
-const SERVER: &str = concat!("asyncored-http/", env!("CARGO_PKG_VERSION"));
-
 /// The statuses this server answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Status {
@@ -118,23 +115,56 @@ pub(crate) fn write_head(
     connection: Connection,
     now: SystemTime,
 ) -> Vec<u8> {
-    let mut head = String::with_capacity(192);
-    {
-        use std::fmt::Write as _;
-        let _ = write!(head, "HTTP/1.1 {} {}\r\nServer: {SERVER}\r\nDate: ", status.code(), status.reason());
-        DATE.with(|date| head.push_str(date.borrow_mut().at(now)));
-        let _ = write!(head, "\r\nContent-Type: {content_type}\r\nContent-Length: {content_length}\r\n");
-    }
+    let mut head = Vec::with_capacity(192);
+    append_head(&mut head, status, content_type, content_length, connection, now);
+    head
+}
+
+/// [`write_head`] appended to `out`: pieces copied in, no formatting
+/// machinery, as this runs once per response.
+pub(crate) fn append_head(
+    out: &mut Vec<u8>,
+    status: Status,
+    content_type: &str,
+    content_length: u64,
+    connection: Connection,
+    now: SystemTime,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    append_decimal(out, u64::from(status.code()));
+    out.push(b' ');
+    out.extend_from_slice(status.reason().as_bytes());
+    out.extend_from_slice(concat!("\r\nServer: asyncored-http/", env!("CARGO_PKG_VERSION"), "\r\nDate: ").as_bytes());
+    DATE.with(|date| out.extend_from_slice(date.borrow_mut().at(now).as_bytes()));
+    out.extend_from_slice(b"\r\nContent-Type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Length: ");
+    append_decimal(out, content_length);
+    out.extend_from_slice(b"\r\n");
     if status == Status::MethodNotAllowed {
-        head.push_str("Allow: GET, HEAD\r\n");
+        out.extend_from_slice(b"Allow: GET, HEAD\r\n");
     }
     match connection {
         Connection::Default => {}
-        Connection::KeepAlive => head.push_str("Connection: keep-alive\r\n"),
-        Connection::Close => head.push_str("Connection: close\r\n"),
+        Connection::KeepAlive => out.extend_from_slice(b"Connection: keep-alive\r\n"),
+        Connection::Close => out.extend_from_slice(b"Connection: close\r\n"),
     }
-    head.push_str("\r\n");
-    head.into_bytes()
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in decimal digits.
+fn append_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 thread_local! {
@@ -207,6 +237,15 @@ pub(crate) enum Body {
 }
 
 impl Body {
+    /// The body's bytes, unless it is a file.
+    pub(crate) fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Body::Static(bytes) => Some(bytes),
+            Body::Owned(bytes) => Some(bytes),
+            Body::File { .. } => None,
+        }
+    }
+
     pub(crate) fn len(&self) -> u64 {
         match self {
             Body::Static(bytes) => bytes.len() as u64,
@@ -377,6 +416,15 @@ mod tests {
         assert!(head.ends_with("\r\nConnection: keep-alive\r\n\r\n"), "{head}");
         let head = String::from_utf8(write_head(Status::Ok, "t", 0, Connection::Default, at(0))).unwrap();
         assert!(!head.contains("Connection"), "{head}");
+    }
+
+    #[test]
+    fn decimals_are_written_without_leading_zeros() {
+        for n in [0, 7, 10, 339, 1_000_000, u64::MAX] {
+            let mut out = b"x".to_vec();
+            append_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").as_bytes());
+        }
     }
 
     #[test]

@@ -345,6 +345,27 @@ fn requests_and_bodies_in_time_are_served_on_one_kept_alive_connection() {
 }
 
 #[test]
+fn deadlines_move_with_each_request_and_none_comes_early() {
+    // One timer per connection, kept while requests move the deadline: it
+    // comes due many times during these 1.2 s of requests and during the
+    // idle pause, finds the deadline moved on, and is armed again for it.
+    let (server, _root) = serve(&[("head_timeout", "300ms"), ("keepalive_timeout", "2s")]);
+    let mut client = Client::connect(&server);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1200) {
+        client.send("GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(client.response(false).status, 200);
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Idle past head_timeout, within keepalive_timeout: kept.
+    thread::sleep(Duration::from_millis(600));
+    client.send("GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+    assert_eq!(client.response(false).status, 200);
+    // And the next head still has head_timeout from its first byte.
+    dribbled_head_gets_408(&mut client);
+}
+
+#[test]
 fn an_idle_kept_alive_connection_is_closed_quietly_after_keepalive_timeout() {
     let (server, _root) = serve(&[("keepalive_timeout", "300ms"), ("status_path", "/status")]);
     let mut client = Client::connect(&server);
