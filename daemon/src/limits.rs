@@ -30,10 +30,12 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
 /// scheduled (`nice` steps). The poll loop is the data plane: when a busy
 /// control client (a script listing every channel back to back, many
 /// watchers) and the loop compete for one core, the kernel gives the loop
-/// about nine tenths of it, and the control plane answers more slowly
-/// rather than the data plane serving less. With a core to spare, it
-/// changes nothing.
-pub const CONTROL_PLANE_NICE: i32 = 10;
+/// about 98% of it (weights 1024 to 15), and the control plane answers
+/// more slowly rather than the data plane serving less. Short calls
+/// (health checks, a scrape) still get their turn within a few
+/// milliseconds: a thread that slept is placed to run soon. With a core
+/// to spare, it changes nothing.
+pub const CONTROL_PLANE_NICE: i32 = 19;
 
 /// Lowers the calling thread's scheduling priority by `steps` nice steps
 /// (at most to 19). On Linux a thread id given to `setpriority` sets that

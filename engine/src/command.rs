@@ -260,7 +260,7 @@ pub struct ChannelInfo {
     pub id: u64,
     pub listener_id: u64,
     pub parent_id: u64,
-    pub plugin: String,
+    pub plugin: Arc<str>,
     /// The plugin generation serving this channel.
     pub generation: u32,
     pub kind: ChannelKind,

@@ -57,7 +57,7 @@ pub(super) fn channel(info: ChannelInfo) -> v1::Channel {
     v1::Channel {
         id: info.id,
         listener_id: info.listener_id,
-        plugin: info.plugin,
+        plugin: info.plugin.to_string(),
         kind: kind as i32,
         peer_address: info.peer_address.map(|a| a.to_string()).unwrap_or_default(),
         local_address: info.local_address.map(|a| a.to_string()).unwrap_or_default(),

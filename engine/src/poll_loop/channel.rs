@@ -7,6 +7,7 @@ use std::{
     mem::MaybeUninit,
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -358,12 +359,12 @@ impl Channel {
         }
     }
 
-    pub(crate) fn info(&self, plugin: &str, generation: u32) -> ChannelInfo {
+    pub(crate) fn info(&self, plugin: &Arc<str>, generation: u32) -> ChannelInfo {
         ChannelInfo {
             id: self.id.0,
             listener_id: self.listener.0,
             parent_id: self.parent.map_or(0, |parent| parent.0),
-            plugin: plugin.to_string(),
+            plugin: plugin.clone(),
             generation,
             kind: self.kind,
             peer_address: self.peer,

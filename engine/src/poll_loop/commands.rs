@@ -377,7 +377,7 @@ impl Core {
 
     fn info_of(&self, ch: &Channel) -> ChannelInfo {
         let entry = &self.plugins[ch.generation];
-        ch.info(&entry.loaded.name, entry.generation)
+        ch.info(&entry.name, entry.generation)
     }
 
     /// Counters for a stats watcher: the live channels it watches (looked

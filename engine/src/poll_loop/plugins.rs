@@ -11,6 +11,7 @@
 use std::{
     collections::HashMap,
     ops::{Index, IndexMut},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -36,6 +37,9 @@ const STANDBY_KEPT: usize = 4;
 /// One generation of a plugin.
 pub(super) struct Generation {
     pub(super) loaded: LoadedPlugin,
+    /// The plugin's name, shared by every listing of its channels (a
+    /// page of `ListChannels` copies no string on the loop).
+    pub(super) name: Arc<str>,
     /// The number users see: 1, 2, ... per plugin name.
     pub(super) generation: u32,
     pub(super) retired: bool,
@@ -126,8 +130,14 @@ impl Core {
             sha256 = %plugin.sha256,
             "plugin loaded"
         );
-        let index =
-            self.plugins.push(Generation { loaded: plugin, generation, retired: false, panics: 0, live_channels: 0 });
+        let index = self.plugins.push(Generation {
+            name: plugin.name.as_str().into(),
+            loaded: plugin,
+            generation,
+            retired: false,
+            panics: 0,
+            live_channels: 0,
+        });
         if activate || (requested.is_none() && !self.current.contains_key(&name)) {
             self.activate(index, drain_timeout)?;
         }
