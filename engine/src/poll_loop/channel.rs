@@ -147,6 +147,10 @@ pub(crate) enum Phase {
     Lingering,
 }
 
+/// The size from which a channel's `send` with nothing queued before it is
+/// written at once rather than gathered ([`OutBuf::write_or_push`]).
+pub(crate) const WRITE_THROUGH: usize = 16 * 1024;
+
 /// Output queued by `send` and not yet written: a byte vector consumed from
 /// the front, compacted when more than half is consumed.
 #[derive(Debug, Default)]
@@ -175,6 +179,24 @@ impl OutBuf {
     pub(crate) fn clear(&mut self) {
         self.bytes = Vec::new();
         self.start = 0;
+    }
+
+    /// Queues `data` to be written before the loop waits, except that a
+    /// large write ([`WRITE_THROUGH`] bytes or more) with nothing queued
+    /// before it is written now, from the caller's buffer, and only what
+    /// the socket did not take is queued: copying 64 KiB to write it a
+    /// moment later costs more than the system call it would save. Small
+    /// writes are gathered into one. Returns what
+    /// [`flush_to`](OutBuf::flush_to) returns; a failed write is left for
+    /// the next flush to meet again and report.
+    pub(crate) fn write_or_push(&mut self, stream: &mut impl Write, data: &[u8]) -> (u64, u64) {
+        if !self.is_empty() || data.len() < WRITE_THROUGH {
+            self.push(data);
+            return (0, 0);
+        }
+        let (written, writes) = write_some(stream, data).unwrap_or((0, 0));
+        self.push(&data[written..]);
+        (written as u64, writes)
     }
 
     /// Writes from the front until the queue is empty or the socket would
@@ -359,6 +381,15 @@ impl Channel {
         }
     }
 
+    /// Counts what a write of its output took.
+    pub(crate) fn count_written(&mut self, bytes: u64, writes: u64, now: Instant) {
+        if bytes > 0 {
+            self.last_activity = now;
+        }
+        self.counters.bytes_out += bytes;
+        self.counters.writes += writes;
+    }
+
     pub(crate) fn info(&self, plugin: &Arc<str>, generation: u32) -> ChannelInfo {
         ChannelInfo {
             id: self.id.0,
@@ -382,7 +413,7 @@ impl Channel {
 mod tests {
     use std::io::{self, Write};
 
-    use super::OutBuf;
+    use super::{OutBuf, WRITE_THROUGH};
 
     /// A socket's send buffer: takes at most `per_write` bytes a call and
     /// `room` bytes in all before it would block.
@@ -438,6 +469,31 @@ mod tests {
         assert_eq!(peer.written, b"hello world");
         assert!(out.is_empty());
         assert_eq!(out.flush_to(&mut peer).unwrap(), (0, 0), "nothing left to write");
+    }
+
+    #[test]
+    fn large_writes_go_out_at_once_and_small_ones_are_gathered() {
+        let mut out = OutBuf::default();
+        let mut peer = Peer::new(usize::MAX, usize::MAX);
+        assert_eq!(out.write_or_push(&mut peer, b"small"), (0, 0), "gathered");
+        let large = vec![1u8; WRITE_THROUGH];
+        assert_eq!(out.write_or_push(&mut peer, &large), (0, 0), "behind queued output: gathered too");
+        assert_eq!(out.len(), 5 + WRITE_THROUGH);
+        out.flush_to(&mut peer).unwrap();
+
+        // Nothing queued: written now, and only what the socket left is queued.
+        let mut full_soon = Peer::new(usize::MAX, 1000);
+        assert_eq!(out.write_or_push(&mut full_soon, &large), (1000, 1));
+        assert_eq!(out.len(), WRITE_THROUGH - 1000);
+        assert_eq!(out.bytes[out.start..], large[1000..]);
+
+        // A failed write queues it all, for the flush to meet the error again.
+        let mut out = OutBuf::default();
+        let mut broken = Peer::new(10, 10);
+        broken.broken = true;
+        assert_eq!(out.write_or_push(&mut broken, &large), (0, 0));
+        assert_eq!(out.len(), WRITE_THROUGH);
+        assert_eq!(out.flush_to(&mut broken).unwrap_err().kind(), io::ErrorKind::BrokenPipe);
     }
 
     #[test]

@@ -234,13 +234,7 @@ impl Core {
         let now = self.now;
         let Some(ch) = self.channels.get_mut(slot) else { return };
         match ch.out.flush_to(&mut ch.socket) {
-            Ok((bytes, writes)) => {
-                if bytes > 0 {
-                    ch.last_activity = now;
-                }
-                ch.counters.bytes_out += bytes;
-                ch.counters.writes += writes;
-            }
+            Ok((bytes, writes)) => ch.count_written(bytes, writes, now),
             Err(e) => {
                 ch.out.clear();
                 ch.failed = Some(e);

@@ -188,9 +188,15 @@ impl Core {
         }
         // Gathered, not written: everything the channel's callbacks queue in
         // a pass leaves in one write when the loop refreshes the channel
-        // (before it waits), as asynchat's `initiate_send` gathers.
+        // (before it waits), as asynchat's `initiate_send` gathers; only a
+        // large write with nothing before it goes out at once, uncopied.
         if !data.is_empty() {
-            ch.out.push(data);
+            if ch.phase == Phase::Open {
+                let (bytes, writes) = ch.out.write_or_push(&mut ch.socket, data);
+                ch.count_written(bytes, writes, self.now);
+            } else {
+                ch.out.push(data);
+            }
             self.channels.mark_dirty(slot);
         }
         data.len() as u64
