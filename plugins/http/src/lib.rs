@@ -28,13 +28,7 @@ mod request;
 mod response;
 mod site;
 
-use std::{
-    cell::RefCell,
-    io,
-    path::Path,
-    rc::Rc,
-    time::{Instant, SystemTime},
-};
+use std::{cell::RefCell, io, path::Path, rc::Rc, time::Instant};
 
 use asyncore_sdk::prelude::*;
 
@@ -42,7 +36,7 @@ use crate::{
     config::Settings,
     listener::{Admission, Listener},
     request::{HeadParser, RequestHead, Step, Version},
-    response::{Connection, InFlight, Response, Status, append_head, write_head},
+    response::{Connection, InFlight, Response, Status, append_head, with_date, write_head},
     site::{Answer, Site},
 };
 
@@ -101,6 +95,7 @@ impl Dispatcher for HttpServer {
             timer: None,
             deadline: None,
             next_token: 0,
+            now: Instant::now(),
         };
         let mut chat = AsyncChat::new(handler)
             .with_terminator(b"\n")
@@ -148,6 +143,7 @@ impl Dispatcher for HttpConnection {
     /// (`AsyncChat::handle_read`): a connection they all finished in starts
     /// to idle now.
     fn handle_read(&mut self, channel: &mut Channel<'_>) {
+        self.chat.handler_mut().now = Instant::now();
         self.chat.handle_read(channel);
         self.idle_if_answered(channel);
     }
@@ -156,6 +152,7 @@ impl Dispatcher for HttpConnection {
     /// so these are where a connection that answered everything starts to
     /// idle.
     fn handle_write(&mut self, channel: &mut Channel<'_>) {
+        self.chat.handler_mut().now = Instant::now();
         self.chat.handle_write(channel);
         self.idle_if_answered(channel);
     }
@@ -235,6 +232,9 @@ struct HttpHandler {
     /// When what the connection waits for is late, if it is timed.
     deadline: Option<Instant>,
     next_token: u64,
+    /// The time read when the current callback began: the requests of one
+    /// read share it rather than each reading the clock.
+    now: Instant,
 }
 
 impl ChatHandler for HttpHandler {
@@ -311,10 +311,10 @@ impl ChatHandler for HttpHandler {
         if chat.is_closing() {
             return;
         }
-        let now = Instant::now();
-        if now < deadline {
+        self.now = Instant::now();
+        if self.now < deadline {
             // The deadline moved on since this timer was armed.
-            self.set_timer(chat.channel(), deadline, now);
+            self.set_timer(chat.channel(), deadline);
             return;
         }
         self.deadline = None;
@@ -425,8 +425,7 @@ impl HttpHandler {
 
     fn push(&mut self, chat: &mut Chat<'_>, answer: Answer, connection: Connection, head_only: bool) {
         self.listener.counters.responded(answer.status);
-        let (status, content_type, length, now) =
-            (answer.status, answer.content_type, answer.body.len(), SystemTime::now());
+        let (status, content_type, length) = (answer.status, answer.content_type, answer.body.len());
         let in_memory = if head_only { Some(&[][..]) } else { answer.body.bytes() };
         if let Some(body) = in_memory {
             // Head and body in one push: straight into the channel's output
@@ -434,7 +433,7 @@ impl HttpHandler {
             // a pipelined burst is answered without a producer per request.
             RESPONSE.with_borrow_mut(|response| {
                 response.clear();
-                append_head(response, status, content_type, length, connection, now);
+                with_date(self.now, |date| append_head(response, status, content_type, length, connection, date));
                 response.extend_from_slice(body);
                 chat.push(response);
                 if response.capacity() > KEEP_RESPONSE_CAPACITY {
@@ -444,7 +443,7 @@ impl HttpHandler {
         } else {
             // A file is read as the peer drains it, and counts as in flight
             // until it has been.
-            let head = write_head(status, content_type, length, connection, now);
+            let head = with_date(self.now, |date| write_head(status, content_type, length, connection, date));
             let response = Response::new(head, answer.body, head_only, self.in_flight.ticket());
             chat.push_with_producer(Box::new(response));
         }
@@ -471,12 +470,11 @@ impl HttpHandler {
             Wait::Idle => settings.keepalive_timeout,
             Wait::Head | Wait::Body => settings.head_timeout,
         };
-        let now = Instant::now();
         // Both timeouts are bounded by the config, so this is some.
-        self.deadline = timeout.and_then(|timeout| now.checked_add(timeout));
+        self.deadline = timeout.and_then(|timeout| self.now.checked_add(timeout));
         match (self.deadline, &self.timer) {
-            (Some(deadline), Some(armed)) if armed.due > deadline => self.set_timer(channel, deadline, now),
-            (Some(deadline), None) => self.set_timer(channel, deadline, now),
+            (Some(deadline), Some(armed)) if armed.due > deadline => self.set_timer(channel, deadline),
+            (Some(deadline), None) => self.set_timer(channel, deadline),
             _ => {}
         }
     }
@@ -488,12 +486,12 @@ impl HttpHandler {
     }
 
     /// Arms the one timer for `deadline`, cancelling the one armed before.
-    fn set_timer(&mut self, channel: &mut Channel<'_>, deadline: Instant, now: Instant) {
+    fn set_timer(&mut self, channel: &mut Channel<'_>, deadline: Instant) {
         if let Some(armed) = self.timer.take() {
             channel.cancel_timer(armed.id);
         }
         self.next_token += 1;
-        let id = channel.call_later(deadline - now, self.next_token);
+        let id = channel.call_later(deadline.saturating_duration_since(self.now), self.next_token);
         self.timer = Some(Armed { id, token: self.next_token, due: deadline });
     }
 

@@ -36,21 +36,21 @@ pub(crate) fn parse_request_line(line: &[u8]) -> Result<RequestLine, Status> {
 /// [`parse_request_line`] without copying: the method and the target
 /// borrowed from `line`.
 fn split_request_line(line: &[u8]) -> Result<(&str, &str, Version), Status> {
-    let text = std::str::from_utf8(line).map_err(|_| Status::BadRequest)?;
-    let mut parts = text.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(Status::BadRequest);
-    };
-    if !is_token(method.as_bytes()) || target.is_empty() || !target.bytes().all(|b| b.is_ascii_graphic()) {
+    let space = |from: usize| line[from..].iter().position(|&b| b == b' ').map(|at| from + at);
+    let method_end = space(0).ok_or(Status::BadRequest)?;
+    let target_end = space(method_end + 1).ok_or(Status::BadRequest)?;
+    let (method, target, version) = (&line[..method_end], &line[method_end + 1..target_end], &line[target_end + 1..]);
+    if !is_token(method) || target.is_empty() || !target.iter().all(u8::is_ascii_graphic) {
         return Err(Status::BadRequest);
     }
-    Ok((method, target, parse_version(version)?))
+    // Both are ASCII now, so these cannot fail.
+    let ascii = |bytes| std::str::from_utf8(bytes).map_err(|_| Status::BadRequest);
+    Ok((ascii(method)?, ascii(target)?, parse_version(version)?))
 }
 
 /// `HTTP/` DIGIT `.` DIGIT; the name is case-sensitive.
-fn parse_version(text: &str) -> Result<Version, Status> {
-    match *text.as_bytes() {
+fn parse_version(text: &[u8]) -> Result<Version, Status> {
+    match *text {
         [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit() => {
             match (major, minor) {
                 (b'1', b'0') => Ok(Version::Http10),
@@ -68,19 +68,18 @@ fn parse_version(text: &str) -> Result<Version, Status> {
 /// Rejects whitespace before the colon and obsolete line folding (a line
 /// starting with whitespace), as RFC 9112 sections 5.1 and 5.2 allow, and
 /// control characters in the value, a bare CR included.
-pub(crate) fn parse_header_field(line: &[u8]) -> Result<(&str, &[u8]), Status> {
+pub(crate) fn parse_header_field(line: &[u8]) -> Result<(&[u8], &[u8]), Status> {
     let colon = line.iter().position(|&b| b == b':').ok_or(Status::BadRequest)?;
     let (name, value) = (&line[..colon], &line[colon + 1..]);
     if !is_token(name) {
         return Err(Status::BadRequest);
     }
     let value = trim_ows(value);
-    // field-vchar (VCHAR and obs-text), SP and HTAB.
-    if !value.iter().all(|&b| b == b' ' || b == b'\t' || b.is_ascii_graphic() || b >= 0x80) {
+    // field-vchar (VCHAR and obs-text), SP and HTAB: every byte but the
+    // controls other than HTAB, and DEL.
+    if !value.iter().all(|&b| (b >= b' ' && b != 0x7f) || b == b'\t') {
         return Err(Status::BadRequest);
     }
-    // A token is ASCII.
-    let name = std::str::from_utf8(name).map_err(|_| Status::BadRequest)?;
     Ok((name, value))
 }
 
@@ -97,8 +96,24 @@ fn trim_ows(mut value: &[u8]) -> &[u8] {
 
 /// RFC 9110 section 5.6.2: `1*tchar`.
 fn is_token(text: &[u8]) -> bool {
-    !text.is_empty() && text.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !text.is_empty() && text.iter().all(|&b| TCHAR[usize::from(b)])
 }
+
+/// Which bytes are `tchar`: letters, digits and ``!#$%&'*+-.^_`|~``.
+const TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
+        b += 1;
+    }
+    table
+};
 
 /// A request line and what its header fields say about framing and the
 /// connection. Fields this server has no use for are checked for syntax
@@ -144,8 +159,9 @@ impl RequestHead {
     }
 
     /// Takes in one header field.
-    pub(crate) fn add_field(&mut self, name: &str, value: &[u8]) -> Result<(), Status> {
-        if name.eq_ignore_ascii_case("content-length") {
+    pub(crate) fn add_field(&mut self, name: &[u8], value: &[u8]) -> Result<(), Status> {
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        if is("content-length") {
             // One field of digits only. Duplicates, even equal ones, and
             // lists are refused: disagreeing lengths are how requests are
             // smuggled past a proxy (RFC 9112 section 6.3).
@@ -158,17 +174,17 @@ impl RequestHead {
             }
             let digits = std::str::from_utf8(value).map_err(|_| Status::BadRequest)?;
             self.content_length = Some(digits.parse().map_err(|_| Status::BadRequest)?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if is("transfer-encoding") {
             let last = list_items(value).last().unwrap_or_default();
             self.transfer_coding = Some(String::from_utf8_lossy(last).to_ascii_lowercase());
-        } else if name.eq_ignore_ascii_case("host") {
+        } else if is("host") {
             self.n_host += 1;
-        } else if name.eq_ignore_ascii_case("connection") {
+        } else if is("connection") {
             for option in list_items(value) {
                 self.connection_close |= option.eq_ignore_ascii_case(b"close");
                 self.connection_keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
             }
-        } else if name.eq_ignore_ascii_case("expect") {
+        } else if is("expect") {
             self.expect_continue |= list_items(value).any(|e| e.eq_ignore_ascii_case(b"100-continue"));
         }
         Ok(())
@@ -356,11 +372,11 @@ mod tests {
 
     #[test]
     fn header_fields_are_trimmed_and_checked() {
-        assert_eq!(parse_header_field(b"Host: example.com"), Ok(("Host", &b"example.com"[..])));
-        assert_eq!(parse_header_field(b"X-Empty:"), Ok(("X-Empty", &b""[..])));
-        assert_eq!(parse_header_field(b"a: \t spaced  out \t "), Ok(("a", &b"spaced  out"[..])));
-        assert_eq!(parse_header_field(b"Raw: caf\xc3\xa9"), Ok(("Raw", &b"caf\xc3\xa9"[..])));
-        assert_eq!(parse_header_field(b"Url: http://x:80/"), Ok(("Url", &b"http://x:80/"[..])));
+        assert_eq!(parse_header_field(b"Host: example.com"), Ok((&b"Host"[..], &b"example.com"[..])));
+        assert_eq!(parse_header_field(b"X-Empty:"), Ok((&b"X-Empty"[..], &b""[..])));
+        assert_eq!(parse_header_field(b"a: \t spaced  out \t "), Ok((&b"a"[..], &b"spaced  out"[..])));
+        assert_eq!(parse_header_field(b"Raw: caf\xc3\xa9"), Ok((&b"Raw"[..], &b"caf\xc3\xa9"[..])));
+        assert_eq!(parse_header_field(b"Url: http://x:80/"), Ok((&b"Url"[..], &b"http://x:80/"[..])));
         for bad in [
             &b"no colon"[..],
             b": no name",

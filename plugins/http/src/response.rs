@@ -3,12 +3,12 @@
 
 use std::{
     borrow::Cow,
-    cell::Cell,
+    cell::{Cell, RefCell},
     fs::File,
     io,
     path::PathBuf,
     rc::Rc,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use asyncore_sdk::{FileProducer, Producer, SimpleProducer};
@@ -113,10 +113,10 @@ pub(crate) fn write_head(
     content_type: &str,
     content_length: u64,
     connection: Connection,
-    now: SystemTime,
+    date: &str,
 ) -> Vec<u8> {
     let mut head = Vec::with_capacity(192);
-    append_head(&mut head, status, content_type, content_length, connection, now);
+    append_head(&mut head, status, content_type, content_length, connection, date);
     head
 }
 
@@ -128,14 +128,14 @@ pub(crate) fn append_head(
     content_type: &str,
     content_length: u64,
     connection: Connection,
-    now: SystemTime,
+    date: &str,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     append_decimal(out, u64::from(status.code()));
     out.push(b' ');
     out.extend_from_slice(status.reason().as_bytes());
     out.extend_from_slice(concat!("\r\nServer: asyncored-http/", env!("CARGO_PKG_VERSION"), "\r\nDate: ").as_bytes());
-    DATE.with(|date| out.extend_from_slice(date.borrow_mut().at(now).as_bytes()));
+    out.extend_from_slice(date.as_bytes());
     out.extend_from_slice(b"\r\nContent-Type: ");
     out.extend_from_slice(content_type.as_bytes());
     out.extend_from_slice(b"\r\nContent-Length: ");
@@ -170,21 +170,30 @@ fn append_decimal(out: &mut Vec<u8>, mut n: u64) {
 thread_local! {
     /// The `Date` header of the current second: formatted once a second,
     /// not once a response.
-    static DATE: std::cell::RefCell<DateCache> = const { std::cell::RefCell::new(DateCache { secs: u64::MAX, text: String::new() }) };
+    static DATE: RefCell<DateCache> = const { RefCell::new(DateCache { valid_until: None, text: String::new() }) };
 }
 
-/// [`http_date`] of the last second asked for.
+/// Runs `f` with the `Date` header's value at `now`, a time the caller
+/// already read: the wall clock is read once a second, not per response.
+pub(crate) fn with_date<R>(now: Instant, f: impl FnOnce(&str) -> R) -> R {
+    DATE.with_borrow_mut(|date| f(date.at(now, SystemTime::now)))
+}
+
+/// [`http_date`] of the current second, and until when it is current.
 struct DateCache {
-    secs: u64,
+    valid_until: Option<Instant>,
     text: String,
 }
 
 impl DateCache {
-    fn at(&mut self, time: SystemTime) -> &str {
-        let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if secs != self.secs {
-            self.secs = secs;
-            self.text = http_date(time);
+    /// The date at `now`, asking `wall` for the wall clock only once the
+    /// second of the last answer is over.
+    fn at(&mut self, now: Instant, wall: impl FnOnce() -> SystemTime) -> &str {
+        if self.valid_until.is_none_or(|until| now >= until) {
+            let wall = wall();
+            let into_second = wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+            self.valid_until = now.checked_add(Duration::from_nanos(u64::from(1_000_000_000 - into_second)));
+            self.text = http_date(wall);
         }
         &self.text
     }
@@ -378,8 +387,6 @@ fn open_regular_file(path: &PathBuf) -> io::Result<FileProducer> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn at(secs: u64) -> SystemTime {
@@ -400,7 +407,7 @@ mod tests {
 
     #[test]
     fn heads_carry_length_server_and_connection() {
-        let head = write_head(Status::NotFound, "text/plain", 14, Connection::Close, at(0));
+        let head = write_head(Status::NotFound, "text/plain", 14, Connection::Close, &http_date(at(0)));
         let head = String::from_utf8(head).unwrap();
         assert_eq!(
             head,
@@ -410,12 +417,23 @@ mod tests {
                 env!("CARGO_PKG_VERSION")
             )
         );
-        let head =
-            String::from_utf8(write_head(Status::MethodNotAllowed, "t", 0, Connection::KeepAlive, at(0))).unwrap();
+        let head = String::from_utf8(write_head(Status::MethodNotAllowed, "t", 0, Connection::KeepAlive, "d")).unwrap();
         assert!(head.contains("\r\nAllow: GET, HEAD\r\n"), "{head}");
         assert!(head.ends_with("\r\nConnection: keep-alive\r\n\r\n"), "{head}");
-        let head = String::from_utf8(write_head(Status::Ok, "t", 0, Connection::Default, at(0))).unwrap();
+        let head = String::from_utf8(write_head(Status::Ok, "t", 0, Connection::Default, "d")).unwrap();
         assert!(!head.contains("Connection"), "{head}");
+    }
+
+    #[test]
+    fn the_date_is_read_from_the_wall_clock_once_a_second() {
+        let mut cache = DateCache { valid_until: None, text: String::new() };
+        let start = Instant::now();
+        let half_past = at(100) + Duration::from_millis(500);
+        assert_eq!(cache.at(start, || half_past), "Thu, 01 Jan 1970 00:01:40 GMT");
+        let later = start + Duration::from_millis(499);
+        assert_eq!(cache.at(later, || panic!("the second is not over")), "Thu, 01 Jan 1970 00:01:40 GMT");
+        let next = start + Duration::from_millis(500);
+        assert_eq!(cache.at(next, || at(101)), "Thu, 01 Jan 1970 00:01:41 GMT");
     }
 
     #[test]

@@ -442,6 +442,10 @@ impl Next {
 
 /// Index of the first occurrence of `needle` (not empty) in `haystack`.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if let [byte] = *needle {
+        // A line terminator: one scan, no comparison of what follows.
+        return haystack.iter().position(|&b| b == byte);
+    }
     let last_start = haystack.len().checked_sub(needle.len())?;
     let mut start = 0;
     while start <= last_start {
