@@ -162,7 +162,7 @@ fn run(flags: Flags) -> anyhow::Result<()> {
         .thread_name("grpc")
         // The control plane yields to the poll loop when they share a core.
         .on_thread_start(|| {
-            if let Err(e) = asyncored::limits::lower_thread_priority(asyncored::limits::CONTROL_PLANE_NICE) {
+            if let Err(e) = asyncored::limits::yield_to_the_poll_loop() {
                 tracing::debug!(error = %e, "cannot lower the control plane's priority");
             }
         })
