@@ -36,6 +36,7 @@ mod promises;
 mod proxy;
 mod reflection;
 mod reload;
+mod scheduling;
 mod sd_notify;
 mod security;
 mod sighup;
