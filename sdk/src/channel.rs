@@ -31,7 +31,9 @@ impl fmt::Display for ChannelId {
 /// Output is buffered like asyncore's `dispatcher_with_send`: [`send`]
 /// queues the bytes, and the host writes everything a channel queued during
 /// a pass in one write before the loop waits again (asynchat's
-/// `initiate_send`), then flushes the rest as the socket drains. [`close`] flushes that queue before the
+/// `initiate_send`), then flushes the rest as the socket drains. (A send of
+/// 16 KiB or more with nothing queued before it is written at once instead:
+/// copying it would cost more than the write it saves.) [`close`] flushes that queue before the
 /// socket closes, so the peer receives everything sent before it.
 ///
 /// [`send`]: Channel::send
@@ -116,7 +118,9 @@ impl<'a> Channel<'a> {
     }
 
     /// Sends `data`: the host copies it into the channel's output queue and
-    /// writes the queue, gathered, before the loop waits again. Returns the
+    /// writes the queue, gathered, before the loop waits again (or, for 16
+    /// KiB or more with nothing queued, writes it now and queues what the
+    /// socket did not take). Either way the order of sends holds. Returns the
     /// number of bytes accepted, which is all of them unless the channel is
     /// closing or broken (then 0).
     ///
