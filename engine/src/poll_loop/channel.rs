@@ -187,14 +187,14 @@ impl OutBuf {
     /// the socket did not take is queued: copying 64 KiB to write it a
     /// moment later costs more than the system call it would save. Small
     /// writes are gathered into one. Returns what
-    /// [`flush_to`](OutBuf::flush_to) returns; a failed write is left for
-    /// the next flush to meet again and report.
+    /// [`flush_to`](OutBuf::flush_to) returns; what a failed write left is
+    /// queued, for the next flush to meet the error again and report it.
     pub(crate) fn write_or_push(&mut self, stream: &mut impl Write, data: &[u8]) -> (u64, u64) {
         if !self.is_empty() || data.len() < WRITE_THROUGH {
             self.push(data);
             return (0, 0);
         }
-        let (written, writes) = write_some(stream, data).unwrap_or((0, 0));
+        let (written, writes, _failed) = write_some(stream, data);
         self.push(&data[written..]);
         (written as u64, writes)
     }
@@ -202,8 +202,11 @@ impl OutBuf {
     /// Writes from the front until the queue is empty or the socket would
     /// block. Returns (bytes written, write calls that wrote something).
     pub(crate) fn flush_to(&mut self, stream: &mut impl Write) -> io::Result<(u64, u64)> {
-        let (written, writes) = write_some(stream, &self.bytes[self.start..])?;
+        let (written, writes, failed) = write_some(stream, &self.bytes[self.start..]);
         self.start += written;
+        if let Some(error) = failed {
+            return Err(error);
+        }
         if self.is_empty() {
             // Give back a large buffer once a burst has drained.
             if self.bytes.capacity() > 256 * 1024 {
@@ -217,23 +220,24 @@ impl OutBuf {
     }
 }
 
-/// Writes until everything is written or the socket would block. Returns
-/// (bytes written, write calls).
-fn write_some(socket: &mut impl Write, data: &[u8]) -> io::Result<(usize, u64)> {
+/// Writes until everything is written, the socket would block or a write
+/// fails. Returns (bytes written, write calls, the failure): what was
+/// written before a failure is counted, so that it is not queued again.
+fn write_some(socket: &mut impl Write, data: &[u8]) -> (usize, u64, Option<io::Error>) {
     let (mut written, mut writes) = (0, 0);
     while written < data.len() {
         match socket.write(&data[written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(0) => return (written, writes, Some(io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 written += n;
                 writes += 1;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return (written, writes, Some(e)),
         }
     }
-    Ok((written, writes))
+    (written, writes, None)
 }
 
 /// What a new channel starts with; everything else about it starts empty.
@@ -423,11 +427,13 @@ mod tests {
         room: usize,
         interrupt_next: bool,
         broken: bool,
+        /// Fails, rather than blocks, once `room` is used up.
+        breaks_when_full: bool,
     }
 
     impl Peer {
         fn new(per_write: usize, room: usize) -> Peer {
-            Peer { written: Vec::new(), per_write, room, interrupt_next: false, broken: false }
+            Peer { written: Vec::new(), per_write, room, interrupt_next: false, broken: false, breaks_when_full: false }
         }
     }
 
@@ -440,7 +446,9 @@ mod tests {
                 return Err(io::ErrorKind::Interrupted.into());
             }
             if self.room == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
+                let kind =
+                    if self.breaks_when_full { io::ErrorKind::ConnectionReset } else { io::ErrorKind::WouldBlock };
+                return Err(kind.into());
             }
             let n = buf.len().min(self.per_write).min(self.room);
             self.written.extend_from_slice(&buf[..n]);
@@ -494,6 +502,15 @@ mod tests {
         assert_eq!(out.write_or_push(&mut broken, &large), (0, 0));
         assert_eq!(out.len(), WRITE_THROUGH);
         assert_eq!(out.flush_to(&mut broken).unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+
+        // A write that fails partway queues only what was not written: no
+        // byte goes out twice.
+        let mut out = OutBuf::default();
+        let mut resets = Peer::new(600, 1000);
+        resets.breaks_when_full = true;
+        assert_eq!(out.write_or_push(&mut resets, &large), (1000, 2));
+        assert_eq!(out.bytes[out.start..], large[1000..]);
+        assert_eq!(out.flush_to(&mut resets).unwrap_err().kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[test]
