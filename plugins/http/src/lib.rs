@@ -36,7 +36,7 @@ use crate::{
     config::Settings,
     listener::{Admission, Listener},
     request::{HeadParser, RequestHead, Step, Version},
-    response::{Connection, InFlight, Response, Status, append_head, with_date, write_head},
+    response::{Body, Connection, InFlight, Response, Status, append_head, with_date, write_head},
     site::{Answer, Site},
 };
 
@@ -426,27 +426,30 @@ impl HttpHandler {
     fn push(&mut self, chat: &mut Chat<'_>, answer: Answer, connection: Connection, head_only: bool) {
         self.listener.counters.responded(answer.status);
         let (status, content_type, length) = (answer.status, answer.content_type, answer.body.len());
-        let in_memory = if head_only { Some(&[][..]) } else { answer.body.bytes() };
-        if let Some(body) = in_memory {
-            // Head and body in one push: straight into the channel's output
-            // unless producers wait before it (then queued behind them), so
-            // a pipelined burst is answered without a producer per request.
-            RESPONSE.with_borrow_mut(|response| {
-                response.clear();
-                with_date(self.now, |date| append_head(response, status, content_type, length, connection, date));
-                response.extend_from_slice(body);
-                chat.push(response);
-                if response.capacity() > KEEP_RESPONSE_CAPACITY {
-                    *response = Vec::new();
-                }
-            });
-        } else {
-            // A file is read as the peer drains it, and counts as in flight
-            // until it has been.
-            let head = with_date(self.now, |date| write_head(status, content_type, length, connection, date));
-            let response = Response::new(head, answer.body, head_only, self.in_flight.ticket());
-            chat.push_with_producer(Box::new(response));
-        }
+        let body = match answer.body {
+            Body::File { path, len } if !head_only => {
+                // A file is read as the peer drains it, and counts as in
+                // flight until it has been.
+                let head = with_date(self.now, |date| write_head(status, content_type, length, connection, date));
+                let response = Response::file(head, path, len, self.in_flight.ticket());
+                chat.push_with_producer(Box::new(response));
+                return;
+            }
+            body => body,
+        };
+        // Head and body in one push: straight into the channel's output
+        // unless producers wait before it (then queued behind them), so a
+        // pipelined burst is answered without a producer per request.
+        let body = if head_only { &[][..] } else { body.in_memory() };
+        RESPONSE.with_borrow_mut(|response| {
+            response.clear();
+            with_date(self.now, |date| append_head(response, status, content_type, length, connection, date));
+            response.extend_from_slice(body);
+            chat.push(response);
+            if response.capacity() > KEEP_RESPONSE_CAPACITY {
+                *response = Vec::new();
+            }
+        });
     }
 
     /// Whether the request being read is a `HEAD`, whose error answer has

@@ -1,8 +1,7 @@
 //! Responses: status codes, the response head, and the producer that sends
-//! a head and its body as the peer drains them.
+//! a file's head and the file as the peer drains them.
 
 use std::{
-    borrow::Cow,
     cell::{Cell, RefCell},
     fs::File,
     io,
@@ -246,12 +245,13 @@ pub(crate) enum Body {
 }
 
 impl Body {
-    /// The body's bytes, unless it is a file.
-    pub(crate) fn bytes(&self) -> Option<&[u8]> {
+    /// The body's bytes in memory: none for a file, which is read as it
+    /// is sent.
+    pub(crate) fn in_memory(&self) -> &[u8] {
         match self {
-            Body::Static(bytes) => Some(bytes),
-            Body::Owned(bytes) => Some(bytes),
-            Body::File { .. } => None,
+            Body::Static(bytes) => bytes,
+            Body::Owned(bytes) => bytes,
+            Body::File { .. } => &[],
         }
     }
 
@@ -293,38 +293,54 @@ impl Drop for Ticket {
     }
 }
 
-/// A whole response as one producer: its head, then its body, pulled as
-/// the peer drains the output.
+/// A file's response as one producer: its head, then the file, pulled as
+/// the peer drains the output. (Responses in memory are pushed whole.)
 ///
-/// A file body is opened at its first pull, not when the request is
-/// parsed, so that responses queued behind a long download hold a path
-/// rather than a file descriptor. Exactly the announced `Content-Length`
-/// is sent: a file that grew is cut, a file that shrank is an error, which
-/// closes the connection so that the client sees a short response rather
-/// than a corrupt stream.
+/// The file is opened at its first pull, not when the request is parsed,
+/// so that responses queued behind a long download hold a path rather than
+/// a file descriptor. Exactly the announced `Content-Length` is sent: a
+/// file that grew is cut, a file that shrank is an error, which closes the
+/// connection so that the client sees a short response rather than a
+/// corrupt stream.
 #[derive(Debug)]
 pub(crate) struct Response {
     head: SimpleProducer,
-    body: BodyProducer,
+    path: PathBuf,
+    remaining: u64,
+    file: Option<FileProducer>,
     _ticket: Ticket,
 }
 
-#[derive(Debug)]
-enum BodyProducer {
-    Bytes { bytes: Cow<'static, [u8]>, at: usize },
-    File { path: PathBuf, remaining: u64, file: Option<FileProducer> },
-}
-
 impl Response {
-    /// A response of `head`, then `body` unless `head_only` (for `HEAD`).
-    pub(crate) fn new(head: Vec<u8>, body: Body, head_only: bool, ticket: Ticket) -> Response {
-        let body = match body {
-            _ if head_only => BodyProducer::Bytes { bytes: Cow::Borrowed(b""), at: 0 },
-            Body::Static(bytes) => BodyProducer::Bytes { bytes: Cow::Borrowed(bytes), at: 0 },
-            Body::Owned(bytes) => BodyProducer::Bytes { bytes: Cow::Owned(bytes), at: 0 },
-            Body::File { path, len } => BodyProducer::File { path, remaining: len, file: None },
+    /// A response of `head`, then the first `len` bytes of the file at `path`.
+    pub(crate) fn file(head: Vec<u8>, path: PathBuf, len: u64, ticket: Ticket) -> Response {
+        Response { head: SimpleProducer::new(head), path, remaining: len, file: None, _ticket: ticket }
+    }
+
+    /// Fills `buf` (not empty) with the next bytes of the file.
+    fn more_of_the_file(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let producer = match &mut self.file {
+            Some(producer) => producer,
+            None => self.file.insert(open_regular_file(&self.path)?),
         };
-        Response { head: SimpleProducer::new(head), body, _ticket: ticket }
+        let want = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let n = producer.more(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{}: file shrank while being served ({} bytes short)", self.path.display(), self.remaining),
+            ));
+        }
+        self.remaining -= n as u64;
+        if self.remaining == 0 {
+            // Done with the descriptor: let it go now rather than when the
+            // response is dropped.
+            self.file = None;
+        }
+        Ok(n)
     }
 }
 
@@ -334,44 +350,7 @@ impl Producer for Response {
         if n == buf.len() {
             return Ok(n);
         }
-        Ok(n + self.body.more(&mut buf[n..])?)
-    }
-}
-
-impl BodyProducer {
-    /// Fills `buf` (not empty) with the next bytes of the body.
-    fn more(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            BodyProducer::Bytes { bytes, at } => {
-                let rest = &bytes[*at..];
-                let n = rest.len().min(buf.len());
-                buf[..n].copy_from_slice(&rest[..n]);
-                *at += n;
-                Ok(n)
-            }
-            BodyProducer::File { remaining: 0, .. } => Ok(0),
-            BodyProducer::File { path, remaining, file } => {
-                let producer = match file {
-                    Some(producer) => producer,
-                    None => file.insert(open_regular_file(path)?),
-                };
-                let want = buf.len().min(usize::try_from(*remaining).unwrap_or(usize::MAX));
-                let n = producer.more(&mut buf[..want])?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("{}: file shrank while being served ({remaining} bytes short)", path.display()),
-                    ));
-                }
-                *remaining -= n as u64;
-                if *remaining == 0 {
-                    // Done with the descriptor: let it go now rather than
-                    // when the response is dropped.
-                    *file = None;
-                }
-                Ok(n)
-            }
-        }
+        Ok(n + self.more_of_the_file(&mut buf[n..])?)
     }
 }
 
@@ -475,50 +454,31 @@ mod tests {
     }
 
     #[test]
-    fn a_response_is_its_head_then_its_body_and_counts_while_alive() {
-        let in_flight = InFlight::default();
-        let mut response = Response::new(b"HEAD\r\n".to_vec(), Body::Static(b"body"), false, in_flight.ticket());
-        let mut head_only = Response::new(b"HEAD\r\n".to_vec(), Body::Static(b"body"), true, in_flight.ticket());
-        assert_eq!(in_flight.count(), 2);
-        for buf_len in [1, 3, 64] {
-            let mut again = Response::new(b"HEAD\r\n".to_vec(), Body::Static(b"body"), false, in_flight.ticket());
-            assert_eq!(drain(&mut again, buf_len).unwrap(), b"HEAD\r\nbody");
-        }
-        assert_eq!(drain(&mut response, 4).unwrap(), b"HEAD\r\nbody");
-        assert_eq!(drain(&mut head_only, 4).unwrap(), b"HEAD\r\n");
-        let owned = Body::Owned(b"made for it".to_vec());
-        assert_eq!(owned.len(), 11);
-        let mut made = Response::new(b"H:".to_vec(), owned, false, in_flight.ticket());
-        assert_eq!(drain(&mut made, 4).unwrap(), b"H:made for it");
-        drop(made);
-        drop(response);
-        assert_eq!(in_flight.count(), 1);
-        drop(head_only);
-        assert_eq!(in_flight.count(), 0);
-    }
-
-    #[test]
-    fn a_file_body_is_cut_at_its_length_and_a_short_file_is_an_error() {
+    fn a_file_response_is_its_head_then_its_length_and_counts_while_alive() {
         let path = std::env::temp_dir().join(format!("asyncore-http-response-{}", std::process::id()));
         std::fs::write(&path, b"0123456789").unwrap();
         let in_flight = InFlight::default();
-        let body = Body::File { path: path.clone(), len: 4 };
-        let mut response = Response::new(b"H:".to_vec(), body, false, in_flight.ticket());
-        assert_eq!(drain(&mut response, 3).unwrap(), b"H:0123");
+        for buf_len in [1, 3, 64] {
+            let mut response = Response::file(b"H:".to_vec(), path.clone(), 4, in_flight.ticket());
+            assert_eq!(in_flight.count(), 1);
+            assert_eq!(drain(&mut response, buf_len).unwrap(), b"H:0123");
+            drop(response);
+            assert_eq!(in_flight.count(), 0);
+        }
 
-        let body = Body::File { path: path.clone(), len: 12 };
-        let mut response = Response::new(b"H:".to_vec(), body, false, in_flight.ticket());
+        let mut response = Response::file(b"H:".to_vec(), path.clone(), 12, in_flight.ticket());
         let error = drain(&mut response, 5).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
 
-        // HEAD never opens the file.
-        let body = Body::File { path: path.with_extension("missing"), len: 12 };
-        let mut response = Response::new(b"H:".to_vec(), body, true, in_flight.ticket());
-        assert_eq!(drain(&mut response, 5).unwrap(), b"H:");
+        // An empty file is never opened.
+        let mut empty = Response::file(b"H:".to_vec(), path.with_extension("missing"), 0, in_flight.ticket());
+        assert_eq!(drain(&mut empty, 5).unwrap(), b"H:");
         std::fs::remove_file(&path).unwrap();
 
-        let body = Body::File { path: path.clone(), len: 1 };
-        let mut response = Response::new(b"H:".to_vec(), body, false, in_flight.ticket());
-        assert_eq!(drain(&mut response, 5).unwrap_err().kind(), io::ErrorKind::NotFound);
+        let mut gone = Response::file(b"H:".to_vec(), path.clone(), 1, in_flight.ticket());
+        assert_eq!(drain(&mut gone, 5).unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(in_flight.count(), 3);
+        drop((response, empty, gone));
+        assert_eq!(in_flight.count(), 0);
     }
 }
