@@ -24,11 +24,14 @@
 //!
 //! Every mutation, allowed or not, writes one line at info level with
 //! target `audit`: `peer` (the client's address), `who` (the token's name,
-//! `cert:CN` for a client certificate, or `anonymous`), `call` (the RPC, or the HTTP method, path and query,
-//! which carry the main argument) and `result` (`ok`, or the gRPC code or
-//! HTTP status).
+//! `cert:CN` for a client certificate, or `anonymous`), `call` (the RPC, or
+//! the HTTP method, path and query), `args` (the request's fields, cut to
+//! [`crate::config::MAX_ECHO_CHARS`]; empty for a call refused before its
+//! handler ran) and `result` (`ok`, or the gRPC code or HTTP status).
 
 use std::{
+    cell::RefCell,
+    fmt::Debug,
     future::Future,
     net::SocketAddr,
     path::Path,
@@ -302,8 +305,35 @@ pub(crate) fn check_exposure(what: &str, address: SocketAddr, auth: &Auth, tls: 
 }
 
 /// Writes one audit line for a mutation.
-pub(crate) fn audit(peer: &str, who: &Who, call: &str, result: &str) {
-    tracing::info!(target: "audit", peer, who = %who, call, result, "control plane call");
+pub(crate) fn audit(peer: &str, who: &Who, call: &str, args: &str, result: &str) {
+    tracing::info!(target: "audit", peer, who = %who, call, args, result, "control plane call");
+}
+
+tokio::task_local! {
+    /// The fields of the request being served, as its handler noted them
+    /// ([`note_arguments`]) for the audit line ([`audited`]).
+    static ARGUMENTS: RefCell<String>;
+}
+
+/// Notes `request`'s fields for the audit line of the call being served.
+/// The gRPC handlers note theirs, which serves the HTTP routes too, since
+/// they call the same handlers. Outside an audited call (a config reload
+/// by SIGHUP, the state restored at start) it does nothing.
+pub(crate) fn note_arguments(request: &impl Debug) {
+    let _outside = ARGUMENTS.try_with(|args| {
+        *args.borrow_mut() = crate::config::excerpt(&format!("{request:?}")).into_owned();
+    });
+}
+
+/// Runs the call `serve`, and gives what it answered with the arguments its
+/// handler noted.
+pub(crate) async fn audited<T>(serve: impl Future<Output = T>) -> (T, String) {
+    ARGUMENTS
+        .scope(RefCell::default(), async {
+            let answer = serve.await;
+            (answer, ARGUMENTS.with(|args| args.take()))
+        })
+        .await
 }
 
 /// The tower layer of the gRPC server: checks the token of every call
@@ -365,7 +395,7 @@ where
         match self.auth.check(request.headers(), need, &call, client_cert.as_deref()) {
             Err(refusal) => {
                 if mutation || refusal.status.code() == Code::Unauthenticated {
-                    audit(&peer, &refusal.who, &call, code_name(refusal.status.code()));
+                    audit(&peer, &refusal.who, &call, "", code_name(refusal.status.code()));
                 }
                 Box::pin(std::future::ready(Ok(refusal.status.into_http())))
             }
@@ -374,7 +404,8 @@ where
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(async move {
-                    let response = inner.call(request).await?;
+                    let (response, args) = audited(inner.call(request)).await;
+                    let response = response?;
                     if mutation {
                         // A unary handler's error is a trailers-only answer:
                         // its status is in the headers.
@@ -385,7 +416,7 @@ where
                             }
                             _ => "ok",
                         };
-                        audit(&peer, &who, &call, result);
+                        audit(&peer, &who, &call, &args, result);
                     }
                     Ok(response)
                 })

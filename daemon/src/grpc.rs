@@ -35,6 +35,7 @@ use asyncore_engine::{
 
 use self::stats_feed::{StatsFeeds, StatsStream};
 use crate::{
+    auth,
     config::{self, MAX_DRAIN_TIMEOUT, MAX_STATS_INTERVAL, StatsLimits, excerpt},
     lifecycle::{Lifecycle, Phase},
     state::StateStore,
@@ -367,6 +368,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         &self,
         request: Request<v1::StartListenerRequest>,
     ) -> Result<Response<v1::Listener>, Status> {
+        auth::note_arguments(request.get_ref());
         self.check_not_draining()?;
         let request = request.into_inner();
         let address = parse_address(&request.address).await?;
@@ -384,6 +386,7 @@ impl v1::listeners_server::Listeners for ControlApi {
     }
 
     async fn stop_listener(&self, request: Request<v1::StopListenerRequest>) -> Result<Response<v1::Listener>, Status> {
+        auth::note_arguments(request.get_ref());
         let v1::StopListenerRequest { id, close_channels, drain_timeout_ms } = request.into_inner();
         if let Some(drain_timeout_ms) = drain_timeout_ms {
             return self.drain_listener(Request::new(v1::DrainListenerRequest { id, drain_timeout_ms })).await;
@@ -419,6 +422,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         &self,
         request: Request<v1::SuspendListenerRequest>,
     ) -> Result<Response<v1::Listener>, Status> {
+        auth::note_arguments(request.get_ref());
         let id = request.into_inner().id;
         let listener = self.engine.request(|reply| Command::SuspendListener { id, reply }).await;
         self.state_changed().await;
@@ -429,6 +433,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         &self,
         request: Request<v1::ResumeListenerRequest>,
     ) -> Result<Response<v1::Listener>, Status> {
+        auth::note_arguments(request.get_ref());
         let id = request.into_inner().id;
         let listener = self.engine.request(|reply| Command::ResumeListener { id, reply }).await;
         self.state_changed().await;
@@ -439,6 +444,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         &self,
         request: Request<v1::DrainListenerRequest>,
     ) -> Result<Response<v1::Listener>, Status> {
+        auth::note_arguments(request.get_ref());
         let v1::DrainListenerRequest { id, drain_timeout_ms } = request.into_inner();
         let timeout = listener_drain_timeout(drain_timeout_ms)?;
         let listener = self.engine.request(|reply| Command::DrainListener { id, timeout, reply }).await;
@@ -450,6 +456,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         &self,
         request: Request<v1::SetListenerLimitsRequest>,
     ) -> Result<Response<v1::Listener>, Status> {
+        auth::note_arguments(request.get_ref());
         let v1::SetListenerLimitsRequest { id, max_connections } = request.into_inner();
         let max_connections = command::max_connections(max_connections).map_err(Status::invalid_argument)?;
         let listener = self.engine.request(|reply| Command::SetListenerLimits { id, max_connections, reply }).await;
@@ -461,6 +468,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         &self,
         request: Request<v1::SetDaemonLimitsRequest>,
     ) -> Result<Response<v1::DaemonLimits>, Status> {
+        auth::note_arguments(request.get_ref());
         let set = request
             .into_inner()
             .max_connections
@@ -526,6 +534,7 @@ impl v1::channels_server::Channels for ControlApi {
     }
 
     async fn close_channel(&self, request: Request<v1::CloseChannelRequest>) -> Result<Response<v1::Channel>, Status> {
+        auth::note_arguments(request.get_ref());
         let id = request.into_inner().id;
         let channel = self.engine.request(|reply| Command::CloseChannel { id, reply }).await.map_err(status)?;
         Ok(Response::new(convert::channel(channel)))
@@ -588,6 +597,7 @@ fn require_name(name: &str) -> Result<(), Status> {
 #[tonic::async_trait]
 impl v1::plugins_server::Plugins for ControlApi {
     async fn load_plugin(&self, request: Request<v1::LoadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
+        auth::note_arguments(request.get_ref());
         self.check_not_draining()?;
         let request = request.into_inner();
         let path = plugin_path(request.path)?;
@@ -603,6 +613,7 @@ impl v1::plugins_server::Plugins for ControlApi {
     }
 
     async fn reload_plugin(&self, request: Request<v1::ReloadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
+        auth::note_arguments(request.get_ref());
         self.check_not_draining()?;
         let request = request.into_inner();
         require_name(&request.name)?;
@@ -627,6 +638,7 @@ impl v1::plugins_server::Plugins for ControlApi {
         &self,
         request: Request<v1::ActivatePluginRequest>,
     ) -> Result<Response<v1::Plugin>, Status> {
+        auth::note_arguments(request.get_ref());
         let v1::ActivatePluginRequest { name, generation, drain_timeout_ms } = request.into_inner();
         require_name(&name)?;
         let drain_timeout = drain_timeout(drain_timeout_ms)?;
@@ -637,6 +649,7 @@ impl v1::plugins_server::Plugins for ControlApi {
     }
 
     async fn unload_plugin(&self, request: Request<v1::UnloadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
+        auth::note_arguments(request.get_ref());
         let v1::UnloadPluginRequest { name, generation, force } = request.into_inner();
         require_name(&name)?;
         let plugin = self.engine.request(|reply| Command::UnloadPlugin { name, generation, force, reply }).await;
@@ -682,6 +695,7 @@ impl v1::daemon_server::Daemon for ControlApi {
         &self,
         _request: Request<v1::ReloadConfigRequest>,
     ) -> Result<Response<v1::ReloadConfigResponse>, Status> {
+        auth::note_arguments(_request.get_ref());
         self.check_not_draining()?;
         let reload = self
             .config_reload

@@ -320,21 +320,21 @@ async fn guard(
     let call = format!("{} {}", request.method(), crate::config::excerpt(target));
     if mutation && let Err(message) = auth::check_host_origin(request.headers(), guard.listen, guard.scheme) {
         let who = client_cert.clone().map_or(Who::Anonymous, Who::Cert);
-        auth::audit(&peer, &who, &call, StatusCode::FORBIDDEN.as_str());
+        auth::audit(&peer, &who, &call, "", StatusCode::FORBIDDEN.as_str());
         return ApiError(Status::permission_denied(message)).into_response();
     }
     match guard.auth.check(request.headers(), need, &call, client_cert.as_deref()) {
         Err(refusal) => {
             if mutation || refusal.status.code() == Code::Unauthenticated {
-                auth::audit(&peer, &refusal.who, &call, http_status(refusal.status.code()).0.as_str());
+                auth::audit(&peer, &refusal.who, &call, "", http_status(refusal.status.code()).0.as_str());
             }
             ApiError(refusal.status).into_response()
         }
         Ok(who) => {
-            let response = next.run(request).await;
+            let (response, args) = auth::audited(next.run(request)).await;
             if mutation {
                 let status = response.status();
-                auth::audit(&peer, &who, &call, if status.is_success() { "ok" } else { status.as_str() });
+                auth::audit(&peer, &who, &call, &args, if status.is_success() { "ok" } else { status.as_str() });
             }
             response
         }

@@ -622,19 +622,25 @@ fn mutations_are_audited_and_health_needs_no_token() {
         assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
 
         // Quotes aside: the text format quotes string fields.
+        // What was asked is in the line of a call its handler served.
+        let asked = "args=SetDaemonLimitsRequest { max_connections: Some(0) }";
         let wanted = [
-            ("who=ops", "call=asyncore.v1.Listeners/SetDaemonLimits", "result=ok"),
-            ("who=viewer", "call=asyncore.v1.Listeners/SetDaemonLimits", "result=PERMISSION_DENIED"),
-            ("who=ops", "call=POST /v1/listeners:setLimits", "result=ok"),
-            ("who=anonymous", "call=POST /v1/listeners:setLimits", "result=401"),
+            ("who=ops", "call=asyncore.v1.Listeners/SetDaemonLimits", asked, "result=ok"),
+            ("who=viewer", "call=asyncore.v1.Listeners/SetDaemonLimits", "args= ", "result=PERMISSION_DENIED"),
+            ("who=ops", "call=POST /v1/listeners:setLimits", "args=SetDaemonLimitsRequest {", "result=ok"),
+            ("who=anonymous", "call=POST /v1/listeners:setLimits", "args= ", "result=401"),
         ];
         eventually!(
             async || {
                 let log = daemon.log();
-                wanted.iter().all(|(who, call, result)| {
-                    log.lines()
-                        .map(|l| l.replace('"', ""))
-                        .any(|l| l.contains(" audit:") && l.contains(who) && l.contains(call) && l.contains(result))
+                wanted.iter().all(|(who, call, args, result)| {
+                    log.lines().map(|l| l.replace('"', "")).any(|l| {
+                        l.contains(" audit:")
+                            && l.contains(who)
+                            && l.contains(call)
+                            && l.contains(args)
+                            && l.contains(result)
+                    })
                 })
             },
             "the audit lines {wanted:?} in the log:\n{}",
