@@ -445,10 +445,11 @@ fn loopback_host(host: &str) -> bool {
 /// `SCHEME://HOST` of that same Host (`scheme` is `https` over TLS). So a page of another site, or one that
 /// made a name of its own resolve to 127.0.0.1, is refused.
 ///
-/// On a Unix socket, and over TLS, `listen` is `None` and any Host is
-/// accepted: no browser reaches a Unix socket, and over TLS a browser
+/// On a Unix socket, over TLS and with tokens, `listen` is `None` and any
+/// Host is accepted: no browser reaches a Unix socket, over TLS a browser
 /// completes the handshake only for a name the certificate carries, which
-/// no other site's page can make its own.
+/// no other site's page can make its own, and a token is never sent by a
+/// browser on its own.
 pub(crate) fn check_host_origin(headers: &HeaderMap, listen: Option<SocketAddr>, scheme: &str) -> Result<(), String> {
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
     if let Some(listen) = listen

@@ -127,11 +127,14 @@ impl HttpServer {
         };
         let tls = tls.filter(|_| listen.is_some());
         let scheme = if tls.is_some() { "https" } else { "http" };
-        // Over TLS a browser reaches the API only by a name the certificate
-        // carries, so no page can make its own name lead here (DNS
-        // rebinding): any Host is accepted, and the Origin must still be
-        // `https://` and that Host.
-        let host_checked = if tls.is_some() { None } else { listen };
+        // The Host check stops DNS rebinding: a page of another site that
+        // made its own name lead here. Over TLS a browser reaches the API
+        // only by a name the certificate carries, and with tokens a
+        // mutation needs a bearer token, which no page of another site has
+        // or can make the browser send: then any Host is accepted (clients
+        // on other machines name the daemon as they reach it), and the
+        // Origin must still be that Host's.
+        let host_checked = if tls.is_some() || auth.enabled() { None } else { listen };
         let app = router(state)
             .layer(middleware::from_fn_with_state(Guard { auth, listen: host_checked, scheme }, guard))
             .layer(DefaultBodyLimit::max(MAX_BODY));

@@ -540,6 +540,41 @@ fn security_matrix() {
     assert!(wrong.is_empty(), "cells that differ from the table:\n{}", wrong.join("\n"));
 }
 
+/// The `Host` of a mutation: without tokens only a loopback name or the
+/// bound address (a page that made its own name resolve to the daemon is
+/// refused); with tokens any, since a client on another machine names the
+/// daemon as it reaches it and no page can send a token. A foreign
+/// `Origin` is refused either way.
+#[test]
+fn with_tokens_a_mutation_may_name_any_host_and_without_them_only_this_daemon() {
+    let tokens = TempDir::new("security-host");
+    let token_file = token_file(&tokens);
+    let with_tokens = Options {
+        config: format!("token_file = {token_file:?}\n"),
+        control: Some("0.0.0.0:0".into()),
+        http: Some("0.0.0.0:0".into()),
+        ..Options::default()
+    };
+    for (options, remote, rebound) in [(with_tokens, 200, 200), (Options::default(), 403, 403)] {
+        let daemon = Daemon::start_with(options);
+        runtime().block_on(async {
+            let http = reach(http_address_of(&daemon).await);
+            let status = |host: String, call: Call| async move {
+                let request = http_request(&host, "http://evil.example", Credential::Admin, call);
+                let stream = tokio::net::TcpStream::connect(http).await.expect("connect to the http api");
+                let answer = within("an HTTP answer", exchange(stream, &request)).await.expect("an answer");
+                http_status_of(call, &answer)
+            };
+            let port = http.port();
+            assert_eq!(status(format!("127.0.0.1:{port}"), HttpPost).await, Http(200));
+            assert_eq!(status(format!("192.0.2.2:{port}"), HttpPost).await, Http(remote), "a remote client's Host");
+            assert_eq!(status(format!("rebound.example:{port}"), HttpPost).await, Http(rebound), "a rebound name");
+            let foreign = status(format!("192.0.2.2:{port}"), HttpPostForeignOrigin).await;
+            assert_eq!(foreign, Http(403), "a foreign Origin");
+        });
+    }
+}
+
 #[test]
 fn a_non_loopback_address_without_authentication_is_refused_at_start() {
     let dir = TempDir::new("security-refused");
