@@ -14,6 +14,7 @@ use std::{
 
 use asyncore_proto::v1;
 use asyncore_tests::{Daemon, Options, connect, eventually};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 use crate::runtime;
 
@@ -194,6 +195,20 @@ fn sigterm_delivers_every_queued_byte_to_200_slow_readers_and_accepts_no_one_aft
         async || TcpStream::connect(address).is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
         "the listener to refuse connections after SIGTERM"
     ));
+    // While the channels drain (no client reads before `signalled`), the
+    // daemon tells probes it is going: gRPC health NOT_SERVING.
+    runtime.block_on(async {
+        let mut health = HealthClient::new(daemon.client().await.channel.clone());
+        eventually!(
+            async || {
+                let request = HealthCheckRequest { service: String::new() };
+                let status = health.check(request).await.expect("health answers while draining").into_inner().status;
+                status == ServingStatus::NotServing as i32
+            },
+            "gRPC health NOT_SERVING during the drain"
+        )
+        .await;
+    });
     signalled.wait();
     // The signal was sent above; this only waits for the exit.
     let status = runtime.block_on(daemon.signal_and_wait(0));

@@ -397,7 +397,13 @@ fn killed_at_random_points_the_daemon_comes_back_with_what_it_acknowledged() {
         let libraries = Libraries::new();
         let versioned = [(libraries.v1.clone(), sha256_of(&libraries.v1)), (libraries.v2.clone(), sha256_of(&libraries.v2))];
         let state_dir = TempDir::new("state");
-        let seed = 0x5EED_0012;
+        // A new sequence every run (the seed is printed, and in every
+        // failure); `ASYNCORED_CRASH_SEED` replays one.
+        let seed = match std::env::var("ASYNCORED_CRASH_SEED") {
+            Ok(text) => u64::from_str_radix(text.trim_start_matches("0x"), 16).expect("ASYNCORED_CRASH_SEED in hex"),
+            Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+        };
+        eprintln!("crash test seed {seed:#x} (ASYNCORED_CRASH_SEED={seed:x} replays it)");
         let mut rng = Rng::new(seed);
 
         let mut daemon = start(state_dir.path());
