@@ -18,6 +18,7 @@ pub(crate) async fn run(channel: Channel, command: ConfigCommand, format: Output
                     "started": outcome.started.iter().map(listener_json).collect::<Vec<_>>(),
                     "stopped": outcome.stopped.iter().map(listener_json).collect::<Vec<_>>(),
                     "unchanged": outcome.unchanged,
+                    "restart_needed": outcome.restart_needed,
                 })),
                 OutputFormat::Table => print_text(&reload_text(&outcome)),
             }
@@ -33,6 +34,12 @@ fn reload_text(outcome: &v1::ReloadConfigResponse) -> String {
         outcome.stopped.len(),
         outcome.unchanged
     );
+    if !outcome.restart_needed.is_empty() {
+        text.push_str(&format!(
+            "changed, and in force at the next start only: {}\n",
+            outcome.restart_needed.join(", ")
+        ));
+    }
     for (what, listeners) in [("started", &outcome.started), ("stopped", &outcome.stopped)] {
         if !listeners.is_empty() {
             text.push_str(&format!("\n{what}:\n{}", listeners_table(listeners)));

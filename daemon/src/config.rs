@@ -480,8 +480,17 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::from_text(&text, path)
+    }
+
+    /// [`Config::from_file`] of the file `path` read as `text`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file.
+    pub fn from_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+            toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for dir in &mut config.plugin_dirs {
             if dir.is_relative() {

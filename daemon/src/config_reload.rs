@@ -7,7 +7,8 @@
 //! plugin that is not loaded, an address in use), leaves the old config in
 //! force: what was stopped is started again, what was started is stopped.
 //! Other settings (control and HTTP addresses, plugin directories, limits)
-//! take effect at the next start.
+//! take effect at the next start: a reload names those that differ from
+//! the file the daemon started with, in its log line and its answer.
 //!
 //! Reloads are serialised: the config's listeners and their ids are kept
 //! behind an async mutex held for a whole reload.
@@ -75,6 +76,8 @@ type Hook = Arc<dyn Fn(ReloadStage) + Send + Sync>;
 /// The daemon's config file and the listeners it started from it.
 pub struct ConfigReload {
     path: Option<PathBuf>,
+    /// The settings of the file the daemon started with, but its listeners.
+    in_force: toml::Table,
     engine: EngineHandle,
     running: tokio::sync::Mutex<Vec<Running>>,
     hook: OnceLock<Hook>,
@@ -95,6 +98,9 @@ pub struct ReloadOutcome {
     pub started: Vec<ListenerInfo>,
     pub stopped: Vec<ListenerInfo>,
     pub unchanged: usize,
+    /// The file's other settings that differ from those the daemon started
+    /// with, which take effect at the next start.
+    pub restart_needed: Vec<String>,
 }
 
 /// Why a reload changed nothing.
@@ -132,7 +138,14 @@ impl ConfigReload {
                 })
             })
             .collect();
+        let in_force = config
+            .source
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|text| settings_of(&text))
+            .unwrap_or_default();
         ConfigReload {
+            in_force,
             path: config.source.clone(),
             engine,
             running: tokio::sync::Mutex::new(running),
@@ -171,10 +184,14 @@ impl ConfigReload {
                 started = outcome.started.len(),
                 stopped = outcome.stopped.len(),
                 unchanged = outcome.unchanged,
-                "config reloaded: {} listeners started, {} stopped, {} unchanged",
+                "config reloaded: {} listeners started, {} stopped, {} unchanged{}",
                 outcome.started.len(),
                 outcome.stopped.len(),
-                outcome.unchanged
+                outcome.unchanged,
+                match outcome.restart_needed.as_slice() {
+                    [] => String::new(),
+                    keys => format!("; changed, and in force at the next start only: {}", keys.join(", ")),
+                }
             ),
             Err(e) => warn!(error = %e, "config reload refused: {e}"),
         }
@@ -187,8 +204,18 @@ impl ConfigReload {
     async fn reload_now(&self) -> Result<ReloadOutcome, ReloadError> {
         let path = self.path.clone().ok_or(ReloadError::NoFile)?;
         let mut running = self.running.lock().await;
-        let config = Config::from_file(&path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ReloadError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+        let config = Config::from_text(&text, &path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let wanted = self.specs(&config).await?;
+        let settings = settings_of(&text);
+        let mut restart_needed: Vec<String> = settings
+            .iter()
+            .filter(|(key, value)| self.in_force.get(*key) != Some(value))
+            .map(|(key, _)| key.clone())
+            .chain(self.in_force.keys().filter(|key| !settings.contains_key(*key)).cloned())
+            .collect();
+        restart_needed.sort();
 
         // Each running listener the file still has, as it is, stays.
         let mut unmatched: Vec<ListenerSpec> = Vec::new();
@@ -248,7 +275,13 @@ impl ConfigReload {
                 tracing::error!(error = %e, "cannot save the runtime state after a config reload");
             }
         }
-        Ok(ReloadOutcome { path, started: started.into_iter().map(|(_, info)| info).collect(), stopped, unchanged })
+        Ok(ReloadOutcome {
+            path,
+            started: started.into_iter().map(|(_, info)| info).collect(),
+            stopped,
+            unchanged,
+            restart_needed,
+        })
     }
 
     /// The file's listeners, checked against what runs: addresses that
@@ -293,4 +326,13 @@ impl ConfigReload {
             }
         }
     }
+}
+
+/// A config file's settings but its listeners, as written: what a reload
+/// compares with the file the daemon started with. (A file that does not
+/// parse has none; a reload refuses it before comparing.)
+fn settings_of(text: &str) -> toml::Table {
+    let mut settings: toml::Table = text.parse().unwrap_or_default();
+    settings.remove("listener");
+    settings
 }

@@ -159,11 +159,19 @@ fn reload_config_rpc_and_cli_report_an_invalid_or_inapplicable_config() {
     write_config(
         &daemon,
         &format!(
-            "[[listener]]\naddress = \"{taken_address}\"\nplugin = \"echo\"\nconfig = {{ high_water = \"4096\" }}\n"
+            "drain_timeout_secs = 7\n\
+             [[listener]]\naddress = \"{taken_address}\"\nplugin = \"echo\"\nconfig = {{ high_water = \"4096\" }}\n"
         ),
     );
     let outcome = runtime.block_on(client.daemon.reload_config(v1::ReloadConfigRequest {})).unwrap().into_inner();
     assert_eq!((outcome.started.len(), outcome.stopped.len(), outcome.unchanged), (1, 1, 0), "{outcome:?}");
+    // A setting that is not a listener is named, not applied.
+    assert_eq!(outcome.restart_needed, ["drain_timeout_secs"], "{outcome:?}");
+    runtime.block_on(eventually!(
+        async || daemon.log().contains("changed, and in force at the next start only: drain_timeout_secs"),
+        "the setting that needs a restart, in the log:\n{}",
+        daemon.log()
+    ));
     assert_eq!(outcome.stopped[0].id, old[0].id);
     assert_eq!(outcome.started[0].address, taken_address.to_string());
     assert_eq!(outcome.started[0].config.get("high_water").map(String::as_str), Some("4096"));
