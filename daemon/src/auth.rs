@@ -288,13 +288,29 @@ fn parse_tokens(text: &str) -> Result<Vec<Token>, String> {
 }
 
 /// Refuses to serve `what` on `address` when it is not loopback and
-/// neither TLS nor a token protects it.
+/// neither TLS nor a token protects it. TLS alone (no token file, no client
+/// CA) is allowed but warned of: whoever completes the handshake is admin.
 ///
 /// # Errors
 ///
 /// One line saying why and what to do.
-pub(crate) fn check_exposure(what: &str, address: SocketAddr, auth: &Auth, tls: bool) -> anyhow::Result<()> {
-    if address.ip().is_loopback() || auth.enabled() || tls {
+pub(crate) fn check_exposure(
+    what: &str,
+    address: SocketAddr,
+    auth: &Auth,
+    tls: bool,
+    client_ca: bool,
+) -> anyhow::Result<()> {
+    if address.ip().is_loopback() || auth.enabled() {
+        return Ok(());
+    }
+    if tls {
+        if !client_ca {
+            tracing::warn!(
+                "the {what} on {address} is served over TLS with neither a token file nor a client CA: \
+                 every client that completes the handshake may change anything; add --token-file or --client-ca"
+            );
+        }
         return Ok(());
     }
     anyhow::bail!(

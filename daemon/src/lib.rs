@@ -102,10 +102,10 @@ impl Daemon {
             _ => None,
         };
         if config.control_socket.is_none() {
-            auth::check_exposure("control api", config.control, &auth, tls.is_some())?;
+            auth::check_exposure("control api", config.control, &auth, tls.is_some(), config.client_ca.is_some())?;
         }
         if let (Some(address), None) = (config.http, &config.http_socket) {
-            auth::check_exposure("http api", address, &auth, tls.is_some())?;
+            auth::check_exposure("http api", address, &auth, tls.is_some(), config.client_ca.is_some())?;
         }
         let lifecycle = Lifecycle::default();
         // From here on, an early return drops `poll_loop`, which stops the

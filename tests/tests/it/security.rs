@@ -786,6 +786,17 @@ fn tls_on_a_non_loopback_address_needs_no_token_file_and_asyncorectl_reaches_it_
     });
     let control = reach(daemon.control());
     let ca = pki.path("ca.pem");
+    // Allowed, but whoever completes the handshake is admin: said at start.
+    for what in ["control api", "http api"] {
+        let warned = |log: String| {
+            log.lines().any(|l| {
+                l.contains("WARN")
+                    && l.contains(&format!("the {what} on 0.0.0.0:"))
+                    && l.contains("neither a token file")
+            })
+        };
+        runtime().block_on(eventually!(async || warned(daemon.log()), "a warning for the {what}:\n{}", daemon.log()));
+    }
     runtime().block_on(async {
         let http = reach(http_address_of(&daemon).await);
         // Plain clients against the TLS ports: no answer.
