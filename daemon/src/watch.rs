@@ -9,9 +9,11 @@
 //! mid-file for longer than a poll): the file must also be a complete ELF
 //! library (its headers, segments and sections all within the file, the
 //! check the loader makes before `dlopen`), else it is left alone until its
-//! stamp moves again. A reload happens only when the content differs from
-//! the current generation's. Polling needs no inotify and sees a file
-//! replaced by rename just as well.
+//! stamp moves again. New content is reloaded once two polls running found
+//! the same stamp and the same hash (so a writer that rewrites bytes in
+//! place without moving the stamp is waited for too), and only when it
+//! differs from the current generation's. Polling needs no inotify and sees
+//! a file replaced by rename just as well.
 //!
 //! Each plugin is tracked on its own: a reload that fails is remembered by
 //! the content's hash (the same bytes would fail again) while every other
@@ -59,6 +61,9 @@ struct Watched {
     /// The content may differ from what was last hashed: set when the
     /// plugin is first seen and whenever the stamp moves.
     unhashed: bool,
+    /// New content hashed at the previous poll: reloaded if the next poll
+    /// finds the same stamp and the same hash.
+    candidate: Option<String>,
     /// The content whose reload failed; not tried again.
     failed_sha256: Option<String>,
 }
@@ -71,6 +76,7 @@ impl Watched {
         if moved {
             // First seen, or still being written: wait for one quiet poll.
             self.unhashed = true;
+            self.candidate = None;
             Next::Wait
         } else if self.unhashed {
             Next::Hash
@@ -80,14 +86,23 @@ impl Watched {
     }
 
     /// Takes the hash of the quiet file and the current generation's;
-    /// returns whether to reload.
+    /// returns whether to reload: new content, not failed before, that the
+    /// previous poll hashed the same.
     fn hashed(&mut self, sha256: &str, current_sha256: &str) -> bool {
-        self.unhashed = false;
         if sha256 == current_sha256 {
             // Back to the running content (or it never changed).
+            self.unhashed = false;
+            self.candidate = None;
             self.failed_sha256 = None;
             return false;
         }
+        if self.candidate.as_deref() != Some(sha256) {
+            // Hash it again at the next poll.
+            self.candidate = Some(sha256.to_owned());
+            return false;
+        }
+        self.unhashed = false;
+        self.candidate = None;
         self.failed_sha256.as_deref() != Some(sha256)
     }
 
@@ -95,6 +110,7 @@ impl Watched {
     /// broken): nothing to do until its stamp moves again.
     fn incomplete(&mut self) {
         self.unhashed = false;
+        self.candidate = None;
     }
 
     /// Records how the reload of content `sha256` went.
@@ -230,9 +246,27 @@ mod tests {
         assert_eq!(watched.observe(stamp(3)), Next::Wait);
         assert_eq!(watched.observe(stamp(4)), Next::Wait);
         assert_eq!(watched.observe(stamp(4)), Next::Hash);
-        assert!(watched.hashed("b", "a"), "new content: reload");
+        assert!(!watched.hashed("b", "a"), "new content: confirmed at the next poll first");
+        assert_eq!(watched.observe(stamp(4)), Next::Hash);
+        assert!(watched.hashed("b", "a"), "the same content two polls running: reload");
         watched.reloaded("b", true);
         assert_eq!(watched.observe(stamp(4)), Next::Wait);
+    }
+
+    #[test]
+    fn content_rewritten_under_a_still_stamp_is_reloaded_only_once_it_hashes_the_same_twice() {
+        let mut watched = Watched::default();
+        watched.observe(stamp(1));
+        watched.observe(stamp(1));
+        watched.hashed("a", "a");
+        watched.observe(stamp(2));
+        // Bytes rewritten in place between two polls, the stamp unmoved.
+        assert_eq!(watched.observe(stamp(2)), Next::Hash);
+        assert!(!watched.hashed("half", "a"));
+        assert_eq!(watched.observe(stamp(2)), Next::Hash);
+        assert!(!watched.hashed("whole", "a"), "another hash: not yet");
+        assert_eq!(watched.observe(stamp(2)), Next::Hash);
+        assert!(watched.hashed("whole", "a"));
     }
 
     #[test]
@@ -251,14 +285,21 @@ mod tests {
         let mut watched = Watched::default();
         watched.observe(stamp(1));
         watched.observe(stamp(1));
+        assert!(!watched.hashed("broken", "a"));
+        watched.observe(stamp(1));
         assert!(watched.hashed("broken", "a"));
         watched.reloaded("broken", false);
         // The same bytes again (say, touched): not retried.
         watched.observe(stamp(2));
-        assert_eq!(watched.observe(stamp(2)), Next::Hash);
-        assert!(!watched.hashed("broken", "a"));
+        for _ in 0..2 {
+            assert_eq!(watched.observe(stamp(2)), Next::Hash);
+            assert!(!watched.hashed("broken", "a"));
+        }
+        assert_eq!(watched.observe(stamp(2)), Next::Wait, "settled: not hashed again");
         // A new build is.
         watched.observe(stamp(3));
+        assert_eq!(watched.observe(stamp(3)), Next::Hash);
+        assert!(!watched.hashed("fixed", "a"));
         assert_eq!(watched.observe(stamp(3)), Next::Hash);
         assert!(watched.hashed("fixed", "a"));
         watched.reloaded("fixed", true);
@@ -281,6 +322,8 @@ mod tests {
         // The rest written.
         watched.observe(stamp(3));
         assert_eq!(watched.observe(stamp(3)), Next::Hash);
+        assert!(!watched.hashed("b", "a"));
+        assert_eq!(watched.observe(stamp(3)), Next::Hash);
         assert!(watched.hashed("b", "a"));
     }
 
@@ -289,6 +332,8 @@ mod tests {
         // Rebuilt between the load and the watcher's first poll.
         let mut watched = Watched::default();
         assert_eq!(watched.observe(stamp(1)), Next::Wait);
+        assert_eq!(watched.observe(stamp(1)), Next::Hash);
+        assert!(!watched.hashed("b", "a"));
         assert_eq!(watched.observe(stamp(1)), Next::Hash);
         assert!(watched.hashed("b", "a"));
     }

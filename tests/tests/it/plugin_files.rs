@@ -431,15 +431,17 @@ fn private_copies_live_as_long_as_their_generation_and_stale_directories_of_gone
 }
 
 /// Waits until the log has `count` lines of the watcher finding echo's
-/// library incomplete.
-async fn incomplete_seen(daemon: &Daemon, count: usize) {
+/// library incomplete, the last one saying why (`reason`, when given).
+async fn incomplete_seen(daemon: &Daemon, count: usize, reason: Option<&str>) {
     eventually!(
-        async || log_lines(daemon, "waiting for the file to change")
-            .iter()
-            .filter(|l| l.contains("plugin=echo"))
-            .count()
-            >= count,
-        "{count} log lines of the watcher waiting for echo's library; log:\n{}",
+        async || {
+            let lines: Vec<String> = log_lines(daemon, "waiting for the file to change")
+                .into_iter()
+                .filter(|l| l.contains("plugin=echo"))
+                .collect();
+            lines.len() >= count && reason.is_none_or(|reason| lines[count - 1].contains(reason))
+        },
+        "{count} log lines of the watcher waiting for echo's library, the last with {reason:?}; log:\n{}",
         daemon.log()
     )
     .await;
@@ -457,10 +459,10 @@ fn watch_waits_for_a_complete_library_and_keeps_the_current_generation_meanwhile
         // Truncated and corrupt files put in place whole, as a build tool's
         // rename does: each is left alone.
         let mut seen = 0;
-        for (_, bytes, _) in broken_libraries().into_iter().take(6) {
+        for (_, bytes, reason) in broken_libraries().into_iter().take(6) {
             replace_file(&library, &bytes);
             seen += 1;
-            incomplete_seen(&daemon, seen).await;
+            incomplete_seen(&daemon, seen, Some(reason)).await;
             daemon.assert_running();
             echo_round_trip(address, b"still generation 1").await;
         }
@@ -473,7 +475,7 @@ fn watch_waits_for_a_complete_library_and_keeps_the_current_generation_meanwhile
         let mut file = File::create(&library).unwrap();
         std::io::Write::write_all(&mut file, &rebuilt[..rebuilt.len() / 2]).unwrap();
         seen += 1;
-        incomplete_seen(&daemon, seen).await;
+        incomplete_seen(&daemon, seen, None).await;
         std::io::Write::write_all(&mut file, &rebuilt[rebuilt.len() / 2..]).unwrap();
         drop(file);
 
