@@ -4,14 +4,15 @@
 //! timeout, with exit code 3.
 
 use std::{
-    net::{TcpListener, TcpStream},
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
     time::{Duration, Instant},
 };
 
 use asyncore_tests::{Daemon, binary, eventually, output_within, patience};
 
-use crate::runtime;
+use crate::{http_api::http_address_of, runtime};
 
 #[test]
 fn asyncorectl_gives_up_on_a_port_that_accepts_but_never_speaks() {
@@ -36,6 +37,18 @@ fn asyncorectl_gives_up_on_a_port_that_accepts_but_never_speaks() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+/// The whole answer to `GET path` (HTTP/1.1, the connection closed after
+/// it), read within the harness's patience.
+fn http_get(address: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect_timeout(&address, patience()).expect("connect to the http api");
+    stream.set_read_timeout(Some(patience())).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("a whole answer within the patience");
+    answer
+}
+
 /// Descriptors `pid` has open now.
 fn open_descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|entries| entries.count()).unwrap_or(0)
@@ -45,6 +58,7 @@ fn open_descriptors(pid: u32) -> usize {
 fn the_control_api_answers_while_the_data_plane_has_every_descriptor() {
     let mut daemon = Daemon::start();
     let address = runtime().block_on(async { daemon.client().await.start_listener("echo", &[]).await.1 });
+    let http = runtime().block_on(http_address_of(&daemon));
     // A few descriptors to spare, then none: as `ulimit -n` would, on the
     // running daemon.
     let limit = open_descriptors(daemon.pid()) + 4;
@@ -79,6 +93,15 @@ fn the_control_api_answers_while_the_data_plane_has_every_descriptor() {
         assert!(stdout.contains("\"accepts\""), "{stdout}");
         println!("loop-stats #{attempt} answered in {:?}", started.elapsed());
         assert!(started.elapsed() < patience());
+
+        // The HTTP API keeps a spare descriptor of its own.
+        let started = Instant::now();
+        let answer = http_get(http, "/v1/daemon/loop-stats");
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("\"accepts\""),
+            "GET /v1/daemon/loop-stats #{attempt}: {answer}"
+        );
+        println!("GET /v1/daemon/loop-stats #{attempt} answered in {:?}", started.elapsed());
     }
     daemon.assert_running();
     drop(peers);
