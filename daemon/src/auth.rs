@@ -198,11 +198,13 @@ impl Auth {
         found
     }
 
-    /// What an HTTP request needs: health checks nothing, `/metrics`
+    /// What an HTTP request needs: health checks and the status page's document nothing, `/metrics`
     /// nothing when public, other GETs read, everything else admin.
     pub(crate) fn http_need(&self, method: &http::Method, path: &str) -> Need {
         match (method.as_str(), path) {
-            ("GET" | "HEAD", "/healthz" | "/readyz") => Need::Nothing,
+            // The status page's document: no data, which its script asks
+            // the API for with a token.
+            ("GET" | "HEAD", "/healthz" | "/readyz" | "/") => Need::Nothing,
             ("GET" | "HEAD", "/metrics") if self.metrics_public => Need::Nothing,
             ("GET" | "HEAD", _) => Need::Level(Level::Read),
             _ => Need::Level(Level::Admin),

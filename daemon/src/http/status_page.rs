@@ -8,6 +8,10 @@
 //! rates from the `/v1/stats/watch` event stream, a channel's peer from
 //! `/v1/channels/{id}`). Nothing else is fetched, and the content security
 //! policy says so to the browser: no framework, no CDN, no other origin.
+//!
+//! The document itself holds no data and needs no token; with a token file
+//! its script sends the one it is given (`/#token=SECRET`, or a form shown
+//! when the API answers 401), kept in the tab's session storage.
 
 use axum::{
     http::{HeaderValue, header},

@@ -24,7 +24,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use asyncore_tests::{InProcessDaemon, TempDir, connect, eventually, patience, within};
+use asyncore_proto::v1::{self, listeners_client::ListenersClient};
+use asyncore_tests::{InProcessDaemon, Options, TempDir, connect, eventually, patience, within};
 use serde_json::{Value, json};
 
 use crate::{http_api::Http, runtime};
@@ -351,6 +352,36 @@ const SNAPSHOT: &str = r##"(() => {
   };
 })()"##;
 
+/// Waits until `page` shows listener `listener` on `address` with plugin
+/// echo generation 1, a busy channel of `peer`, and the phase; returns
+/// that [`SNAPSHOT`].
+async fn live_page(page: &mut Cdp, chromium: &Chromium, listener: u64, address: &str, peer: &str) -> Value {
+    let last = RefCell::new(Value::Null);
+    eventually!(
+        async || {
+            let shown = page.evaluate(SNAPSHOT);
+            *last.borrow_mut() = shown.clone();
+            let busy =
+                rows_with(&shown, "channels", &[None, Some(&listener.to_string()), Some(peer)]).iter().any(|row| {
+                    (4..=5).any(|i| {
+                        row["values"][i].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(|rate| rate > 0.0)
+                    })
+                });
+            let ready = shown["phase"] == "running"
+                && !rows_with(&shown, "listeners", &[Some(&listener.to_string()), Some(address), Some("echo")])
+                    .is_empty()
+                && !rows_with(&shown, "plugins", &[Some("echo"), Some("1"), Some("current")]).is_empty()
+                && busy;
+            ready.then_some(shown)
+        },
+        "the status page to show listener {listener} on {address}, plugin echo generation 1, a busy channel \
+         for {peer} and the phase; it shows:\n{:#}\nchromium's output:\n{}",
+        last.borrow(),
+        chromium.log()
+    )
+    .await
+}
+
 /// The rows of one table whose cells are `cells` (`None` matches anything).
 fn rows_with<'a>(page: &'a Value, table: &str, cells: &[Option<&str>]) -> Vec<&'a Value> {
     let matches = |row: &&Value| {
@@ -426,30 +457,7 @@ fn status_page_in_headless_chromium_shows_listeners_plugins_live_channels_and_th
 
     let mut chromium = Chromium::open(&format!("{base}/"));
     let mut page = chromium.page();
-    let last = RefCell::new(Value::Null);
-    let shown = runtime.block_on(eventually!(
-        async || {
-            let shown = page.evaluate(SNAPSHOT);
-            *last.borrow_mut() = shown.clone();
-            let busy =
-                rows_with(&shown, "channels", &[None, Some(&listener.to_string()), Some(&peer)]).iter().any(|row| {
-                    (4..=5).any(|i| {
-                        row["values"][i].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(|rate| rate > 0.0)
-                    })
-                });
-            let ready = shown["phase"] == "running"
-                && !rows_with(&shown, "listeners", &[Some(&listener.to_string()), Some(&address), Some("echo")])
-                    .is_empty()
-                && !rows_with(&shown, "plugins", &[Some("echo"), Some("1"), Some("current")]).is_empty()
-                && busy;
-            ready.then_some(shown)
-        },
-        "the status page to show listener {listener} on {address}, plugin echo generation 1, a busy channel \
-         for {peer} and the phase; it shows:\n{:#}\nchromium's output:\n{}",
-        last.borrow(),
-        chromium.log()
-    ));
-
+    let shown = runtime.block_on(live_page(&mut page, &chromium, listener, &address, &peer));
     // What people see, as rendered.
     let rendered = shown["rendered"].as_str().unwrap();
     for text in [address.as_str(), peer.as_str(), "echo", "running"] {
@@ -474,4 +482,74 @@ fn status_page_in_headless_chromium_shows_listeners_plugins_live_channels_and_th
     drop(chromium);
     drop(traffic);
     drop(daemon);
+}
+
+/// With a token file, the page's document loads without one; the page asks
+/// for a token when the API answers 401, and with one given in its form,
+/// or in its address (`/#token=SECRET`, taken off the address at once),
+/// shows everything.
+#[test]
+fn with_a_token_file_the_status_page_asks_for_a_token_and_shows_everything_with_one() {
+    const SECRET: &str = "status-page-read-secret-0123";
+    const ADMIN_SECRET: &str = "status-page-admin-secret-0123";
+    let runtime = runtime();
+    let tokens = TempDir::new("status-page-tokens");
+    let token_file = tokens.path().join("tokens");
+    std::fs::write(&token_file, format!("viewer read {SECRET}\nops admin {ADMIN_SECRET}\n")).unwrap();
+    let daemon = runtime.block_on(InProcessDaemon::start_with(Options {
+        config: format!("token_file = {token_file:?}\n"),
+        ..Options::default()
+    }));
+    let (listener, address) = runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", daemon.control()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ListenersClient::with_interceptor(channel, |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_SECRET}").parse().unwrap());
+            Ok(request)
+        });
+        let request =
+            v1::StartListenerRequest { address: "127.0.0.1:0".into(), plugin: "echo".into(), ..Default::default() };
+        let started = client.start_listener(request).await.expect("an admin starts a listener").into_inner();
+        (started.id, started.address.parse::<SocketAddr>().unwrap())
+    });
+    let base = format!("http://{}", daemon.daemon().http_addr().expect("the harness turns the HTTP API on"));
+    let traffic = Traffic::start(address);
+    let (peer, address) = (traffic.peer.to_string(), address.to_string());
+
+    // No token: the document loads, the API answers 401, the form shows.
+    let mut chromium = Chromium::open(&format!("{base}/"));
+    let mut page = chromium.page();
+    let last = RefCell::new(Value::Null);
+    runtime.block_on(eventually!(
+        async || {
+            *last.borrow_mut() = page.evaluate(SNAPSHOT);
+            page.evaluate(r#"document.getElementById("login")?.hidden === false"#) == Value::Bool(true)
+        },
+        "the page to ask for a token; it shows:\n{:#}\nchromium's output:\n{}",
+        last.borrow(),
+        chromium.log()
+    ));
+    assert!(page.evaluate(SNAPSHOT)["listeners"].to_string().contains("loading"), "nothing shown without a token");
+
+    // The token typed into the form.
+    page.evaluate(&format!(
+        r#"document.getElementById("token").value = "{SECRET}"; document.getElementById("use-token").click(); true"#
+    ));
+    let shown = runtime.block_on(live_page(&mut page, &chromium, listener, &address, &peer));
+    assert_eq!(shown["error"], "", "no failed request once the token is given: {shown:#}");
+
+    // The token in the address, in a tab of its own (a new profile).
+    drop(page);
+    drop(chromium);
+    let mut chromium = Chromium::open(&format!("{base}/#token={SECRET}"));
+    let mut page = chromium.page();
+    runtime.block_on(live_page(&mut page, &chromium, listener, &address, &peer));
+    assert_eq!(page.evaluate("location.hash"), "", "the token is taken off the address");
+    assert_eq!(page.evaluate(r#"document.getElementById("login").hidden"#), Value::Bool(true));
+    drop(page);
+    drop(chromium);
+    drop(traffic);
 }
