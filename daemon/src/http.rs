@@ -58,7 +58,8 @@ use crate::{
 };
 
 /// The largest request body accepted (every body of the API is a small
-/// JSON object); larger is 413.
+/// JSON object); a larger one is refused with 400 (INVALID_ARGUMENT,
+/// "length limit exceeded"), as the gRPC side refuses a large message.
 const MAX_BODY: usize = 64 * 1024;
 
 /// How long stopping waits for requests under way (an SSE stream ends at
