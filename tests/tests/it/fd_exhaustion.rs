@@ -98,6 +98,19 @@ fn out_of_descriptors_the_daemon_pauses_quietly_keeps_its_channels_and_resumes()
         daemon.log()
     ));
 
+    // The pauses are a metric too.
+    let metrics = runtime.block_on(async {
+        let http = crate::http_api::http_address_of(&daemon).await;
+        let response = reqwest::get(format!("http://{http}/metrics")).await.expect("GET /metrics");
+        response.text().await.unwrap()
+    });
+    let counted: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("asyncored_accept_pauses"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("asyncored_accept_pauses in /metrics:\n{metrics}"));
+    assert!(counted >= stats.accept_pauses, "/metrics counts {counted} pauses, the loop said {}", stats.accept_pauses);
+
     // Quiet: the shortage's first line and its end, whatever the number of
     // pauses.
     let log = daemon.log();
