@@ -224,6 +224,16 @@ mod tests {
         Stamp { len, modified: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(len)) }
     }
 
+    /// A watch whose file (stamp 1) was hashed and found to be the running
+    /// content, `a`.
+    fn settled_on_running_content() -> Watched {
+        let mut watched = Watched::default();
+        watched.observe(stamp(1));
+        watched.observe(stamp(1));
+        assert!(!watched.hashed("a", "a"));
+        watched
+    }
+
     #[test]
     fn a_stable_file_is_hashed_once_not_on_every_poll() {
         let mut watched = Watched::default();
@@ -237,10 +247,7 @@ mod tests {
 
     #[test]
     fn a_change_is_hashed_once_it_stayed_quiet_for_a_poll() {
-        let mut watched = Watched::default();
-        watched.observe(stamp(1));
-        watched.observe(stamp(1));
-        watched.hashed("a", "a");
+        let mut watched = settled_on_running_content();
         // Written in three steps: nothing until the stamp holds still.
         assert_eq!(watched.observe(stamp(2)), Next::Wait);
         assert_eq!(watched.observe(stamp(3)), Next::Wait);
@@ -255,10 +262,7 @@ mod tests {
 
     #[test]
     fn content_rewritten_under_a_still_stamp_is_reloaded_only_once_it_hashes_the_same_twice() {
-        let mut watched = Watched::default();
-        watched.observe(stamp(1));
-        watched.observe(stamp(1));
-        watched.hashed("a", "a");
+        let mut watched = settled_on_running_content();
         watched.observe(stamp(2));
         // Bytes rewritten in place between two polls, the stamp unmoved.
         assert_eq!(watched.observe(stamp(2)), Next::Hash);
@@ -271,10 +275,7 @@ mod tests {
 
     #[test]
     fn a_touched_file_with_the_running_content_is_not_reloaded() {
-        let mut watched = Watched::default();
-        watched.observe(stamp(1));
-        watched.observe(stamp(1));
-        watched.hashed("a", "a");
+        let mut watched = settled_on_running_content();
         watched.observe(stamp(2));
         assert_eq!(watched.observe(stamp(2)), Next::Hash);
         assert!(!watched.hashed("a", "a"));
@@ -308,10 +309,7 @@ mod tests {
 
     #[test]
     fn a_quiet_but_incomplete_file_waits_for_its_next_change() {
-        let mut watched = Watched::default();
-        watched.observe(stamp(1));
-        watched.observe(stamp(1));
-        watched.hashed("a", "a");
+        let mut watched = settled_on_running_content();
         // Half written, and the writer paused for longer than a poll.
         watched.observe(stamp(2));
         assert_eq!(watched.observe(stamp(2)), Next::Hash);
