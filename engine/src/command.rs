@@ -337,7 +337,11 @@ pub struct StatsSnapshot {
     pub complete: bool,
 }
 
-/// What the loop knows of a plugin: every generation loaded under its name.
+/// What the loop knows of a plugin: the generations loaded under its name,
+/// oldest first. Every current, standby and draining one is there; of the
+/// retired ones, the newest eight, and any older one whose channels are not
+/// all gone (the others' records are forgotten, so that the listing does
+/// not grow with every reload).
 #[derive(Debug, Clone)]
 pub struct PluginInfo {
     pub name: String,
@@ -366,7 +370,8 @@ pub enum GenerationState {
     Standby,
     /// Not current, still serving channels it created.
     Draining,
-    /// Unloaded: never called again (its code stays mapped).
+    /// Unloaded: never called again; its library is closed once no channel
+    /// of it is left.
     Retired,
 }
 

@@ -33,8 +33,10 @@
 //!    buffer lent either way (a `StrRef`, `recv`'s buffer) are valid only
 //!    until the call they were passed to returns; the SDK never keeps them.
 //! 4. **Plugin code stays mapped and runs on one thread at a time.** A
-//!    library whose code ran is never unloaded (see the loader), so function
-//!    pointers and static tables read from it stay valid; its tables are
+//!    library whose code ran is closed only once nothing of it can run
+//!    again (see the loader, and `unload_if_unused` in the loop), so function
+//!    pointers and static tables read from it stay valid while used, and
+//!    so does its `host_data` record ([`shared_of`]); its tables are
 //!    read field by field, only the fields their `size` covers. The loader's
 //!    thread runs `init` and `on_load`; once the loaded plugin
 //!    ([`LoadedPlugin`](crate::loader::LoadedPlugin), which is `Send`) is
@@ -61,6 +63,7 @@ use std::{
     net::SocketAddr,
     os::fd::{FromRawFd, OwnedFd},
     ptr::NonNull,
+    sync::Arc,
     time::Duration,
 };
 
@@ -226,40 +229,50 @@ unsafe fn channel_of<'a>(ctx: *mut HostCtx) -> Option<(&'a mut dyn Services, Slo
 }
 
 /// What the loader gives every plugin of this engine: the host table for
-/// `init`, the plugin's name as its `host_data`, and a detached context
-/// for `on_load`.
+/// `init`, a record of its own for each load as its `host_data`, and a
+/// detached context for `on_load`.
 pub(crate) static HOST: Host = Host { vtable: &HOST_VTABLE, host_data: host_data_for, on_load: run_on_load };
 
 /// The host of plugins linked into the process (the testing crate): as
-/// [`HOST`], but every load of one plugin shares one record. Such plugins
-/// share the process's one copy of the SDK, which keeps the `host_data` of
-/// its first `init`: a second load with its own record would count its
-/// metrics in the first's.
+/// [`HOST`], but every load of one plugin shares one record, never freed.
+/// Such plugins share the process's one copy of the SDK, which keeps the
+/// `host_data` of its first `init` for as long as the process runs: a
+/// second load with its own record would count its metrics in the first's,
+/// and a record freed with its load would leave the SDK a dangling pointer.
 pub(crate) static IN_PROCESS_HOST: Host =
     Host { vtable: &HOST_VTABLE, host_data: interned_host_data, on_load: run_on_load };
 
-/// One [`PluginShared`] per plugin name in this process.
-fn interned_host_data(name: &str) -> &'static PluginShared {
-    static BY_NAME: std::sync::Mutex<BTreeMap<String, &'static PluginShared>> = std::sync::Mutex::new(BTreeMap::new());
+/// One [`PluginShared`] per plugin name in this process. The table keeps a
+/// reference to each, so none is ever freed.
+fn interned_host_data(name: &str) -> Arc<PluginShared> {
+    static BY_NAME: std::sync::Mutex<BTreeMap<String, Arc<PluginShared>>> = std::sync::Mutex::new(BTreeMap::new());
     let mut by_name = BY_NAME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    by_name.entry(name.to_owned()).or_insert_with(|| PluginShared::leak(name))
+    by_name.entry(name.to_owned()).or_insert_with(|| PluginShared::new(name)).clone()
 }
 
-/// `init`'s `host_data` for the plugin `name`: a leaked [`PluginShared`]
-/// (it lives as long as the plugin's code), which `log` and the metric
-/// functions get back ([`shared_of`]).
-fn host_data_for(name: &str) -> &'static PluginShared {
-    PluginShared::leak(name)
+/// `init`'s `host_data` for one load of the plugin `name`: a fresh
+/// [`PluginShared`], which `log` and the metric functions get back
+/// ([`shared_of`]). The load's [`LoadedPlugin`](crate::loader::LoadedPlugin)
+/// owns it and frees it only once its library was unmapped.
+fn host_data_for(name: &str) -> Arc<PluginShared> {
+    PluginShared::new(name)
 }
 
 /// The record behind a `host_data`.
 ///
 /// # Safety
 ///
-/// `host_data` must come from [`host_data_for`] (through `init`).
+/// `host_data` must be null or what the loader gave the calling plugin's
+/// `init` (the record of [`host_data_for`] or [`interned_host_data`]), and
+/// the caller must be that plugin's code.
 unsafe fn shared_of<'a>(host_data: *mut c_void) -> Option<&'a PluginShared> {
-    // SAFETY: guaranteed by the caller: null, or a pointer to a leaked
-    // PluginShared that is never freed.
+    // SAFETY: guaranteed by the caller: null, or the record of a plugin
+    // whose code is running, so whose library is mapped. A record lives at
+    // least as long as its library is mapped: the interned ones for ever,
+    // the others until their `LoadedPlugin` is dropped after `release_image`
+    // unmapped the library (one that stays mapped, or was never closed,
+    // leaks its record; see `LoadedPlugin`'s `Drop`). Only shared
+    // references to it are ever made.
     unsafe { host_data.cast::<PluginShared>().as_ref() }
 }
 
@@ -510,8 +523,8 @@ pub(crate) static HOST_VTABLE: HostVtable = HostVtable {
 /// `metric_define`: the metric's id, or `-EINVAL` (a bad name, or a name
 /// defined before as another kind), `-ENOSPC` (too many metrics).
 ///
-/// Safety: `host_data` is what [`HOST`] gave `init`; the strings are lent
-/// for the call.
+/// Safety: `host_data` is what the loader gave the calling plugin's `init`
+/// ([`shared_of`]); the strings are lent for the call.
 unsafe extern "C" fn host_metric_define(host_data: *mut c_void, kind: u32, name: StrRef, help: StrRef) -> i64 {
     // SAFETY: as documented above.
     let Some(shared) = (unsafe { shared_of(host_data) }) else { return Errno::EBADF.negative() };
@@ -547,12 +560,13 @@ unsafe extern "C" fn host_metric_set(host_data: *mut c_void, id: u64, value: i64
 
 /// `log`: re-emits a plugin's log record with its name.
 ///
-/// Safety: the module's contract; `host_data` is what [`HOST`] gave `init`.
+/// Safety: the module's contract; `host_data` is what the loader gave the
+/// calling plugin's `init` ([`shared_of`]).
 unsafe extern "C" fn host_log(host_data: *mut c_void, level: u32, message: StrRef) {
-    // SAFETY: host_data comes from host_data_for; the message is lent for
-    // this call.
+    // SAFETY: host_data is the calling plugin's (see shared_of); the message
+    // is lent for this call.
     let (plugin, message) =
-        unsafe { (shared_of(host_data).map_or("?", |shared| shared.name), message.to_string_lossy()) };
+        unsafe { (shared_of(host_data).map_or("?", |shared| &*shared.name), message.to_string_lossy()) };
     match level {
         ffi::level::ERROR => error!(target: "asyncored::plugin", plugin = %plugin, "{message}"),
         ffi::level::WARN => warn!(target: "asyncored::plugin", plugin = %plugin, "{message}"),

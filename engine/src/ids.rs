@@ -25,8 +25,9 @@ pub(crate) struct ListenerId(pub(crate) u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct TimerId(pub(crate) u64);
 
-/// Index of a plugin generation in the loop's table of every generation
-/// ever loaded (not the generation number users see).
+/// Index of a plugin generation in the loop's table of generations (not the
+/// generation number users see): one per load, never reused, so the index
+/// of a generation whose record was forgotten names no other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct GenerationIndex(pub(crate) usize);
 

@@ -1,15 +1,17 @@
 //! What the host keeps for each loaded plugin that plugin code may reach at
 //! any time, not only during a callback: its name (for its log records) and
 //! the metrics it defines (`asyncore_sdk::metrics`). The plugin gets a
-//! pointer to it as `init`'s `host_data`; it lives as long as the plugin's
-//! code (leaked, like the code itself).
+//! pointer to it as `init`'s `host_data`, so it must live as long as the
+//! plugin's code may run: its [`LoadedPlugin`](crate::loader::LoadedPlugin)
+//! owns it and frees it only once the library was unmapped (the loader says
+//! when).
 //!
 //! Metrics are plain atomics in a fixed table: updating one on the hot path
 //! is one relaxed atomic add, and the loop reads them for `ListPlugins` and
 //! `/metrics` without a lock.
 
 use std::sync::{
-    OnceLock,
+    Arc, OnceLock,
     atomic::{AtomicI64, AtomicUsize, Ordering},
 };
 
@@ -20,7 +22,7 @@ pub(crate) const MAX_METRICS: usize = 64;
 
 /// A plugin's `host_data`.
 pub(crate) struct PluginShared {
-    pub(crate) name: &'static str,
+    pub(crate) name: Box<str>,
     metrics: [MetricSlot; MAX_METRICS],
     /// Slots taken so far (each is defined right after it is taken).
     taken: AtomicUsize,
@@ -48,13 +50,16 @@ pub(crate) enum DefineError {
 }
 
 impl PluginShared {
-    /// A new record for plugin `name`, living for the rest of the process.
-    pub(crate) fn leak(name: &str) -> &'static PluginShared {
-        Box::leak(Box::new(PluginShared {
-            name: Box::leak(name.to_owned().into_boxed_str()),
+    /// A new record for plugin `name`. It is shared (an [`Arc`]) because
+    /// plugin code reaches it through a raw pointer while the engine lists
+    /// its metrics: only shared references to it are ever made, and all
+    /// that changes in it is atomic.
+    pub(crate) fn new(name: &str) -> Arc<PluginShared> {
+        Arc::new(PluginShared {
+            name: name.into(),
             metrics: std::array::from_fn(|_| MetricSlot::default()),
             taken: AtomicUsize::new(0),
-        }))
+        })
     }
 
     /// Defines a metric, or finds the one defined before under that name
@@ -134,7 +139,7 @@ mod tests {
 
     #[test]
     fn metrics_are_defined_once_by_name_and_counted() {
-        let shared = PluginShared::leak("p");
+        let shared = PluginShared::new("p");
         let hits = shared.define(MetricKind::Counter, "hits_total", "Hits.").unwrap();
         assert_eq!(shared.define(MetricKind::Counter, "hits_total", "Hits again.").unwrap(), hits);
         assert_eq!(shared.define(MetricKind::Gauge, "hits_total", "x"), Err(DefineError::Invalid));
@@ -151,7 +156,7 @@ mod tests {
 
     #[test]
     fn the_table_is_bounded() {
-        let shared = PluginShared::leak("p");
+        let shared = PluginShared::new("p");
         for n in 0..MAX_METRICS {
             shared.define(MetricKind::Counter, &format!("m{n}"), "").unwrap();
         }

@@ -79,8 +79,13 @@ struct Listener {
     address: SocketAddr,
     /// The plugin (by name) serving this listener...
     plugin_name: String,
-    /// ... and the generation of its listening dispatcher.
+    /// ... and the generation of its listening dispatcher (the last one,
+    /// once stopped: its record may be forgotten since, see
+    /// `Generations`)...
     generation: GenerationIndex,
+    /// ... and that generation's number, which a stopped listener still
+    /// lists.
+    generation_number: u32,
     idle_timeout: Option<Duration>,
     config: BTreeMap<String, String>,
     /// The listening channel; `None` once stopped.
@@ -319,6 +324,10 @@ impl Engine {
     ///
     /// If waiting on the poller fails.
     pub fn pass(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        // Before anything holds a generation index: the records of retired
+        // generations whose libraries went as their channels closed (in the
+        // last pass), so that this pass's listings leave them out.
+        self.core.forget_old_generations();
         while let Ok(command) = self.commands.try_recv() {
             self.core.stats.commands += 1;
             self.core.serve(command);

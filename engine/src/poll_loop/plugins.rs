@@ -7,15 +7,22 @@
 //! a listening dispatcher for every listener of the plugin (from the
 //! listener's config) and swaps it in: the listening socket never closes, so
 //! no connection is dropped. Channels keep the generation that created them.
+//!
+//! The table is bounded: a plugin's idle generations past the newest
+//! [`STANDBY_KEPT`] are retired when another becomes current, and the
+//! records of its retired generations past the newest [`RETIRED_KEPT`] are
+//! forgotten once their library was released, so a daemon that reloads on
+//! every deploy for months keeps a few records per plugin, not one per
+//! reload.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     ops::{Index, IndexMut},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     Core,
@@ -34,6 +41,11 @@ use crate::{
 /// idle ones are retired when another generation becomes current.
 const STANDBY_KEPT: usize = 4;
 
+/// Retired generations of a plugin whose records are kept (listed, and
+/// answering `ActivatePlugin` with `GenerationRetired`); the records of
+/// older retired ones are forgotten once their library was released.
+const RETIRED_KEPT: usize = 8;
+
 /// One generation of a plugin.
 pub(super) struct Generation {
     pub(super) loaded: LoadedPlugin,
@@ -43,35 +55,75 @@ pub(super) struct Generation {
     /// The number users see: 1, 2, ... per plugin name.
     pub(super) generation: u32,
     pub(super) retired: bool,
+    /// Retired, and its library released (`unload_if_unused`): none of its
+    /// code runs again, and no channel, listening listener or `current`
+    /// names it any more.
+    pub(super) released: bool,
     pub(super) panics: u64,
     pub(super) live_channels: u64,
 }
 
-/// Every generation of every plugin, in load order: channels and listeners
+/// The generations of every plugin, in load order: channels and listeners
 /// refer to theirs by [`GenerationIndex`].
+///
+/// Indices grow with each load and are never reused, so the index of a
+/// forgotten record names no other generation. A record is forgotten
+/// ([`Core::forget_old_generations`]) only once it is retired and released,
+/// so every index that a channel in the map, a listening listener or
+/// `current` holds names a record, and indexing with it cannot fail. The
+/// indices that may outlive their record, a stopped listener's and a drain
+/// timer's, are looked up with [`get`](Generations::get).
 #[derive(Default)]
-pub(super) struct Generations(Vec<Generation>);
+pub(super) struct Generations {
+    records: BTreeMap<GenerationIndex, Generation>,
+    next_index: usize,
+    /// Every plugin name ever loaded, in the order first loaded, with the
+    /// highest generation number it was given: forgotten records included,
+    /// so numbers keep increasing.
+    names: Vec<(Arc<str>, u32)>,
+    /// A generation was retired or released since the last
+    /// [`Core::forget_old_generations`]: a record may be forgettable.
+    forget_due: bool,
+}
 
 impl Generations {
     fn push(&mut self, generation: Generation) -> GenerationIndex {
-        self.0.push(generation);
-        GenerationIndex(self.0.len() - 1)
-    }
-
-    /// The generations of plugin `name`, oldest first.
-    fn of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = GenerationIndex> + 'a {
-        self.0.iter().enumerate().filter(move |(_, g)| g.loaded.name == name).map(|(i, _)| GenerationIndex(i))
-    }
-
-    /// Every plugin name, in the order first loaded.
-    fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = Vec::new();
-        for entry in &self.0 {
-            if !names.contains(&entry.loaded.name.as_str()) {
-                names.push(&entry.loaded.name);
-            }
+        let index = GenerationIndex(self.next_index);
+        self.next_index += 1;
+        match self.names.iter_mut().find(|(name, _)| *name == generation.name) {
+            Some((_, newest)) => *newest = (*newest).max(generation.generation),
+            None => self.names.push((generation.name.clone(), generation.generation)),
         }
-        names
+        self.records.insert(index, generation);
+        index
+    }
+
+    /// The generation at `index`, unless its record was forgotten.
+    pub(super) fn get(&self, index: GenerationIndex) -> Option<&Generation> {
+        self.records.get(&index)
+    }
+
+    /// The highest generation number plugin `name` was ever given (0 for a
+    /// name never loaded), whether or not its record is still kept.
+    fn newest_number(&self, name: &str) -> u32 {
+        self.names.iter().find(|(n, _)| **n == *name).map_or(0, |&(_, newest)| newest)
+    }
+
+    /// The generations of plugin `name` whose records are kept, oldest
+    /// first.
+    fn of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = GenerationIndex> + 'a {
+        self.records.iter().filter(move |(_, g)| *g.name == *name).map(|(&index, _)| index)
+    }
+
+    /// Every plugin name with a kept record, in the order first loaded.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(|(name, _)| &**name).filter(|&name| self.of(name).next().is_some())
+    }
+
+    /// How many records are kept, of every plugin.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.records.len()
     }
 }
 
@@ -79,13 +131,15 @@ impl Index<GenerationIndex> for Generations {
     type Output = Generation;
 
     fn index(&self, index: GenerationIndex) -> &Generation {
-        &self.0[index.0]
+        self.records.get(&index).expect("a generation that a channel, a listening listener or `current` names is kept")
     }
 }
 
 impl IndexMut<GenerationIndex> for Generations {
     fn index_mut(&mut self, index: GenerationIndex) -> &mut Generation {
-        &mut self.0[index.0]
+        self.records
+            .get_mut(&index)
+            .expect("a generation that a channel, a listening listener or `current` names is kept")
     }
 }
 
@@ -101,9 +155,9 @@ impl Core {
 
     /// [`add_plugin`](Core::add_plugin), numbering the generation
     /// `requested` when given (a restore of saved state): it must be above
-    /// every generation of the plugin, and it becomes current only with
-    /// `activate`, so that a plugin saved with no current generation is
-    /// restored so.
+    /// every generation the plugin was given (forgotten ones included), and
+    /// it becomes current only with `activate`, so that a plugin saved with
+    /// no current generation is restored so.
     pub(super) fn add_plugin_as(
         &mut self,
         plugin: LoadedPlugin,
@@ -112,7 +166,7 @@ impl Core {
         requested: Option<u32>,
     ) -> Result<PluginInfo, CommandError> {
         let name = plugin.name.clone();
-        let newest = self.plugins.of(&name).map(|i| self.plugins[i].generation).max().unwrap_or(0);
+        let newest = self.plugins.newest_number(&name);
         let generation = match requested {
             None => newest + 1,
             Some(generation) if generation > newest => generation,
@@ -135,12 +189,17 @@ impl Core {
             loaded: plugin,
             generation,
             retired: false,
+            released: false,
             panics: 0,
             live_channels: 0,
         });
-        if activate || (requested.is_none() && !self.current.contains_key(&name)) {
-            self.activate(index, drain_timeout)?;
-        }
+        let activated = if activate || (requested.is_none() && !self.current.contains_key(&name)) {
+            self.activate(index, drain_timeout)
+        } else {
+            Ok(())
+        };
+        self.forget_old_generations();
+        activated?;
         Ok(self.plugin_info(&name))
     }
 
@@ -154,7 +213,9 @@ impl Core {
         if self.plugins[index].retired {
             return Err(CommandError::GenerationRetired { name: name.to_string(), generation });
         }
-        self.activate(index, drain_timeout)?;
+        let activated = self.activate(index, drain_timeout);
+        self.forget_old_generations();
+        activated?;
         Ok(self.plugin_info(name))
     }
 
@@ -222,6 +283,7 @@ impl Core {
             }
             if let Some(listener) = self.listeners.get_mut(&listener_id) {
                 listener.generation = index;
+                listener.generation_number = self.plugins[index].generation;
             }
         }
         let previous = self.current.insert(name.clone(), index);
@@ -321,7 +383,10 @@ impl Core {
     /// The drain timeout of an activation passed: close (gracefully) every
     /// channel of the plugin's other generations.
     pub(super) fn drain_generations(&mut self, keep: GenerationIndex) {
-        let name = self.plugins[keep].loaded.name.clone();
+        // A forgotten generation was retired, so it is not current: its
+        // activation no longer decides what drains.
+        let Some(entry) = self.plugins.get(keep) else { return };
+        let name = entry.loaded.name.clone();
         if self.current.get(&name) != Some(&keep) {
             // Another generation was made current since: its own
             // activation decides what drains.
@@ -379,10 +444,9 @@ impl Core {
             self.shut_down(slot, ShutdownReason::Unload);
         }
         for &index in &targets {
-            let entry = &mut self.plugins[index];
-            if !entry.retired {
-                entry.retired = true;
-                info!(plugin = %name, generation = entry.generation, "generation retired");
+            if !self.plugins[index].retired {
+                self.retire(index);
+                info!(plugin = %name, generation = self.plugins[index].generation, "generation retired");
             }
             if self.current.get(name) == Some(&index) {
                 self.current.remove(name);
@@ -391,6 +455,7 @@ impl Core {
         for &index in &targets {
             self.unload_if_unused(index);
         }
+        self.forget_old_generations();
         Ok(self.plugin_info(name))
     }
 
@@ -413,11 +478,26 @@ impl Core {
         // Oldest first: keep the newest STANDBY_KEPT.
         let excess = idle.len().saturating_sub(STANDBY_KEPT);
         for &index in &idle[..excess] {
-            let entry = &mut self.plugins[index];
-            entry.retired = true;
-            info!(plugin = %name, generation = entry.generation, "generation retired: more than {STANDBY_KEPT} idle generations");
+            self.retire(index);
+            info!(plugin = %name, generation = self.plugins[index].generation, "generation retired: more than {STANDBY_KEPT} idle generations");
             self.unload_if_unused(index);
         }
+    }
+
+    /// Marks generation `index` retired: never made current or called
+    /// again once its channels are gone.
+    fn retire(&mut self, index: GenerationIndex) {
+        self.plugins[index].retired = true;
+        // One more retired generation may push an older one's record past
+        // the newest RETIRED_KEPT.
+        self.plugins.forget_due = true;
+    }
+
+    /// Whether a channel or a listening dispatcher of generation `index` is
+    /// left.
+    fn in_use(&self, index: GenerationIndex) -> bool {
+        self.plugins[index].live_channels > 0
+            || self.listeners.values().any(|l| l.generation == index && l.channel.is_some())
     }
 
     /// Closes the library of a retired generation once nothing of it can
@@ -427,10 +507,7 @@ impl Core {
     /// never called again; the log says which.
     pub(super) fn unload_if_unused(&mut self, index: GenerationIndex) {
         let entry = &self.plugins[index];
-        if !entry.retired || entry.live_channels > 0 {
-            return;
-        }
-        if self.listeners.values().any(|l| l.generation == index && l.channel.is_some()) {
+        if !entry.retired || entry.released || self.in_use(index) {
             return;
         }
         let entry = &mut self.plugins[index];
@@ -438,8 +515,42 @@ impl Core {
         // channel or listener of it is left, so no dispatcher, timer or
         // entry point of it can run.
         let outcome = unsafe { entry.loaded.release_image() };
+        entry.released = true;
         if outcome != Unloaded::NoLibrary {
             info!(plugin = %entry.loaded.name, generation = entry.generation, "library of a retired generation: {outcome}");
+        }
+        self.plugins.forget_due = true;
+    }
+
+    /// Forgets the records of each plugin's retired generations past its
+    /// newest [`RETIRED_KEPT`] retired ones, once their library was
+    /// released: dropping the record frees what the load held (its
+    /// `host_data` record only if the library was unmapped; see
+    /// `LoadedPlugin`). A released generation is retired (not `current`)
+    /// and nothing of it is in use, so only a stopped listener or a drain
+    /// timer may still hold its index, and both look it up with
+    /// [`Generations::get`].
+    ///
+    /// Called only where no [`GenerationIndex`] is held across it: at the
+    /// end of a command that may retire a generation, and at the start of
+    /// each pass for the libraries released as channels closed. Cheap when
+    /// nothing was retired or released since the last call.
+    pub(super) fn forget_old_generations(&mut self) {
+        if !std::mem::take(&mut self.plugins.forget_due) {
+            return;
+        }
+        let mut forgettable = Vec::new();
+        for (name, _) in &self.plugins.names {
+            let retired: Vec<GenerationIndex> = self.plugins.of(name).filter(|&i| self.plugins[i].retired).collect();
+            // Oldest first: keep the newest RETIRED_KEPT.
+            let excess = retired.len().saturating_sub(RETIRED_KEPT);
+            forgettable
+                .extend(retired[..excess].iter().copied().filter(|&i| self.plugins[i].released && !self.in_use(i)));
+        }
+        for index in forgettable {
+            if let Some(entry) = self.plugins.records.remove(&index) {
+                debug!(plugin = %entry.name, generation = entry.generation, "record of a retired generation forgotten");
+            }
         }
     }
 
@@ -459,7 +570,7 @@ impl Core {
     }
 
     pub(super) fn list_plugins(&self) -> Vec<PluginInfo> {
-        self.plugins.names().into_iter().map(|name| self.plugin_info(name)).collect()
+        self.plugins.names().map(|name| self.plugin_info(name)).collect()
     }
 
     pub(super) fn plugin_info(&self, name: &str) -> PluginInfo {
