@@ -2,19 +2,34 @@
 //! asyncore documentation's client, pipelining, HEAD, error statuses and
 //! when they close, path escapes; and, on the binary, whose memory is its
 //! own, a 100 MiB download in bounded memory for fast and slow readers.
+//!
+//! Then the limits against a slowloris, on the binary, whose log and
+//! `/metrics` are the operator's trace: connections dribbling a head get
+//! 408 within `head_timeout` while others are served, an idle kept-alive
+//! connection is closed after `keepalive_timeout`, connection N+1 from one
+//! address is refused under `max_connections_per_ip`, each refusal is
+//! logged and counted (status page and plugin metrics), and a setting out
+//! of its range is refused at `StartListener`, naming the key and range.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use asyncore_proto::v1;
-use asyncore_tests::{Client, Daemon, InProcessDaemon, Options, Rng, TempDir, connect};
+use asyncore_tests::{Client, Daemon, InProcessDaemon, Options, Rng, TempDir, connect, eventually, patience};
 use tonic::Code;
 
-use crate::runtime;
+use crate::{
+    http_api::{Http, http_address_of},
+    runtime,
+};
 
 fn options() -> Options {
     Options { plugins: vec!["asyncore_plugin_http"], ..Options::default() }
@@ -625,4 +640,357 @@ fn keep_alive_requests_cost_no_change_of_interest() {
     let passes = after.passes - before.passes;
     println!("{REQUESTS} keep-alive requests: {changes} changes of interest, {passes} passes");
     assert!(changes < REQUESTS / 10, "{changes} changes of interest for {REQUESTS} requests");
+}
+
+// The limits of a slowloris (issue item 7), on the binary: its log is the
+// operator's trace of what was refused, and its `/metrics` the count.
+
+/// How late past a timeout the daemon may close and still pass: its timer
+/// comes due on the poll loop within milliseconds, the rest is slack for a
+/// loaded machine. Without the limit the connection would be held until
+/// the read's patience ran out (or for the 80 s its head takes to dribble).
+const MARGIN: Duration = Duration::from_secs(2);
+
+/// A request head of 400 bytes: 80 s to send at one byte per 200 ms.
+fn slow_head() -> String {
+    let head = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Slow: {}\r\n\r\n", "s".repeat(400 - 37));
+    assert_eq!(head.len(), 400);
+    head
+}
+
+/// Writes `bytes` on `stream` one at a time, `every` apart, on a thread of
+/// its own, counting in `sent` what went out, until all did, a write fails
+/// or `stop` is set. Every byte is activity, so no idle timeout ever fires
+/// on such a connection.
+fn dribble(
+    stream: &TcpStream,
+    bytes: String,
+    every: Duration,
+    sent: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let mut stream = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for byte in bytes.as_bytes() {
+            if stop.load(Ordering::Relaxed) || stream.write_all(std::slice::from_ref(byte)).is_err() {
+                return;
+            }
+            sent.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(every);
+        }
+    })
+}
+
+/// Asserts that the server closed the connection without another byte:
+/// EOF, or a reset (when it closed with bytes of the client unread, or
+/// they came after its close).
+#[track_caller]
+fn assert_closed_or_reset(reader: &mut impl Read) {
+    let mut rest = Vec::new();
+    match reader.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the server did not close the connection: {e}"),
+    }
+    assert!(rest.is_empty(), "unexpected bytes after the response: {:?}", String::from_utf8_lossy(&rest));
+}
+
+/// The listener's status page (at `/status`), asked on `stream`, which is
+/// kept alive; `reader` reads that stream.
+#[track_caller]
+fn status_on(stream: &mut TcpStream, reader: &mut impl BufRead) -> String {
+    stream.write_all(b"GET /status HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    let response = read_response(reader, false);
+    assert_eq!(response.status, 200, "{}", response.text());
+    response.text()
+}
+
+/// The listener's status page (at `/status`), asked on a new connection.
+#[track_caller]
+fn status_page(address: SocketAddr) -> String {
+    let (response, _) = exchange(address, b"GET /status HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+    assert_eq!(response.status, 200, "{}", response.text());
+    response.text()
+}
+
+/// The value of the sample `name` (labels included) on a status page.
+#[track_caller]
+fn sample(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} on the status page:\n{page}"))
+}
+
+/// The http plugin's metric `name` on the daemon's `GET /metrics` (of its
+/// one generation), if defined.
+fn plugin_metric(daemon: &Daemon, name: &str) -> Option<f64> {
+    let text = runtime().block_on(async {
+        let answer = Http::new(http_address_of(daemon).await).get("/metrics").await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        answer.text()
+    });
+    text.lines().find_map(|line| {
+        let (labels, value) = line.strip_prefix(name)?.strip_prefix('{')?.split_once("} ")?;
+        labels.contains("plugin=\"http\"").then(|| value.parse().unwrap())
+    })
+}
+
+/// The daemon's log lines that contain `text`, once there are `n` of them
+/// (the log is written by a thread of its own, a moment later).
+#[track_caller]
+fn log_lines(daemon: &Daemon, text: &str, n: usize) -> Vec<String> {
+    let lines = || daemon.log().lines().filter(|line| line.contains(text)).map(str::to_string).collect::<Vec<_>>();
+    runtime().block_on(eventually!(
+        async || lines().len() >= n,
+        "{n} log lines with {text:?}; the log:\n{}",
+        daemon.log()
+    ));
+    let lines = lines();
+    assert_eq!(lines.len(), n, "log lines with {text:?}: {lines:#?}");
+    lines
+}
+
+#[test]
+fn slowloris_connections_get_408_within_head_timeout_while_a_normal_client_is_served() {
+    const SLOW: usize = 16;
+    const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+    let daemon = start_binary();
+    let address = listen_on_binary(&daemon, &[("head_timeout", "1s"), ("status_path", "/status")]);
+
+    let slow: Vec<_> = (0..SLOW)
+        .map(|_| {
+            let connected = Instant::now();
+            let stream = connect(address);
+            let (sent, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+            let writer = dribble(&stream, slow_head(), Duration::from_millis(200), sent.clone(), stop.clone());
+            (connected, BufReader::new(stream), sent, stop, writer)
+        })
+        .collect();
+
+    // While they dribble, a normal client is served at once.
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let (response, _) = exchange(address, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+    assert_eq!(response.status, 200);
+    assert!(asked.elapsed() < HEAD_TIMEOUT, "a normal client waited {:?} among the slowloris", asked.elapsed());
+
+    let mut writers = Vec::new();
+    for (connected, mut reader, sent, stop, writer) in slow {
+        let response = read_response(&mut reader, false);
+        let elapsed = connected.elapsed();
+        let sent_by_then = sent.load(Ordering::Relaxed);
+        assert_eq!((response.status, response.text().as_str()), (408, "408 Request Timeout\n"));
+        assert_eq!(response.header("connection"), Some("close"));
+        assert_closed_or_reset(&mut reader);
+        // The clock runs from accept, which comes after connect began.
+        assert!(elapsed >= HEAD_TIMEOUT, "408 after {elapsed:?}, before head_timeout");
+        assert!(elapsed <= HEAD_TIMEOUT + MARGIN, "408 only after {elapsed:?}: head_timeout is 1s");
+        // A byte every 200 ms all along (five in a second): busy, never
+        // idle, and far from a complete head.
+        assert!((3..100).contains(&sent_by_then), "{sent_by_then} bytes went out before the 408");
+        // Stopped now, joined later: a writer takes up to 200 ms to see it.
+        stop.store(true, Ordering::Relaxed);
+        writers.push(writer);
+    }
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    // The listener serves on.
+    let (response, _) = exchange(address, b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(response.status, 200);
+
+    // The trace: a line each, a count on the status page and in /metrics.
+    let lines = log_lines(&daemon, "refused with 408 Request Timeout", SLOW);
+    for line in &lines {
+        assert!(line.contains("plugin=http"), "the plugin is named: {line}");
+        assert!(line.contains("(peer 127.0.0.1:"), "{line}");
+        assert!(line.contains("no complete request head within 1s (head_timeout); closing"), "{line}");
+    }
+    assert!(lines.iter().any(|line| line.contains(&format!("({SLOW} so far on this listener)"))), "{lines:#?}");
+    let page = status_page(address);
+    assert_eq!(sample(&page, "asyncored_http_requests_refused_total{status=\"408\"}"), SLOW as u64, "{page}");
+    assert_eq!(sample(&page, "asyncored_http_requests_refused_total{status=\"431\"}"), 0, "{page}");
+    assert_eq!(plugin_metric(&daemon, "http_responses_408_total"), Some(SLOW as f64));
+}
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed_after_keepalive_timeout() {
+    const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+    let daemon = start_binary();
+    let address = listen_on_binary(&daemon, &[("keepalive_timeout", "1s"), ("status_path", "/status")]);
+
+    let mut idle = connect(address);
+    let asked = Instant::now();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    let mut idle_reader = BufReader::new(idle.try_clone().unwrap());
+    let response = read_response(&mut idle_reader, false);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("connection"), None, "kept alive");
+    let answered = Instant::now();
+
+    // A connection that asks again within the timeout is kept, for longer
+    // than the timeout in all.
+    let mut busy = connect(address);
+    let mut busy_reader = BufReader::new(busy.try_clone().unwrap());
+    for _ in 0..5 {
+        busy.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut busy_reader, false).status, 200);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+
+    // The idle one is closed quietly: EOF, no 408.
+    assert_closed(&mut idle_reader);
+    let (since_asked, since_answered) = (asked.elapsed(), answered.elapsed());
+    assert!(since_asked >= KEEPALIVE_TIMEOUT, "closed {since_asked:?} after the request, before keepalive_timeout");
+    assert!(since_answered <= KEEPALIVE_TIMEOUT + MARGIN, "closed only {since_answered:?} after the answer");
+
+    let page = status_on(&mut busy, &mut busy_reader);
+    assert_eq!(sample(&page, "asyncored_http_keepalive_closed_total"), 1, "{page}");
+    assert_eq!(sample(&page, "asyncored_http_requests_refused_total{status=\"408\"}"), 0, "{page}");
+    assert!(!daemon.log().contains("refused with"), "{}", daemon.log());
+}
+
+/// A connection to `address` from the source address `source`.
+fn connect_from(source: &str, address: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&format!("{source}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+    socket.connect_timeout(&address.into(), patience()).unwrap_or_else(|e| panic!("connect from {source}: {e}"));
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(patience())).unwrap();
+    stream.set_write_timeout(Some(patience())).unwrap();
+    stream
+}
+
+#[test]
+fn the_per_address_limit_refuses_connection_n_plus_1_and_leaves_a_trace() {
+    const N: usize = 3;
+    let daemon = start_binary();
+    let address = listen_on_binary(&daemon, &[("max_connections_per_ip", "3"), ("status_path", "/status")]);
+    let get = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n";
+
+    // N kept-alive connections from 127.0.0.1, each served.
+    let mut admitted: Vec<_> = (0..N)
+        .map(|_| {
+            let mut stream = connect(address);
+            stream.write_all(get).unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            assert_eq!(read_response(&mut reader, false).status, 200);
+            (stream, reader)
+        })
+        .collect();
+
+    // Connection N+1 from the same address is closed at accept, unanswered.
+    let mut extra = connect(address);
+    assert_closed_or_reset(&mut extra);
+    let lines = log_lines(&daemon, "connection refused: 127.0.0.1 already has 3 open (max_connections_per_ip)", 1);
+    assert!(lines[0].contains("; 1 refused so far on this listener"), "{lines:#?}");
+
+    // Another source address has a budget of its own.
+    let mut other = connect_from("127.0.0.2", address);
+    other.write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").unwrap();
+    let mut other_reader = BufReader::new(other);
+    assert_eq!(read_response(&mut other_reader, false).status, 200);
+    assert_closed(&mut other_reader);
+
+    // The first N are still served, and count the refusal.
+    for (stream, reader) in &mut admitted {
+        stream.write_all(get).unwrap();
+        assert_eq!(read_response(reader, false).status, 200);
+    }
+    let (stream, reader) = &mut admitted[0];
+    let page = status_on(stream, reader);
+    let refused = "asyncored_http_connections_refused_total{reason=\"max_connections_per_ip\"}";
+    assert_eq!(sample(&page, refused), 1, "{page}");
+    assert_eq!(sample(&page, "asyncored_http_connections_open"), N as u64, "{page}");
+    assert_eq!(sample(&page, "asyncored_http_connections_accepted_total"), N as u64 + 1, "{page}");
+
+    // Once one of them closes, 127.0.0.1 is admitted again.
+    admitted.pop();
+    let try_get = || {
+        let mut stream = connect(address);
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).ok()?;
+        line.get(9..12).and_then(|code| code.parse::<u16>().ok())
+    };
+    runtime().block_on(eventually!(async || try_get() == Some(200), "a connection admitted after a close"));
+}
+
+#[test]
+fn oversized_heads_leave_a_trace_in_the_log_and_the_counts() {
+    let daemon = start_binary();
+    let address = listen_on_binary(&daemon, &[("max_header_bytes", "1024"), ("status_path", "/status")]);
+    let cases = [
+        (format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "a".repeat(1100)), 414),
+        (format!("GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n", "p".repeat(1100)), 431),
+        (format!("GET / HTTP/1.1\r\nHost: h\r\n{}\r\n", "X-A: b\r\n".repeat(200)), 431),
+    ];
+    for (request, status) in cases {
+        let mut stream = connect(address);
+        // The answer comes before the whole request is read: write from
+        // another thread, and do not mind if the server stops taking it.
+        let mut writer = stream.try_clone().unwrap();
+        let write = std::thread::spawn(move || {
+            let _ = writer.write_all(request.as_bytes());
+        });
+        let mut reader = BufReader::new(&mut stream);
+        let response = read_response(&mut reader, false);
+        assert_eq!(response.status, status);
+        assert_eq!(response.header("connection"), Some("close"));
+        assert_closed_or_reset(&mut reader);
+        write.join().unwrap();
+    }
+
+    let uri = log_lines(&daemon, "refused with 414 URI Too Long (peer 127.0.0.1:", 1);
+    assert!(uri[0].contains("request line over 1024 bytes (max_header_bytes); closing (1 so far"), "{uri:#?}");
+    let head = log_lines(&daemon, "refused with 431 Request Header Fields Too Large (peer 127.0.0.1:", 2);
+    assert!(head.iter().all(|line| line.contains("request head over 1024 bytes (max_header_bytes)")), "{head:#?}");
+    assert!(head[1].contains("(2 so far on this listener)"), "{head:#?}");
+    let page = status_page(address);
+    assert_eq!(sample(&page, "asyncored_http_requests_refused_total{status=\"414\"}"), 1, "{page}");
+    assert_eq!(sample(&page, "asyncored_http_requests_refused_total{status=\"431\"}"), 2, "{page}");
+    assert_eq!(plugin_metric(&daemon, "http_responses_414_total"), Some(1.0));
+    assert_eq!(plugin_metric(&daemon, "http_responses_431_total"), Some(2.0));
+}
+
+#[test]
+fn settings_out_of_range_are_refused_at_listener_start_naming_key_and_range() {
+    let daemon = start_binary();
+    let timeouts = "out of range: expected 0 (no limit) or 100ms to 1h";
+    let cases = [
+        // The longest the parser takes: 584 million years, no deadline in
+        // all but name.
+        ("head_timeout", "18446744073709551615ms", timeouts),
+        ("head_timeout", "1000000h", timeouts),
+        ("keepalive_timeout", "2h", timeouts),
+        ("keepalive_timeout", "10ms", timeouts),
+        ("max_header_bytes", "1073741824", "out of range: expected 64 to 1048576"),
+        ("high_water", "0", "out of range: expected 1024 to 67108864"),
+        ("max_connections_per_ip", "2000000", "out of range: expected 0 (no limit) or 1 to 1000000"),
+    ];
+    runtime().block_on(async {
+        let mut client = daemon.client().await;
+        for (key, value, range) in cases {
+            let request = v1::StartListenerRequest {
+                address: "127.0.0.1:0".to_string(),
+                plugin: "http".to_string(),
+                config: [(key.to_string(), value.to_string())].into(),
+            };
+            let status = client.listeners.start_listener(request).await.expect_err("an out-of-range value is refused");
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            let expected = format!("config {key}: invalid value {value:?}: {range}");
+            assert!(status.message().contains(&expected), "{key}={value}: {:?}", status.message());
+            assert!(status.message().contains("http"), "the plugin is named: {:?}", status.message());
+        }
+        let listeners = client.listeners.list_listeners(v1::ListListenersRequest::default()).await.unwrap();
+        assert!(listeners.into_inner().listeners.is_empty(), "a refused listener was started");
+        // The ends of the ranges are accepted.
+        let high = [("head_timeout", "1h"), ("keepalive_timeout", "1h"), ("max_header_bytes", "1048576")];
+        client.start_listener("http", &high).await;
+    });
+    // As the command line shows it.
+    let output = daemon.ctl(&["listeners", "start", "127.0.0.1:0", "http", "-c", "head_timeout=1000000h"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("config head_timeout: invalid value \"1000000h\": {timeouts}")), "{stderr}");
 }
