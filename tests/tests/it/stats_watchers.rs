@@ -18,7 +18,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Endpoint};
 
-use crate::runtime;
+use crate::{http_api::http_address_of, runtime};
 
 /// Channels the watchers watch: each update carries one entry per channel.
 const N_CHANNELS: usize = 3000;
@@ -414,18 +414,6 @@ impl std::fmt::Display for Usage {
     }
 }
 
-/// The address of the daemon's HTTP API, from its log.
-async fn http_address(daemon: &Daemon) -> SocketAddr {
-    let line = eventually!(
-        async || daemon.log().lines().find(|l| l.contains("http api listening")).map(str::to_string),
-        "the http api in the log:\n{}",
-        daemon.log()
-    )
-    .await;
-    let address = line.split_whitespace().find_map(|w| w.strip_prefix("address=")).expect("address=");
-    address.parse().unwrap_or_else(|e| panic!("{address}: {e}"))
-}
-
 /// The time the daemon's poll-loop thread spent on a CPU so far, to the
 /// nanosecond (`/proc/PID/task/TID/schedstat`); `None` if the kernel does
 /// not keep it.
@@ -565,7 +553,7 @@ fn watchers_of_what_changed_cost_what_changed() {
         // What a snapshot of every channel costs the loop: each scrape of
         // /metrics takes one (for the bytes of the live channels).
         const SCRAPES: u32 = 30;
-        let metrics = format!("http://{}/metrics", http_address(&daemon).await);
+        let metrics = format!("http://{}/metrics", http_address_of(&daemon).await);
         let http = reqwest::Client::builder().timeout(patience()).build().expect("an HTTP client");
         let (on_loop, exactly, wall) = (daemon.thread_cpu_time("poll-loop"), loop_runtime(&daemon), Instant::now());
         for _ in 0..SCRAPES {
