@@ -102,8 +102,11 @@ fn metrics_count_accepts_bytes_panics_and_generations() {
         let after = eventually!(
             async || {
                 let metrics = Metrics::scrape(&http).await;
+                // A closed channel leaves its listener's count when its
+                // dispatcher goes and the map once its socket has lingered.
                 let settled = metrics.gauge("asyncored_listener_channels", &[("listener", &echo)]) == 1.0
-                    && metrics.gauge("asyncored_listener_channels", &[("listener", &panicky)]) == 0.0;
+                    && metrics.gauge("asyncored_listener_channels", &[("listener", &panicky)]) == 0.0
+                    && metrics.gauge("asyncored_channels_open", &[]) == 3.0;
                 settled.then_some(metrics)
             },
             "the closes to show in /metrics"
@@ -120,7 +123,6 @@ fn metrics_count_accepts_bytes_panics_and_generations() {
         assert_eq!(after.counter("asyncored_plugin_generation_panics_total", &panicky1), 1.0);
         assert_eq!(after.counter("asyncored_plugin_generation_panics_total", &[("plugin", "echo")]), 0.0);
         assert_eq!(after.gauge("asyncored_plugin_generation_live_channels", &[("plugin", "echo")]), 1.0);
-        assert_eq!(after.gauge("asyncored_channels_open", &[]), 3.0, "two listening sockets and one peer");
         let echo1 = |state| [("plugin", "echo"), ("generation", "1"), ("state", state)];
         assert_eq!(after.gauge("asyncored_plugin_generation_state", &echo1("current")), 1.0);
         assert_eq!(after.gauge("asyncored_plugin_generation_state", &echo1("standby")), 0.0);
