@@ -112,6 +112,10 @@ use crate::plugin_metrics::PluginShared;
 /// disk the private copy is written to.
 pub const MAX_LIBRARY_SIZE: u64 = 512 << 20;
 
+/// The longest name, version or SDK version a plugin may declare (a
+/// plugin's entry in `ListPlugins` stays small whatever it declares).
+pub(crate) const MAX_DESCRIPTOR_TEXT: usize = 128;
+
 /// Why a library could not be loaded as a plugin.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginLoadError {
@@ -134,6 +138,10 @@ pub enum PluginLoadError {
     PanicAbort { path: PathBuf },
     #[error("plugin {path}: refused the host's abi version {}.{}", ffi::ABI_MAJOR, ffi::ABI_MINOR)]
     InitRefused { path: PathBuf },
+    #[error(
+        "plugin {path}: its {field} is {len} bytes; at most {MAX_DESCRIPTOR_TEXT} are allowed (and a name of at least 1)"
+    )]
+    DescriptorText { path: PathBuf, field: &'static str, len: usize },
     #[error("plugin {name}: on_load failed: {message}")]
     OnLoad { name: String, message: String },
     #[error(
@@ -458,6 +466,7 @@ fn adopt(
     // so nothing points into the library once it is closed.
     let (name, version, sdk_version) =
         unsafe { (name.to_string_lossy(), version.to_string_lossy(), sdk_version.to_string_lossy()) };
+    check_descriptor_text(&path, [("name", &name), ("version", &version), ("sdk_version", &sdk_version)])?;
 
     let shared = (host.host_data)(&name);
     // SAFETY: the host's table is static; host_data is the host's own
@@ -499,6 +508,16 @@ fn adopt(
 /// # Errors
 ///
 /// If reading fails.
+/// Refuses a descriptor whose texts are longer than [`MAX_DESCRIPTOR_TEXT`],
+/// or whose name is empty.
+fn check_descriptor_text<const N: usize>(path: &Path, texts: [(&'static str, &str); N]) -> Result<(), PluginLoadError> {
+    let bad = |&(field, text): &(&str, &str)| text.len() > MAX_DESCRIPTOR_TEXT || (field == "name" && text.is_empty());
+    match texts.into_iter().find(bad) {
+        Some((field, text)) => Err(PluginLoadError::DescriptorText { path: path.to_owned(), field, len: text.len() }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn sha256_of(reader: &mut impl Read) -> io::Result<String> {
     let mut hasher = Sha256::new();
     io::copy(reader, &mut HashWriter(&mut hasher))?;
@@ -881,7 +900,23 @@ mod elf {
 mod tests {
     use std::{path::Path, sync::Arc};
 
-    use super::{PrivateDir, elf, private_dir_of, remove_stale_private_dirs, sha256_of};
+    use super::{
+        MAX_DESCRIPTOR_TEXT, PrivateDir, check_descriptor_text, elf, private_dir_of, remove_stale_private_dirs,
+        sha256_of,
+    };
+
+    #[test]
+    fn descriptor_texts_are_bounded_and_a_name_is_needed() {
+        let path = Path::new("/plugins/p.so");
+        let long = "v".repeat(MAX_DESCRIPTOR_TEXT + 1);
+        assert!(check_descriptor_text(path, [("name", "p"), ("version", ""), ("sdk_version", "0.1.0")]).is_ok());
+        let refusal = |texts| check_descriptor_text(path, texts).unwrap_err().to_string();
+        assert_eq!(
+            refusal([("name", "p"), ("version", &long), ("sdk_version", "0.1.0")]),
+            "plugin /plugins/p.so: its version is 129 bytes; at most 128 are allowed (and a name of at least 1)"
+        );
+        assert!(refusal([("name", ""), ("version", "1"), ("sdk_version", "1")]).contains("its name is 0 bytes"));
+    }
 
     /// This test binary: a complete ELF file of this host (a PIE, so of
     /// type shared object, as a plugin is).

@@ -20,6 +20,10 @@ use crate::command::{MetricKind, PluginMetric};
 /// Metrics one plugin generation may define.
 pub(crate) const MAX_METRICS: usize = 64;
 
+/// A metric's help text is cut to this many bytes, so that one plugin's
+/// entry in `ListPlugins` stays far below a reply's 4 MiB.
+pub(crate) const MAX_HELP_BYTES: usize = 1024;
+
 /// A plugin's `host_data`.
 pub(crate) struct PluginShared {
     pub(crate) name: Box<str>,
@@ -81,6 +85,7 @@ impl PluginShared {
             self.taken.store(MAX_METRICS, Ordering::Release);
             return Err(DefineError::Full);
         };
+        let help = help.get(..help.floor_char_boundary(MAX_HELP_BYTES)).unwrap_or_default();
         let _ = slot.def.set(MetricDef { name: name.to_owned(), help: help.to_owned(), kind });
         Ok(id)
     }
@@ -162,5 +167,16 @@ mod tests {
         }
         assert_eq!(shared.define(MetricKind::Counter, "one_more", ""), Err(DefineError::Full));
         assert_eq!(shared.snapshot().len(), MAX_METRICS);
+    }
+
+    #[test]
+    fn long_names_are_refused_and_long_help_is_cut_at_a_character() {
+        let shared = PluginShared::new("p");
+        assert_eq!(shared.define(MetricKind::Counter, &"n".repeat(129), ""), Err(DefineError::Invalid));
+        shared.define(MetricKind::Counter, &"n".repeat(128), &"é".repeat(1000)).unwrap();
+        let help = &shared.snapshot()[0].help;
+        assert_eq!((help.len(), help.chars().count()), (MAX_HELP_BYTES, MAX_HELP_BYTES / 2));
+        shared.define(MetricKind::Counter, "odd", &format!("x{}", "é".repeat(1000))).unwrap();
+        assert_eq!(shared.snapshot()[1].help.len(), MAX_HELP_BYTES - 1, "not in the middle of a character");
     }
 }
