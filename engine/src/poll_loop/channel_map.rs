@@ -111,7 +111,8 @@ impl ChannelMap {
     }
 
     /// Ends the current stats epoch: returns it, and the live channels
-    /// that changed after epoch `since` (`None`: no longer known).
+    /// that changed after epoch `since` (`None`: a first request, since 0,
+    /// or no longer known).
     pub(super) fn changed_since(&mut self, since: u64) -> (u64, Option<Vec<ChannelId>>) {
         let ChannelMap { slots, ids, changes, .. } = self;
         let noted_in = |id| {

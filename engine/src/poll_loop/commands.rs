@@ -407,7 +407,6 @@ impl Core {
     /// epoch `since`, or a full snapshot when the change log cannot say.
     fn stats_changes(&mut self, filter: &StatsFilter, closed_after: u64, since: u64) -> StatsSnapshot {
         let (epoch, changed) = self.channels.changed_since(since);
-        let changed = changed.filter(|_| since > 0);
         let Some(changed) = changed else {
             return StatsSnapshot { epoch, ..self.stats_snapshot(filter, closed_after) };
         };
