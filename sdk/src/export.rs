@@ -126,6 +126,11 @@ pub(crate) fn host_table() -> &'static Host {
     HOST.get().expect("asyncore-sdk: plugin used before the host called init")
 }
 
+/// Whether a host called `init`: not in a plugin's own unit tests.
+pub(crate) fn has_host() -> bool {
+    HOST.get().is_some()
+}
+
 /// Reads a function of the host's table that ABI 1.0 already had: `init`
 /// refused hosts whose table is smaller than that.
 macro_rules! host {

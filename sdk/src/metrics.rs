@@ -14,13 +14,15 @@
 //! hits.inc();
 //! ```
 //!
-//! Names follow Prometheus's rule (`[a-zA-Z_:][a-zA-Z0-9_:]*`); defining a
-//! name again returns the same metric (`listen` runs once per listener). A
-//! daemon older than ABI 1.3, a bad name or more than 64 metrics give a
-//! handle that counts nothing: a metric never breaks the plugin.
+//! Names follow Prometheus's rule (`[a-zA-Z_:][a-zA-Z0-9_:]*`, at most 128
+//! bytes); defining a name again returns the same metric (`listen` runs
+//! once per listener). Help text past 1 KiB is cut. A daemon older than
+//! ABI 1.3, a bad name, more than 64 metrics or no daemon at all (a
+//! plugin's own unit tests) give a handle that counts nothing: a metric
+//! never breaks the plugin.
 
 use crate::{
-    export::{host_opt, with_host_data},
+    export::{has_host, host_opt, with_host_data},
     ffi::{StrRef, metric_kind},
 };
 
@@ -37,6 +39,10 @@ pub struct Gauge {
 }
 
 fn define(kind: u32, name: &str, help: &str) -> Option<u64> {
+    // Outside a host (a plugin's own unit tests) a metric counts nothing.
+    if !has_host() {
+        return None;
+    }
     let metric_define = host_opt!(metric_define)?;
     let id = with_host_data(|data| {
         // SAFETY: data is the host's own for this plugin; the strings are
@@ -47,7 +53,10 @@ fn define(kind: u32, name: &str, help: &str) -> Option<u64> {
 }
 
 fn add(id: Option<u64>, delta: i64) {
-    if let (Some(id), Some(metric_add)) = (id, host_opt!(metric_add)) {
+    // A handle of a metric that was defined was defined in a host.
+    if let Some(id) = id
+        && let Some(metric_add) = host_opt!(metric_add)
+    {
         // SAFETY: data is the host's own; the id came from metric_define.
         with_host_data(|data| unsafe { metric_add(data, id, delta) });
     }
@@ -78,7 +87,9 @@ impl Gauge {
 
     /// Sets the value.
     pub fn set(&self, value: i64) {
-        if let (Some(id), Some(metric_set)) = (self.id, host_opt!(metric_set)) {
+        if let Some(id) = self.id
+            && let Some(metric_set) = host_opt!(metric_set)
+        {
             // SAFETY: data is the host's own; the id came from metric_define.
             with_host_data(|data| unsafe { metric_set(data, id, value) });
         }
@@ -87,5 +98,21 @@ impl Gauge {
     /// Adds `delta` (which may be negative).
     pub fn add(&self, delta: i64) {
         add(self.id, delta);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Counter, Gauge};
+
+    #[test]
+    fn metrics_outside_a_daemon_count_nothing_and_never_panic() {
+        let hits = Counter::new("hits_total", "Hits.");
+        hits.inc();
+        hits.add(u64::MAX);
+        let open = Gauge::new("open", "Open things.");
+        open.set(3);
+        open.add(-1);
+        assert!(hits.id.is_none() && open.id.is_none());
     }
 }

@@ -62,10 +62,11 @@ pub(crate) struct Counters {
     refused: [Cell<u64>; REFUSALS.len()],
     /// Kept-alive connections closed by `keepalive_timeout`.
     keepalive_closed: Cell<u64>,
-    /// Responses by status, as plugin metrics the daemon exports
-    /// (`http_responses_200_total`, ...): defined at a status's first
-    /// response, then one atomic add each.
-    responses: RefCell<Vec<(u16, Counter)>>,
+    /// The plugin metrics the daemon exports (`http_responses_200_total`,
+    /// ..., `http_connections_refused_per_ip_total`,
+    /// `http_keepalive_closed_total`): each defined when first counted,
+    /// then one atomic add each.
+    metrics: RefCell<Vec<(String, Counter)>>,
 }
 
 impl Counters {
@@ -81,22 +82,38 @@ impl Counters {
     /// Counts a response with `status` in the daemon's metrics.
     pub(crate) fn responded(&self, status: Status) {
         let code = status.code();
-        let mut responses = self.responses.borrow_mut();
-        let counter = match responses.iter().find(|(c, _)| *c == code) {
-            Some((_, counter)) => *counter,
-            None => {
-                let counter =
-                    Counter::new(&format!("http_responses_{code}_total"), &format!("Responses with status {code}."));
-                responses.push((code, counter));
-                counter
-            }
-        };
-        counter.inc();
+        self.export(&format!("http_responses_{code}_total"), || format!("Responses with status {code}."));
     }
 
     /// Counts a kept-alive connection closed for idling.
     pub(crate) fn keepalive_closed(&self) {
         self.keepalive_closed.set(self.keepalive_closed.get() + 1);
+        self.export("http_keepalive_closed_total", || "Kept-alive connections closed by keepalive_timeout.".into());
+    }
+
+    /// Counts a connection refused by `max_connections_per_ip`.
+    fn refused_per_ip(&self) -> u64 {
+        let n = self.refused_per_ip.get() + 1;
+        self.refused_per_ip.set(n);
+        self.export("http_connections_refused_per_ip_total", || {
+            "Connections refused by max_connections_per_ip.".into()
+        });
+        n
+    }
+
+    /// Adds one to the daemon's metric `name`, defined with `help` the
+    /// first time.
+    fn export(&self, name: &str, help: impl FnOnce() -> String) {
+        let mut metrics = self.metrics.borrow_mut();
+        let counter = match metrics.iter().find(|(known, _)| known == name) {
+            Some((_, counter)) => *counter,
+            None => {
+                let counter = Counter::new(name, &help());
+                metrics.push((name.to_string(), counter));
+                counter
+            }
+        };
+        counter.inc();
     }
 
     /// The counters in Prometheus' text exposition format.
@@ -174,9 +191,8 @@ impl Listener {
                 let mut per_ip = self.per_ip.borrow_mut();
                 let open = per_ip.entry(ip).or_insert(0);
                 if *open >= limit {
-                    let refused = &self.counters.refused_per_ip;
-                    refused.set(refused.get() + 1);
-                    return Err(TooManyFromIp { ip, open: *open, refused_so_far: refused.get() });
+                    let refused_so_far = self.counters.refused_per_ip();
+                    return Err(TooManyFromIp { ip, open: *open, refused_so_far });
                 }
                 *open += 1;
                 Some(ip)

@@ -847,6 +847,7 @@ fn an_idle_kept_alive_connection_is_closed_after_keepalive_timeout() {
     let page = status_on(&mut busy, &mut busy_reader);
     assert_eq!(sample(&page, "asyncored_http_keepalive_closed_total"), 1, "{page}");
     assert_eq!(sample(&page, "asyncored_http_requests_refused_total{status=\"408\"}"), 0, "{page}");
+    assert_eq!(plugin_metric(&daemon, "http_keepalive_closed_total"), Some(1.0), "in the daemon's /metrics too");
     assert!(!daemon.log().contains("refused with"), "{}", daemon.log());
 }
 
@@ -903,6 +904,7 @@ fn the_per_address_limit_refuses_connection_n_plus_1_and_leaves_a_trace() {
     assert_eq!(sample(&page, refused), 1, "{page}");
     assert_eq!(sample(&page, "asyncored_http_connections_open"), N as u64, "{page}");
     assert_eq!(sample(&page, "asyncored_http_connections_accepted_total"), N as u64 + 1, "{page}");
+    assert_eq!(plugin_metric(&daemon, "http_connections_refused_per_ip_total"), Some(1.0), "in /metrics too");
 
     // Once one of them closes, 127.0.0.1 is admitted again.
     admitted.pop();
