@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::connection::Channel;
 use crate::flags::{ChannelsCommand, OutputFormat};
+use crate::pages;
 use crate::render::{channel_detail, channel_json, channels_table, print_json, print_text};
 
 pub(crate) async fn run(channel: Channel, command: ChannelsCommand, format: OutputFormat) -> anyhow::Result<()> {
@@ -39,31 +40,19 @@ pub(crate) async fn run(channel: Channel, command: ChannelsCommand, format: Outp
     }
 }
 
-/// Follows `next_page_token` until the last page, so that `ls` shows every
-/// channel whatever page size the daemon picks.
+/// Every channel (of one listener), in id order.
 async fn list_all_channels(
     client: &mut ChannelsClient<Channel>,
     listener_id: Option<u64>,
 ) -> anyhow::Result<Vec<v1::Channel>> {
-    let mut channels = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let request = v1::ListChannelsRequest {
-            listener_id,
-            // Zero lets the daemon use its default page size.
-            page_size: 0,
-            page_token: page_token.clone(),
-        };
-        let page = client.list_channels(request).await?.into_inner();
-        channels.extend(page.channels);
-        if page.next_page_token.is_empty() {
-            return Ok(channels);
+    pages::all("channels", |page_token| {
+        let mut client = client.clone();
+        // Zero lets the daemon use its default page size.
+        let request = v1::ListChannelsRequest { listener_id, page_size: 0, page_token };
+        async move {
+            let page = client.list_channels(request).await?.into_inner();
+            Ok((page.channels, page.next_page_token))
         }
-        // A daemon that hands back the token it was given would keep us
-        // looping forever; stop with a message instead.
-        if page.next_page_token == page_token {
-            anyhow::bail!("the daemon repeated page token {:?} while listing channels", page_token);
-        }
-        page_token = page.next_page_token;
-    }
+    })
+    .await
 }

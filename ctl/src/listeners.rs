@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::connection::{self, Channel, ControlTarget};
 use crate::flags::{ListenersCommand, OutputFormat};
+use crate::pages;
 use crate::render::{listener_json, listeners_table, print_json, print_text};
 
 /// How long a draining stop may take beyond its drain timeout: the
@@ -84,19 +85,16 @@ pub(crate) async fn run(
     }
 }
 
-/// Follows `next_page_token` until the last page, so that `ls` shows every
-/// listener whatever page size the daemon picks.
+/// Every listener the daemon lists, in id order.
 async fn list_all_listeners(client: &mut ListenersClient<Channel>) -> anyhow::Result<Vec<v1::Listener>> {
-    let mut listeners = Vec::new();
-    let mut page_token = String::new();
-    loop {
+    pages::all("listeners", |page_token| {
+        let mut client = client.clone();
         // Zero lets the daemon use its default page size.
         let request = v1::ListListenersRequest { page_size: 0, page_token };
-        let page = client.list_listeners(request).await?.into_inner();
-        listeners.extend(page.listeners);
-        if page.next_page_token.is_empty() {
-            return Ok(listeners);
+        async move {
+            let page = client.list_listeners(request).await?.into_inner();
+            Ok((page.listeners, page.next_page_token))
         }
-        page_token = page.next_page_token;
-    }
+    })
+    .await
 }

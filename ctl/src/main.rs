@@ -15,6 +15,7 @@ mod config;
 mod connection;
 mod flags;
 mod listeners;
+mod pages;
 mod plugins;
 mod render;
 mod stats;

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::connection::{Channel, ControlTarget};
 use crate::flags::{OutputFormat, PluginsCommand};
+use crate::pages;
 use crate::render::{plugin_json, plugins_table, print_json, print_text};
 
 pub(crate) use scaffold::create as new_crate;
@@ -42,19 +43,19 @@ pub(crate) async fn run(
     let mut client = PluginsClient::new(channel);
     let (plugin, summary) = match command {
         PluginsCommand::Ls => {
-            let response = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner();
+            let plugins = list_all_plugins(&mut client).await?;
             return match format {
                 OutputFormat::Json => {
-                    let items: Vec<Value> = response.plugins.iter().map(plugin_json).collect();
+                    let items: Vec<Value> = plugins.iter().map(plugin_json).collect();
                     print_json(&json!({ "plugins": items }))
                 }
-                OutputFormat::Table => print_text(&plugins_table(&response.plugins)),
+                OutputFormat::Table => print_text(&plugins_table(&plugins)),
             };
         }
         PluginsCommand::Load { path, activate } => {
             // The name is only known once the daemon has opened the library,
             // so remember every plugin's current generation for the summary.
-            let before = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner().plugins;
+            let before = list_all_plugins(&mut client).await?;
             // `resolve_paths` has already made the path absolute.
             let request = v1::LoadPluginRequest { path: path_text(&path)?, activate };
             let plugin = client.load_plugin(request).await?.into_inner();
@@ -100,14 +101,25 @@ pub(crate) async fn run(
     }
 }
 
-/// Plugin `name` from `ListPlugins`, or NOT_FOUND in the words the daemon
-/// uses when asked about a plugin it does not have.
-async fn find_plugin(client: &mut PluginsClient<Channel>, name: &str) -> anyhow::Result<v1::Plugin> {
-    let plugins = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner().plugins;
-    plugins
-        .into_iter()
-        .find(|plugin| plugin.name == name)
-        .ok_or_else(|| tonic::Status::not_found(format!("no plugin named {name:?} is loaded")).into())
+/// Every plugin, in name order.
+async fn list_all_plugins(client: &mut PluginsClient<Channel>) -> anyhow::Result<Vec<v1::Plugin>> {
+    pages::all("plugins", |page_token| {
+        let mut client = client.clone();
+        // Zero lets the daemon use its default page size.
+        let request = v1::ListPluginsRequest { page_size: 0, page_token, name: String::new() };
+        async move {
+            let page = client.list_plugins(request).await?.into_inner();
+            Ok((page.plugins, page.next_page_token))
+        }
+    })
+    .await
+}
+
+/// Plugin `name` from `ListPlugins`, or NOT_FOUND in the daemon's words.
+async fn find_plugin(client: &mut PluginsClient<Channel>, name: &str) -> Result<v1::Plugin, tonic::Status> {
+    let request = v1::ListPluginsRequest { name: name.to_string(), ..v1::ListPluginsRequest::default() };
+    let plugins = client.list_plugins(request).await?.into_inner().plugins;
+    plugins.into_iter().next().ok_or_else(|| tonic::Status::not_found(format!("no plugin named {name:?} is loaded")))
 }
 
 /// The current generation of plugin `name`; `None` when it is not loaded or
@@ -116,8 +128,11 @@ async fn current_generation(
     client: &mut PluginsClient<Channel>,
     name: &str,
 ) -> anyhow::Result<Option<v1::PluginGeneration>> {
-    let plugins = client.list_plugins(v1::ListPluginsRequest {}).await?.into_inner().plugins;
-    Ok(plugins.iter().find(|plugin| plugin.name == name).and_then(current_of).cloned())
+    match find_plugin(client, name).await {
+        Ok(plugin) => Ok(current_of(&plugin).cloned()),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+        Err(status) => Err(status.into()),
+    }
 }
 
 fn current_of(plugin: &v1::Plugin) -> Option<&v1::PluginGeneration> {

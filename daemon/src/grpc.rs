@@ -53,6 +53,13 @@ const MAX_PAGE: usize = 10_000;
 const DEFAULT_LISTENER_PAGE: usize = 100;
 const MAX_LISTENER_PAGE: usize = 200;
 
+/// Default and largest page of `ListPlugins`, and the bytes a page stops
+/// short of. One plugin's entry is at most about 1 MiB (13 generations of
+/// 64 metrics with 1 KiB of help each), so a page always holds one.
+const DEFAULT_PLUGIN_PAGE: usize = 100;
+const MAX_PLUGIN_PAGE: usize = 200;
+const PLUGIN_PAGE_BYTES: usize = 3 << 20;
+
 /// The most channels one `WatchStats` stream may name.
 const MAX_WATCHED_CHANNELS: usize = 10_000;
 
@@ -312,6 +319,36 @@ fn drain_timeout(ms: u64) -> Result<Option<Duration>, Status> {
     }
 }
 
+/// How many items a page holds: `page_size`, or `default` when it is 0,
+/// and at most `max`.
+fn page_limit(page_size: u32, default: usize, max: usize) -> usize {
+    match page_size as usize {
+        0 => default,
+        n => n.min(max),
+    }
+}
+
+/// Takes up to `limit` items from `items` whose sizes add up to at most
+/// `budget` bytes (the first item is taken whatever its size). Says
+/// whether items were left.
+fn page_within<T>(
+    items: impl IntoIterator<Item = T>,
+    limit: usize,
+    budget: usize,
+    size: impl Fn(&T) -> usize,
+) -> (Vec<T>, bool) {
+    let mut items = items.into_iter().peekable();
+    let (mut page, mut bytes) = (Vec::new(), 0usize);
+    while let Some(item) = items.next_if(|item| {
+        let fits = page.is_empty() || bytes.saturating_add(size(item)) <= budget;
+        page.len() < limit && fits
+    }) {
+        bytes = bytes.saturating_add(size(&item));
+        page.push(item);
+    }
+    (page, items.peek().is_some())
+}
+
 /// The position after which a page starts: a previous reply's
 /// `next_page_token`, or the start.
 fn page_start(token: &str) -> Result<u64, Status> {
@@ -401,10 +438,7 @@ impl v1::listeners_server::Listeners for ControlApi {
         request: Request<v1::ListListenersRequest>,
     ) -> Result<Response<v1::ListListenersResponse>, Status> {
         let request = request.into_inner();
-        let limit = match request.page_size as usize {
-            0 => DEFAULT_LISTENER_PAGE,
-            n => n.min(MAX_LISTENER_PAGE),
-        };
+        let limit = page_limit(request.page_size, DEFAULT_LISTENER_PAGE, MAX_LISTENER_PAGE);
         let after = page_start(&request.page_token)?;
         let listeners =
             self.engine.request(|reply| Command::ListListeners { after, limit, reply }).await.map_err(status)?;
@@ -506,10 +540,7 @@ impl v1::channels_server::Channels for ControlApi {
         request: Request<v1::ListChannelsRequest>,
     ) -> Result<Response<v1::ListChannelsResponse>, Status> {
         let request = request.into_inner();
-        let limit = match request.page_size as usize {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
+        let limit = page_limit(request.page_size, DEFAULT_PAGE, MAX_PAGE);
         let after = page_start(&request.page_token)?;
         let listener_id = request.listener_id;
         let channels = self
@@ -606,10 +637,27 @@ impl v1::plugins_server::Plugins for ControlApi {
 
     async fn list_plugins(
         &self,
-        _request: Request<v1::ListPluginsRequest>,
+        request: Request<v1::ListPluginsRequest>,
     ) -> Result<Response<v1::ListPluginsResponse>, Status> {
-        let plugins = self.engine.request(|reply| Command::ListPlugins { reply }).await.map_err(status)?;
-        Ok(Response::new(v1::ListPluginsResponse { plugins: plugins.into_iter().map(convert::plugin).collect() }))
+        let request = request.into_inner();
+        let limit = page_limit(request.page_size, DEFAULT_PLUGIN_PAGE, MAX_PLUGIN_PAGE);
+        let mut plugins = self.engine.request(|reply| Command::ListPlugins { reply }).await.map_err(status)?;
+        if !request.name.is_empty() {
+            plugins.retain(|plugin| plugin.name == request.name);
+            if plugins.is_empty() {
+                return Err(status(CommandError::NoPlugin(request.name)));
+            }
+        }
+        plugins.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        // The token is the last name of the previous page.
+        let after = request.page_token;
+        let rest = plugins.into_iter().filter(|plugin| after.is_empty() || plugin.name > after).map(convert::plugin);
+        let (plugins, more) = page_within(rest, limit, PLUGIN_PAGE_BYTES, prost::Message::encoded_len);
+        let next_page_token = match plugins.last() {
+            Some(last) if more => last.name.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::ListPluginsResponse { plugins, next_page_token }))
     }
 
     async fn reload_plugin(&self, request: Request<v1::ReloadPluginRequest>) -> Result<Response<v1::Plugin>, Status> {
@@ -713,5 +761,22 @@ impl v1::daemon_server::Daemon for ControlApi {
             Err(e @ crate::ReloadError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
             Err(crate::ReloadError::Unavailable(e)) => Err(status(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_within;
+
+    #[test]
+    fn a_page_ends_at_its_limit_or_before_its_budget_and_says_what_is_left() {
+        let sizes = [3usize, 4, 5, 6];
+        let page = |limit, budget| page_within(sizes, limit, budget, |&size| size);
+        assert_eq!(page(10, 100), (vec![3, 4, 5, 6], false));
+        assert_eq!(page(2, 100), (vec![3, 4], true));
+        assert_eq!(page(10, 12), (vec![3, 4, 5], true), "12 bytes: 3 + 4 + 5");
+        assert_eq!(page(10, 11), (vec![3, 4], true));
+        assert_eq!(page(10, 1), (vec![3], true), "the first item is taken whatever its size");
+        assert_eq!(page_within([] as [usize; 0], 10, 1, |&size| size), (vec![], false));
     }
 }

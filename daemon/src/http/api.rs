@@ -261,12 +261,12 @@ async fn load_plugin(
     reply(Plugins::load_plugin(&state.api, request(body)).await)
 }
 
-/// `ListPlugins` has no single-plugin call: the list, filtered.
+/// `ListPlugins` has no single-plugin call: the list of the one name.
 async fn get_plugin(State(state): State<HttpState>, Segment(name): Segment) -> Result<Response, ApiError> {
-    let plugins = Plugins::list_plugins(&state.api, request(v1::ListPluginsRequest {})).await?.into_inner();
-    match plugins.plugins.into_iter().find(|p| p.name == name) {
-        Some(plugin) => Ok(json_body(&json::to_json(&plugin))),
-        None => Err(status(CommandError::NoPlugin(name)).into()),
+    let page = v1::ListPluginsRequest { name: name.clone(), ..v1::ListPluginsRequest::default() };
+    match Plugins::list_plugins(&state.api, request(page)).await?.into_inner().plugins.pop() {
+        Some(plugin) if plugin.name == name => Ok(json_body(&json::to_json(&plugin))),
+        _ => Err(status(CommandError::NoPlugin(name)).into()),
     }
 }
 

@@ -179,9 +179,9 @@ const OPERATIONS: &[Operation] = &[
         method: "get",
         path: "/v1/plugins",
         rpc: Some("asyncore.v1.Plugins.ListPlugins"),
-        summary: "List plugins and their generations",
+        summary: "List plugins and their generations, a page at a time",
         path_parameters: &[],
-        input: Input::None,
+        input: Input::Query("asyncore.v1.ListPluginsRequest"),
         answer: Answer::Message("asyncore.v1.ListPluginsResponse"),
     },
     Operation {

@@ -34,7 +34,8 @@ fn a_channel_describes_itself_and_a_plugin_shows_its_metrics() {
     assert!(shown.status.success(), "{text}");
     assert!(text.contains("incoming_bytes") && text.contains("terminator"), "{text}");
 
-    let plugins = runtime.block_on(client.plugins.list_plugins(v1::ListPluginsRequest {})).unwrap().into_inner();
+    let plugins =
+        runtime.block_on(client.plugins.list_plugins(v1::ListPluginsRequest::default())).unwrap().into_inner();
     let cache = plugins.plugins.iter().find(|p| p.name == "cache").unwrap();
     let misses = cache.generations[0].metrics.iter().find(|m| m.name == "cache_misses_total").expect("the metric");
     assert_eq!(misses.value, 1);

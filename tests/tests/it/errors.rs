@@ -193,7 +193,7 @@ fn bad_input_gets_clear_statuses_and_the_daemon_keeps_serving() {
         let mut back = [0u8; 10];
         within("the echo", stream.read_exact(&mut back)).await.unwrap();
         assert_eq!(&back, b"still here");
-        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.unwrap().into_inner();
         assert_eq!(plugins.plugins.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["echo"]);
         assert_eq!(plugins.plugins[0].generations.len(), 1, "no failed load left a generation behind");
         assert_eq!(plugins.plugins[0].current_generation, 1);
@@ -214,7 +214,7 @@ fn a_failing_on_load_is_refused_with_the_plugins_message() {
         std::fs::copy(plugin_library("asyncore_fixture_panicky"), &path).unwrap();
         let request = v1::LoadPluginRequest { path: path.display().to_string(), activate: true };
         assert_status(client.plugins.load_plugin(request).await, Code::FailedPrecondition, "disk on fire");
-        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.unwrap().into_inner();
         assert_eq!(plugins.plugins.len(), 1);
     });
 }

@@ -355,7 +355,7 @@ fn plugins_load_activate_reload_and_unload_over_http() {
         let library = std::fs::read_dir(daemon.dir().join("plugins")).unwrap().next().unwrap().unwrap().path();
 
         let list = http.get("/v1/plugins").await.ok();
-        let grpc = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+        let grpc = client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.unwrap().into_inner();
         assert_eq!(list, to_json(&grpc));
         let echo = http.get("/v1/plugins/echo").await.ok();
         assert_eq!(echo, list["plugins"][0]);
@@ -424,6 +424,44 @@ fn plugins_load_activate_reload_and_unload_over_http() {
         http.delete("/v1/plugins/echo").await.same_error_as(&grpc);
         let unloaded = http.delete("/v1/plugins/echo?force=true").await.ok();
         assert_eq!(unloaded["currentGeneration"], 0);
+    });
+}
+
+#[test]
+fn plugins_list_in_name_order_a_page_at_a_time_or_by_name() {
+    runtime().block_on(async {
+        let plugins = vec!["asyncore_plugin_echo", "asyncore_plugin_chat", "asyncore_fixture_cache"];
+        let daemon = InProcessDaemon::start_with(Options { plugins, ..Options::default() }).await;
+        let http = Http::of(&daemon);
+        let mut client = daemon.client().await;
+        let list = |page_size, page_token: &str, name: &str| v1::ListPluginsRequest {
+            page_size,
+            page_token: page_token.into(),
+            name: name.into(),
+        };
+
+        let all = client.plugins.list_plugins(list(0, "", "")).await.unwrap().into_inner();
+        let names: Vec<&str> = all.plugins.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["cache", "chat", "echo"]);
+        assert_eq!(all.next_page_token, "");
+
+        let mut token = String::new();
+        for (expected, next) in [("cache", "cache"), ("chat", "chat"), ("echo", "")] {
+            let page = client.plugins.list_plugins(list(1, &token, "")).await.unwrap().into_inner();
+            let over_http = http.get(&format!("/v1/plugins?page_size=1&page_token={token}")).await.ok();
+            assert_eq!(over_http, to_json(&page), "the same page over HTTP");
+            assert_eq!((page.plugins.len(), page.plugins[0].name.as_str()), (1, expected));
+            assert_eq!(page.next_page_token, next);
+            token = page.next_page_token;
+        }
+
+        let chat = client.plugins.list_plugins(list(0, "", "chat")).await.unwrap().into_inner();
+        assert_eq!((chat.plugins.len(), chat.plugins[0].name.as_str()), (1, "chat"));
+        assert_eq!(http.get("/v1/plugins?name=chat").await.ok(), to_json(&chat));
+        assert_eq!(http.get("/v1/plugins/chat").await.ok(), to_json(&chat.plugins[0]));
+        let grpc = client.plugins.list_plugins(list(0, "", "nope")).await.expect_err("no plugin");
+        assert_eq!((grpc.code(), grpc.message()), (tonic::Code::NotFound, "no plugin named \"nope\" is loaded"));
+        http.get("/v1/plugins?name=nope").await.same_error_as(&grpc);
     });
 }
 

@@ -50,7 +50,8 @@ fn a_panic_in_handle_read_closes_only_that_channel() {
         drop(doomed);
         let panicky_info = eventually!(
             async || {
-                let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+                let plugins =
+                    client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.unwrap().into_inner();
                 plugins.plugins.into_iter().find(|p| p.name == "panicky" && p.live_channels == 1)
             },
             "the panicked channel to leave the map"

@@ -103,7 +103,7 @@ fn assert_refused(result: Result<v1::Plugin, tonic::Status>, what: &str, reason:
 }
 
 async fn plugins(client: &mut Client) -> Vec<v1::Plugin> {
-    client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner().plugins
+    client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.unwrap().into_inner().plugins
 }
 
 async fn plugin_named(client: &mut Client, name: &str) -> v1::Plugin {

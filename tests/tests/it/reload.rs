@@ -71,7 +71,7 @@ async fn get_channel(client: &mut Client, id: u64) -> v1::Channel {
 
 /// The plugin named `name`, as `ListPlugins` shows it.
 async fn plugin_named(client: &mut Client, name: &str) -> v1::Plugin {
-    let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner();
+    let plugins = client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.unwrap().into_inner();
     plugins.plugins.into_iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no plugin {name}"))
 }
 

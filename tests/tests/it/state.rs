@@ -127,7 +127,7 @@ async fn list_listeners(client: &mut Client) -> Vec<v1::Listener> {
 async fn observe(client: &mut Client) -> (Snapshot, BTreeMap<String, u32>) {
     let listeners = list_listeners(client).await;
     let plugins =
-        client.plugins.list_plugins(v1::ListPluginsRequest {}).await.expect("ListPlugins").into_inner().plugins;
+        client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.expect("ListPlugins").into_inner().plugins;
     let mut snapshot = Snapshot::default();
     for listener in listeners.into_iter().filter(bound) {
         let suspended = listener.state == v1::ListenerState::Suspended as i32;
@@ -534,7 +534,7 @@ fn a_corrupt_state_file_is_moved_aside_and_reported_and_the_daemon_starts() {
             serde_json::from_slice(&std::fs::read(state_dir.path().join("state.json")).unwrap()).unwrap();
         assert_eq!(fresh["listeners"], serde_json::json!([]));
         let mut client = daemon.client().await;
-        client.plugins.list_plugins(v1::ListPluginsRequest {}).await.expect("the daemon serves");
+        client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.expect("the daemon serves");
     });
 }
 

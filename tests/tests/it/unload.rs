@@ -194,7 +194,8 @@ fn reload(reloads: u32, retire: bool, mapped: usize) -> Growth {
         )
         .await;
         let (rss_after, maps_after) = (rss_kib(pid), maps_lines(pid));
-        let plugins = client.plugins.list_plugins(v1::ListPluginsRequest {}).await.unwrap().into_inner().plugins;
+        let plugins =
+            client.plugins.list_plugins(v1::ListPluginsRequest::default()).await.unwrap().into_inner().plugins;
         let echo = plugins.into_iter().find(|p| p.name == "echo").expect("echo is listed");
         assert_eq!(echo.current_generation, generation);
         let grown = Growth {
