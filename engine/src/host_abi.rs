@@ -584,9 +584,6 @@ unsafe extern "C" fn host_report(ctx: *mut HostCtx, message: StrRef) {
     unsafe { context(ctx).report = Some(message.to_string_lossy()) };
 }
 
-/// `hand_over`: the state `export_state` hands to the next generation.
-///
-/// Safety: the module's contract.
 /// `annotate`: one pair of a `describe` call's answer.
 ///
 /// Safety: the module's contract; the strings are lent for the call.
@@ -600,6 +597,9 @@ unsafe extern "C" fn host_annotate(ctx: *mut HostCtx, key: StrRef, value: StrRef
     }
 }
 
+/// `hand_over`: the state `export_state` hands to the next generation.
+///
+/// Safety: the module's contract.
 unsafe extern "C" fn host_hand_over(ctx: *mut HostCtx, state: *const u8, len: usize) {
     // SAFETY: ctx is a live call context; the plugin lends len bytes.
     unsafe { context(ctx).state = Some(StrRef { ptr: state, len }.as_bytes().to_vec()) };

@@ -34,7 +34,7 @@ use asyncore_sdk::prelude::*;
 
 use crate::{
     config::Settings,
-    listener::{Admission, Listener},
+    listener::{Admission, Listener, left_out_note},
     request::{HeadParser, RequestHead, Step, Version},
     response::{Body, Connection, InFlight, Response, Status, append_head, with_date, write_head},
     site::{Answer, Site},
@@ -72,15 +72,18 @@ impl Dispatcher for HttpServer {
         let admission = match self.listener.admit(channel.peer_addr()) {
             Ok(admission) => admission,
             Err(refused) => {
-                log!(
-                    info,
-                    "channel {}: connection refused: {} already has {} open (max_connections_per_ip); \
-                     {} refused so far on this listener",
-                    channel.id(),
-                    refused.ip,
-                    refused.open,
-                    refused.refused_so_far,
-                );
+                if let Some(left_out) = self.listener.refusal_lines.take(Instant::now()) {
+                    log!(
+                        info,
+                        "channel {}: connection refused: {} already has {} open (max_connections_per_ip); \
+                         {} refused so far on this listener{}",
+                        channel.id(),
+                        refused.ip,
+                        refused.open,
+                        refused.refused_so_far,
+                        left_out_note(left_out),
+                    );
+                }
                 return None;
             }
         };
@@ -409,15 +412,18 @@ impl HttpHandler {
     /// an operator wants to see.
     fn refuse(&mut self, chat: &mut Chat<'_>, status: Status, head_only: bool, why: &str) {
         let n = self.listener.counters.refused(status);
-        let channel = chat.channel();
-        let peer = channel.peer_addr().map_or_else(|| "unknown".to_string(), |peer| peer.to_string());
-        log!(
-            info,
-            "channel {}: refused with {} {} (peer {peer}): {why}; closing ({n} so far on this listener)",
-            channel.id(),
-            status.code(),
-            status.reason(),
-        );
+        if let Some(left_out) = self.listener.refusal_lines.take(Instant::now()) {
+            let channel = chat.channel();
+            let peer = channel.peer_addr().map_or_else(|| "unknown".to_string(), |peer| peer.to_string());
+            log!(
+                info,
+                "channel {}: refused with {} {} (peer {peer}): {why}; closing ({n} so far on this listener){}",
+                channel.id(),
+                status.code(),
+                status.reason(),
+                left_out_note(left_out),
+            );
+        }
         self.disarm();
         self.push(chat, Answer::error(status), Connection::Close, head_only);
         chat.close_when_done();

@@ -12,6 +12,7 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
     rc::Rc,
+    time::{Duration, Instant},
 };
 
 use asyncore_sdk::metrics::Counter;
@@ -35,6 +36,11 @@ const REFUSALS: [Status; 7] = [
     Status::VersionNotSupported,
 ];
 
+/// Refusal lines a listener logs per second at most: a flood of refused
+/// clients must not flood the daemon's log. The lines left out are counted
+/// and said in the next line logged (the metrics count every refusal).
+const REFUSAL_LINES_PER_SECOND: u32 = 50;
+
 /// The status page's type: Prometheus' text format, which is also
 /// readable as it is.
 const STATUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -49,6 +55,41 @@ pub(crate) struct Listener {
     /// `max_connections_per_ip`. Addresses leave at their last close, so it
     /// holds no more entries than there are connections.
     per_ip: RefCell<HashMap<IpAddr, usize>>,
+    /// What limits the refusal lines.
+    pub(crate) refusal_lines: LogBudget,
+}
+
+/// At most [`REFUSAL_LINES_PER_SECOND`] lines in any one-second window.
+#[derive(Debug, Default)]
+pub(crate) struct LogBudget {
+    window: Cell<Option<Instant>>,
+    logged: Cell<u32>,
+    left_out: Cell<u64>,
+}
+
+impl LogBudget {
+    /// Whether a line may be logged at `now`: if so, how many were left
+    /// out since the last one logged (counted as left out otherwise).
+    pub(crate) fn take(&self, now: Instant) -> Option<u64> {
+        if self.window.get().is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1)) {
+            self.window.set(Some(now));
+            self.logged.set(0);
+        }
+        if self.logged.get() >= REFUSAL_LINES_PER_SECOND {
+            self.left_out.set(self.left_out.get() + 1);
+            return None;
+        }
+        self.logged.set(self.logged.get() + 1);
+        Some(self.left_out.take())
+    }
+}
+
+/// The end of a line logged after others were left out.
+pub(crate) fn left_out_note(left_out: u64) -> String {
+    match left_out {
+        0 => String::new(),
+        n => format!(" ({n} similar lines left out before this one: at most {REFUSAL_LINES_PER_SECOND} a second)"),
+    }
 }
 
 /// What a listener counts since it started. Read on the status page.
@@ -173,7 +214,13 @@ pub(crate) struct TooManyFromIp {
 
 impl Listener {
     pub(crate) fn new(site: Site, settings: Settings) -> Listener {
-        Listener { site, settings, counters: Counters::default(), per_ip: RefCell::new(HashMap::new()) }
+        Listener {
+            site,
+            settings,
+            counters: Counters::default(),
+            per_ip: RefCell::new(HashMap::new()),
+            refusal_lines: LogBudget::default(),
+        }
     }
 
     /// Admits a connection from `peer`, or refuses it when its address
@@ -269,6 +316,21 @@ mod tests {
         assert!(line(&listener.counters.render(), "asyncored_http_connections_open 100"));
         drop(admitted);
         assert!(line(&listener.counters.render(), "asyncored_http_connections_open 0"));
+    }
+
+    #[test]
+    fn refusal_lines_are_limited_per_second_and_the_next_says_how_many_were_left_out() {
+        let budget = LogBudget::default();
+        let start = Instant::now();
+        for _ in 0..REFUSAL_LINES_PER_SECOND {
+            assert_eq!(budget.take(start), Some(0));
+        }
+        assert_eq!(budget.take(start + Duration::from_millis(500)), None);
+        assert_eq!(budget.take(start + Duration::from_millis(999)), None);
+        assert_eq!(budget.take(start + Duration::from_secs(1)), Some(2), "a new second");
+        assert_eq!(budget.take(start + Duration::from_secs(1)), Some(0));
+        assert_eq!(left_out_note(0), "");
+        assert_eq!(left_out_note(2), " (2 similar lines left out before this one: at most 50 a second)");
     }
 
     #[test]
