@@ -1,9 +1,9 @@
 //! A plugin written straight against the C ABI, for the engine's own tests
 //! (the engine depends on the ABI crate, never on the SDK). Its listener
-//! accepts every connection; a connection reads and drops what it gets,
-//! re-arms an hour-long `call_later` on every read (cancelling the one
-//! before, as an idle timeout in a plugin does), and closes when its peer
-//! does.
+//! accepts every connection; a connection reads and drops what it gets
+//! (but sends back a read that begins with `!`), re-arms an hour-long
+//! `call_later` on every read (cancelling the one before, as an idle
+//! timeout in a plugin does), and closes when its peer does.
 //!
 //! Every `unsafe extern "C" fn` here is an entry of the plugin side of the
 //! ABI: the host calls it as `asyncore_abi` documents, with a context (and
@@ -136,6 +136,10 @@ unsafe extern "C" fn connection_event(instance: *mut c_void, ctx: *mut HostCtx, 
             let mut buf = [0u8; 4096];
             // SAFETY: ctx is the call's; buf is ours for the call.
             let n = unsafe { (host.recv)(ctx, buf.as_mut_ptr(), buf.len()) };
+            if n > 0 && buf[0] == b'!' {
+                // SAFETY: ctx is the call's; the bytes are ours for the call.
+                unsafe { (host.send)(ctx, buf.as_ptr(), n as usize) };
+            }
             if n > 0 {
                 // SAFETY: the instance is the Connection accept made, live
                 // until drop_connection.

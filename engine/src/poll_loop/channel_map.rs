@@ -122,11 +122,17 @@ impl ChannelMap {
         changes.take_since(since, noted_in)
     }
 
+    /// Notes for the stats feeds that the channel's figures changed.
+    pub(super) fn note_change(&mut self, slot: Slot) {
+        let Some(ch) = self.slots.get_mut(slot.0).and_then(Option::as_mut) else { return };
+        self.changes.note(ch.id, &mut ch.stats_noted, self.ids.len());
+    }
+
     /// Re-ask the channel's interest before the next wait.
     pub(super) fn mark_dirty(&mut self, slot: Slot) {
-        let Some(ch) = self.slots.get_mut(slot.0).and_then(Option::as_mut) else { return };
         // Whatever made a channel dirty may have changed its figures.
-        self.changes.note(ch.id, &mut ch.stats_noted, self.ids.len());
+        self.note_change(slot);
+        let Some(ch) = self.slots.get_mut(slot.0).and_then(Option::as_mut) else { return };
         if !ch.dirty {
             ch.dirty = true;
             self.dirty.push(slot);

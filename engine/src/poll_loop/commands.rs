@@ -405,7 +405,7 @@ impl Core {
 
     /// [`Command::StatsChanges`]: the channels noted as changed after
     /// epoch `since`, or a full snapshot when the change log cannot say.
-    fn stats_changes(&mut self, filter: &StatsFilter, closed_after: u64, since: u64) -> StatsSnapshot {
+    pub(super) fn stats_changes(&mut self, filter: &StatsFilter, closed_after: u64, since: u64) -> StatsSnapshot {
         let (epoch, changed) = self.channels.changed_since(since);
         let Some(changed) = changed else {
             return StatsSnapshot { epoch, ..self.stats_snapshot(filter, closed_after) };

@@ -234,7 +234,14 @@ impl Core {
         let now = self.now;
         let Some(ch) = self.channels.get_mut(slot) else { return };
         match ch.out.flush_to(&mut ch.socket) {
-            Ok((bytes, writes)) => ch.count_written(bytes, writes, now),
+            Ok((bytes, writes)) => {
+                ch.count_written(bytes, writes, now);
+                // Output is written a pass after it was queued: a stats
+                // reader that asked in between must hear of it again.
+                if bytes > 0 {
+                    self.channels.note_change(slot);
+                }
+            }
             Err(e) => {
                 ch.out.clear();
                 ch.failed = Some(e);

@@ -4,7 +4,8 @@
 //! Time is cut into *epochs*: each incremental stats request ends the
 //! current one. A channel is noted at most once per epoch, when it is
 //! marked dirty (every read, write, queued output or state change of a
-//! channel marks it dirty before the pass ends), as `(epoch, id)` at the
+//! channel marks it dirty before the pass ends) and when queued output is
+//! written (a pass later, maybe after a reader asked), as `(epoch, id)` at the
 //! back of a log. A reader that last asked at the end of epoch `since`
 //! gets the channels of the entries after `since`; a channel noted in
 //! several of those epochs is taken once, from the entry that matches its

@@ -1,11 +1,15 @@
 //! The whole loop with a plugin (a hand-written one, `test_plugin`) and real
 //! sockets on loopback: what only shows with everything together.
 
-use std::{io::Write, net::TcpStream, time::Duration};
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
 
 use crate::{
     Engine, EngineHandle,
-    command::{Command, CommandError, GenerationState, ListenerInfo, PluginInfo},
+    command::{ChannelStats, Command, CommandError, GenerationState, ListenerInfo, PluginInfo, StatsFilter},
     ids::ListenerId,
     plugin_host::{self, LoadedPlugin},
     test_plugin,
@@ -76,6 +80,35 @@ fn a_timer_re_armed_on_every_message_does_not_pile_up_and_leaves_with_its_channe
     drop(client);
     run_until(&mut engine, "the connection is closed", |engine| engine.n_channels() == 1);
     assert_eq!(engine.core.timers.len(), 0, "a closed channel's timers leave with it");
+}
+
+#[test]
+fn output_written_a_pass_after_a_stats_reader_asked_is_reported_to_it_next_time() {
+    let (mut engine, listener) = engine_with_listener(&[]);
+    let mut client = TcpStream::connect(listener.address).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    run_until(&mut engine, "the connection is accepted", |engine| engine.n_channels() == 2);
+    let every = StatsFilter::new(None, []);
+    let first = engine.core.stats_changes(&every, 0, 0);
+    assert!(first.complete, "a first request takes a full snapshot");
+
+    // The reply is queued while the request is read, and written in the
+    // next pass: a reader that asks in between sees it unwritten.
+    let calls = engine.loop_stats().handler_calls;
+    client.write_all(b"!ping").unwrap();
+    run_until(&mut engine, "the request is read", |engine| engine.loop_stats().handler_calls > calls);
+    let between = engine.core.stats_changes(&every, 0, first.epoch);
+    let figures = |snapshot: &crate::command::StatsSnapshot| -> Vec<(u64, u64)> {
+        snapshot.channels.iter().map(|s: &ChannelStats| (s.counters.bytes_in, s.counters.bytes_out)).collect()
+    };
+    assert_eq!(figures(&between), [(5, 0)]);
+
+    engine.pass(Some(Duration::ZERO)).unwrap();
+    let mut reply = [0u8; 5];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"!ping");
+    let after = engine.core.stats_changes(&every, 0, between.epoch);
+    assert_eq!(figures(&after), [(5, 5)], "the write is a change too");
 }
 
 /// A new generation of the test plugin.
