@@ -167,20 +167,26 @@ fn sigterm_delivers_every_queued_byte_to_200_slow_readers_and_accepts_no_one_aft
         .collect();
     started.wait();
 
-    // Each answer is under way and most of it still in the daemon.
+    // Each answer is under way and most of it still in the daemon. Each
+    // client read FIRST bytes and its receive buffer holds at most 32 KiB:
+    // of what the daemon wrote, the rest waits in the daemon's kernel send
+    // queue (or, beyond what that took, in the plugin's producer), which
+    // the drain must see delivered before it exits. A channel's first
+    // write goes out in the pass that read its request and the rest in the
+    // passes after it, so the listing waits for every channel's.
     let runtime = runtime();
-    let channels = runtime.block_on(async {
+    runtime.block_on(async {
         let mut client = daemon.client().await;
-        accepted(&mut client, listener_id).await
+        eventually!(
+            async || {
+                let channels = accepted(&mut client, listener_id).await;
+                let queued = channels.iter().filter(|c| c.bytes_out as usize > FIRST + 256 * 1024).count();
+                channels.len() == CLIENTS && queued == CLIENTS
+            },
+            "every one of {CLIENTS} clients to have data queued in the daemon"
+        )
+        .await;
     });
-    assert_eq!(channels.len(), CLIENTS);
-    // Each client read FIRST bytes and its receive buffer holds at most
-    // 32 KiB: of what the daemon wrote, the rest waits in the daemon's
-    // kernel send queue (or, beyond what that took, in the plugin's
-    // producer), which the drain must see delivered before it exits.
-    let written: Vec<u64> = channels.iter().map(|c| c.bytes_out).collect();
-    let queued = written.iter().filter(|&&n| n as usize > FIRST + 256 * 1024).count();
-    assert_eq!(queued, CLIENTS, "every client has data queued in the daemon: {written:?}");
 
     let signal_sent = {
         let pid = daemon.pid().to_string();

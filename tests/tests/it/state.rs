@@ -452,6 +452,10 @@ fn killed_at_random_points_the_daemon_comes_back_with_what_it_acknowledged() {
             daemon = start(state_dir.path());
             client = daemon.client().await;
             let (restored, restored_newest) = observe(&mut client).await;
+            // The restore's last line is written after its problem lines
+            // (the log has a thread of its own, a moment behind).
+            let ended = ["runtime state restored", "moved aside", "no runtime state saved yet"];
+            eventually!(async || ended.iter().any(|line| daemon.log().contains(line)), "the restore's last line").await;
             let log = daemon.log();
             // Between the kill and the restart another test's socket may
             // take a restored listener's port: reported, and not this
