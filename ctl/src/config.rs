@@ -19,6 +19,7 @@ pub(crate) async fn run(channel: Channel, command: ConfigCommand, format: Output
                     "stopped": outcome.stopped.iter().map(listener_json).collect::<Vec<_>>(),
                     "unchanged": outcome.unchanged,
                     "restart_needed": outcome.restart_needed,
+                    "reread": outcome.reread,
                 })),
                 OutputFormat::Table => print_text(&reload_text(&outcome)),
             }
@@ -39,6 +40,9 @@ fn reload_text(outcome: &v1::ReloadConfigResponse) -> String {
             "changed, and in force at the next start only: {}\n",
             outcome.restart_needed.join(", ")
         ));
+    }
+    if !outcome.reread.is_empty() {
+        text.push_str(&format!("read again and in force: {}\n", outcome.reread.join(", ")));
     }
     for (what, listeners) in [("started", &outcome.started), ("stopped", &outcome.stopped)] {
         if !listeners.is_empty() {

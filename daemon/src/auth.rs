@@ -8,6 +8,10 @@
 //! that change state included). Blank lines and lines starting with `#` are
 //! skipped. Secrets are compared in constant time, against every token.
 //!
+//! A config reload (SIGHUP, `ReloadConfig`) reads the token file again:
+//! tokens can be added, revoked and rotated without a restart. A file
+//! that no longer parses fails the reload, and the tokens in force stay.
+//!
 //! Without a token file every call is allowed, as it always was: the
 //! control plane is then on loopback only, or behind TLS
 //! ([`check_exposure`]). With one,
@@ -34,9 +38,9 @@ use std::{
     fmt::Debug,
     future::Future,
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, PoisonError, RwLock},
     task::{Context, Poll},
 };
 
@@ -76,13 +80,21 @@ impl std::fmt::Debug for Token {
     }
 }
 
-/// The tokens of a daemon; empty when none is configured (every call is
-/// then allowed).
+/// The tokens of a daemon; none when no token file is configured (every
+/// call is then allowed).
 #[derive(Debug, Default)]
 pub(crate) struct Auth {
-    tokens: Vec<Token>,
+    /// The token file, read again by a config reload.
+    file: Option<PathBuf>,
+    /// The tokens in force: never empty with a file. The lock is held only
+    /// to clone the `Arc` (a reload swaps it).
+    tokens: RwLock<Arc<Vec<Token>>>,
     metrics_public: bool,
 }
+
+/// Tokens read from the token file and checked, not yet in force.
+#[derive(Debug)]
+pub(crate) struct FreshTokens(Vec<Token>);
 
 /// The caller, once checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,18 +135,34 @@ impl Auth {
     /// level is neither `read` nor `admin`, or a name repeats; the message
     /// names the file and the line, never a secret.
     pub(crate) fn load(token_file: Option<&Path>, metrics_public: bool) -> anyhow::Result<Auth> {
-        let Some(path) = token_file else {
-            return Ok(Auth { tokens: Vec::new(), metrics_public });
+        let tokens = match token_file {
+            Some(path) => read_tokens(path)?,
+            None => Vec::new(),
         };
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
-        let tokens = parse_tokens(&text).map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?;
-        Ok(Auth { tokens, metrics_public })
+        Ok(Auth { file: token_file.map(Path::to_owned), tokens: RwLock::new(Arc::new(tokens)), metrics_public })
     }
 
     /// Whether tokens are required.
     pub(crate) fn enabled(&self) -> bool {
-        !self.tokens.is_empty()
+        self.file.is_some()
+    }
+
+    /// Reads the token file again (`None` without one), for
+    /// [`replace`](Auth::replace) once the rest of a reload succeeded.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Auth::load)'s.
+    pub(crate) fn reread(&self) -> anyhow::Result<Option<FreshTokens>> {
+        self.file.as_deref().map(|path| read_tokens(path).map(FreshTokens)).transpose()
+    }
+
+    /// Puts `fresh` in force: calls from now on are checked against them.
+    /// Returns the token file and how many tokens it has.
+    pub(crate) fn replace(&self, fresh: FreshTokens) -> (&Path, usize) {
+        let n = fresh.0.len();
+        *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh.0);
+        (self.file.as_deref().unwrap_or(Path::new("")), n)
     }
 
     /// Checks the `authorization` header of a call that needs `need`; a
@@ -188,14 +216,15 @@ impl Auth {
 
     /// The token whose secret is `secret`: every token is compared, each in
     /// constant time, so the time taken tells nothing of which matched.
-    fn find(&self, secret: &[u8]) -> Option<&Token> {
+    fn find(&self, secret: &[u8]) -> Option<Token> {
+        let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner).clone();
         let mut found = None;
-        for token in &self.tokens {
+        for token in tokens.iter() {
             if constant_time_eq(&token.secret, secret) {
                 found = Some(token);
             }
         }
-        found
+        found.cloned()
     }
 
     /// What an HTTP request needs: health checks and the status page's document nothing, `/metrics`
@@ -248,6 +277,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     }
     let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(difference) == 0
+}
+
+/// The tokens of the token file at `path`, checked.
+fn read_tokens(path: &Path) -> anyhow::Result<Vec<Token>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+    parse_tokens(&text).map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))
 }
 
 fn parse_tokens(text: &str) -> Result<Vec<Token>, String> {
@@ -515,9 +551,33 @@ mod tests {
     }
 
     #[test]
+    fn tokens_read_again_are_in_force_once_replaced_and_a_bad_file_changes_nothing() {
+        let path = std::env::temp_dir().join(format!("asyncored-auth-test-{}", std::process::id()));
+        std::fs::write(&path, "a admin aaaaaaaaaaaaaaaa\n").unwrap();
+        let auth = Auth::load(Some(&path), false).unwrap();
+        let bearer = |secret: &str| headers(&[("authorization", &format!("Bearer {secret}"))]);
+        let admin = Need::Level(Level::Admin);
+        assert!(auth.check(&bearer("aaaaaaaaaaaaaaaa"), admin, "x", None).is_ok());
+
+        std::fs::write(&path, "b admin bbbbbbbbbbbbbbbb\n").unwrap();
+        let fresh = auth.reread().unwrap().unwrap();
+        assert!(auth.check(&bearer("aaaaaaaaaaaaaaaa"), admin, "x", None).is_ok(), "not before replace");
+        assert_eq!(auth.replace(fresh), (path.as_path(), 1));
+        assert!(auth.check(&bearer("aaaaaaaaaaaaaaaa"), admin, "x", None).is_err());
+        assert_eq!(auth.check(&bearer("bbbbbbbbbbbbbbbb"), admin, "x", None).unwrap(), Who::Token("b".into()));
+
+        std::fs::write(&path, "# nothing\n").unwrap();
+        assert!(auth.reread().unwrap_err().to_string().contains("no token in it"));
+        assert!(auth.check(&bearer("bbbbbbbbbbbbbbbb"), admin, "x", None).is_ok());
+        std::fs::remove_file(&path).unwrap();
+        assert!(Auth::load(None, false).unwrap().reread().unwrap().is_none());
+    }
+
+    #[test]
     fn levels() {
         let auth = Auth {
-            tokens: parse_tokens("a admin aaaaaaaaaaaaaaaa\nr read rrrrrrrrrrrrrrrr").unwrap(),
+            file: Some(PathBuf::from("tokens")),
+            tokens: RwLock::new(Arc::new(parse_tokens("a admin aaaaaaaaaaaaaaaa\nr read rrrrrrrrrrrrrrrr").unwrap())),
             metrics_public: false,
         };
         let admin = Need::Level(Level::Admin);

@@ -8,7 +8,10 @@
 //! force: what was stopped is started again, what was started is stopped.
 //! Other settings (control and HTTP addresses, plugin directories, limits)
 //! take effect at the next start: a reload names those that differ from
-//! the file the daemon started with, in its log line and its answer.
+//! the file the daemon started with, in its log line and its answer. The
+//! credential files in force (the token file, the TLS certificate, key and
+//! client CA) are read again: checked before anything is applied, put in
+//! force once the listeners are, and named in the answer.
 //!
 //! Reloads are serialised: the config's listeners and their ids are kept
 //! behind an async mutex held for a whole reload.
@@ -27,8 +30,10 @@ use asyncore_engine::{
 use tracing::{info, warn};
 
 use crate::{
+    auth::Auth,
     config::{Config, excerpt},
     state::StateStore,
+    tls::Tls,
 };
 
 /// A config listener as a reload compares it: by address, plugin and
@@ -83,6 +88,15 @@ pub struct ConfigReload {
     hook: OnceLock<Hook>,
     /// Where the runtime state is saved (`--state-dir`), if anywhere.
     state: Option<Arc<StateStore>>,
+    /// The control plane's credentials, read again by each reload.
+    credentials: Credentials,
+}
+
+/// What a reload reads again besides the config file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Credentials {
+    pub(crate) auth: Option<Arc<Auth>>,
+    pub(crate) tls: Option<Tls>,
 }
 
 impl std::fmt::Debug for ConfigReload {
@@ -101,6 +115,9 @@ pub struct ReloadOutcome {
     /// The file's other settings that differ from those the daemon started
     /// with, which take effect at the next start.
     pub restart_needed: Vec<String>,
+    /// The credential files read again and now in force, each as
+    /// `setting path`.
+    pub reread: Vec<String>,
 }
 
 /// Why a reload changed nothing.
@@ -151,7 +168,13 @@ impl ConfigReload {
             running: tokio::sync::Mutex::new(running),
             hook: OnceLock::new(),
             state: None,
+            credentials: Credentials::default(),
         }
+    }
+
+    /// The same, reading `credentials`' files again at each reload.
+    pub(crate) fn with_credentials(self, credentials: Credentials) -> ConfigReload {
+        ConfigReload { credentials, ..self }
     }
 
     /// The same, saving the runtime state in `store` after a reload that
@@ -208,6 +231,12 @@ impl ConfigReload {
             .map_err(|e| ReloadError::Invalid(format!("cannot read {}: {e}", path.display())))?;
         let config = Config::from_text(&text, &path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let wanted = self.specs(&config).await?;
+        // Checked before anything changes; in force once the listeners are.
+        let invalid = |e: anyhow::Error| ReloadError::Invalid(format!("{e:#}"));
+        let auth = &self.credentials.auth;
+        let fresh_tokens = auth.as_ref().map(|auth| auth.reread()).transpose().map_err(invalid)?.flatten();
+        let tls = &self.credentials.tls;
+        let fresh_tls = tls.as_ref().map(Tls::reread).transpose().map_err(invalid)?;
         let settings = settings_of(&text);
         let mut restart_needed: Vec<String> = settings
             .iter()
@@ -275,12 +304,24 @@ impl ConfigReload {
                 tracing::error!(error = %e, "cannot save the runtime state after a config reload");
             }
         }
+        let mut reread = Vec::new();
+        if let (Some(auth), Some(fresh)) = (auth, fresh_tokens) {
+            let (file, n) = auth.replace(fresh);
+            info!(file = %file.display(), tokens = n, "token file read again: its {n} tokens are in force");
+            reread.push(format!("token_file {}", file.display()));
+        }
+        if let (Some(tls), Some(fresh)) = (tls, fresh_tls) {
+            let cert = tls.replace(fresh);
+            info!(cert = %cert.display(), "TLS files read again: new handshakes use them");
+            reread.push(format!("tls_cert {}", cert.display()));
+        }
         Ok(ReloadOutcome {
             path,
             started: started.into_iter().map(|(_, info)| info).collect(),
             stopped,
             unchanged,
             restart_needed,
+            reread,
         })
     }
 

@@ -756,6 +756,7 @@ impl v1::daemon_server::Daemon for ControlApi {
                 stopped: outcome.stopped.into_iter().map(convert::listener).collect(),
                 unchanged: outcome.unchanged as u32,
                 restart_needed: outcome.restart_needed,
+                reread: outcome.reread,
             })),
             Err(e @ crate::ReloadError::NoFile) => Err(Status::failed_precondition(e.to_string())),
             Err(e @ crate::ReloadError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),

@@ -212,8 +212,12 @@ impl Daemon {
         });
         let mut api =
             grpc::ControlApi::new(engine.clone(), lifecycle.clone(), policy).with_stats_limits(config.stats_limits());
-        let config_reload =
-            Arc::new(ConfigReload::new(&config, engine.clone(), &config_started).with_state(state.clone()));
+        let credentials = config_reload::Credentials { auth: Some(auth.clone()), tls: tls.clone() };
+        let config_reload = Arc::new(
+            ConfigReload::new(&config, engine.clone(), &config_started)
+                .with_state(state.clone())
+                .with_credentials(credentials),
+        );
         api = api.with_config_reload(config_reload.clone());
         if let Some(store) = state {
             api = api.with_state(store);

@@ -16,13 +16,18 @@
 //! plain TCP. A verified client certificate is admin: the audit log names
 //! it `cert:CN` (its subject's common name), or `cert:sha256:HEX` (the
 //! first 16 hex digits of its SHA-256 fingerprint) when it has no CN.
+//!
+//! A config reload (SIGHUP, `ReloadConfig`) reads the three files again,
+//! so a certificate is renewed, or a CA rotated, without a restart: new
+//! handshakes use the new files, connections already open keep theirs. A
+//! file that no longer loads fails the reload, and the old ones stay.
 
 use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, PoisonError, RwLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -52,9 +57,20 @@ pub(crate) struct TlsFiles {
     pub(crate) client_ca: Option<PathBuf>,
 }
 
-/// The server configurations, loaded and checked at start.
+/// The server configurations, loaded and checked at start, and replaced by
+/// a config reload (every clone sees the replacement).
 #[derive(Debug, Clone)]
 pub(crate) struct Tls {
+    files: TlsFiles,
+    client_cert_optional: bool,
+    /// The lock is held only to clone an `Arc` (a reload swaps it).
+    configs: Arc<RwLock<Arc<ServerConfigs>>>,
+}
+
+/// The server configuration of each protocol, built from the files and not
+/// yet in force until [`Tls::replace`].
+#[derive(Debug)]
+pub(crate) struct ServerConfigs {
     grpc: Arc<ServerConfig>,
     http: Arc<ServerConfig>,
 }
@@ -79,6 +95,39 @@ impl Tls {
     /// certificate or key in it, a key that does not match the
     /// certificate, a CA rustls refuses.
     pub(crate) fn load(files: &TlsFiles, client_cert_optional: bool) -> anyhow::Result<Tls> {
+        let configs = ServerConfigs::build(files, client_cert_optional)?;
+        Ok(Tls { files: files.clone(), client_cert_optional, configs: Arc::new(RwLock::new(Arc::new(configs))) })
+    }
+
+    /// Reads the files again, for [`replace`](Tls::replace) once the rest of
+    /// a reload succeeded.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Tls::load)'s.
+    pub(crate) fn reread(&self) -> anyhow::Result<ServerConfigs> {
+        ServerConfigs::build(&self.files, self.client_cert_optional)
+    }
+
+    /// Puts `configs` in force for the handshakes from now on. Returns the
+    /// certificate file.
+    pub(crate) fn replace(&self, configs: ServerConfigs) -> &Path {
+        *self.configs.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(configs);
+        &self.files.cert
+    }
+
+    /// The acceptor of `protocol`'s connections, with the files in force.
+    fn acceptor(&self, protocol: Protocol) -> TlsAcceptor {
+        let configs = self.configs.read().unwrap_or_else(PoisonError::into_inner).clone();
+        TlsAcceptor::from(match protocol {
+            Protocol::Grpc => configs.grpc.clone(),
+            Protocol::Http => configs.http.clone(),
+        })
+    }
+}
+
+impl ServerConfigs {
+    fn build(files: &TlsFiles, client_cert_optional: bool) -> anyhow::Result<ServerConfigs> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = read_certs("TLS certificate", &files.cert)?;
         let key = PrivateKeyDer::from_pem_file(&files.key)
@@ -109,15 +158,7 @@ impl Tls {
             config.alpn_protocols = vec![protocol.to_vec()];
             Arc::new(config)
         };
-        Ok(Tls { grpc: with_alpn(b"h2"), http: with_alpn(b"http/1.1") })
-    }
-
-    /// The acceptor of `protocol`'s connections.
-    fn acceptor(&self, protocol: Protocol) -> TlsAcceptor {
-        TlsAcceptor::from(match protocol {
-            Protocol::Grpc => self.grpc.clone(),
-            Protocol::Http => self.http.clone(),
-        })
+        Ok(ServerConfigs { grpc: with_alpn(b"h2"), http: with_alpn(b"http/1.1") })
     }
 }
 
@@ -184,15 +225,15 @@ impl TlsIncoming {
         S: Stream<Item = io::Result<ControlStream>> + Unpin + Send + 'static,
     {
         let (sender, ready) = mpsc::channel(READY_QUEUE);
-        let acceptor = tls.acceptor(protocol);
-        tokio::spawn(accept_loop(incoming, acceptor, sender, what));
+        tokio::spawn(accept_loop(incoming, tls.clone(), protocol, sender, what));
         TlsIncoming { ready }
     }
 }
 
 async fn accept_loop<S>(
     mut incoming: S,
-    acceptor: TlsAcceptor,
+    tls: Tls,
+    protocol: Protocol,
     sender: mpsc::Sender<TlsControlStream>,
     what: &'static str,
 ) where
@@ -210,7 +251,8 @@ async fn accept_loop<S>(
             None => return,
         };
         let remote = stream.connect_info().remote_addr();
-        let acceptor = acceptor.clone();
+        // The files in force now: a reload may have replaced them.
+        let acceptor = tls.acceptor(protocol);
         let sender = sender.clone();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

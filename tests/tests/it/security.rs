@@ -141,6 +141,7 @@ const MUTUAL_TLS: [(Credential, [Outcome; 5]); 5] = [
 #[derive(Debug)]
 struct Pki {
     dir: TempDir,
+    issuer: CertifiedIssuer<'static, KeyPair>,
     ca: String,
     client_cert: String,
     client_key: String,
@@ -151,25 +152,34 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let dir = TempDir::new("security-pki");
-        let ca = Pki::ca("asyncored test CA");
-        let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        server.distinguished_name.push(DnType::CommonName, "asyncored");
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_key = KeyPair::generate().unwrap();
-        let server = server.signed_by(&server_key, &ca).unwrap();
-        let (client_cert, client_key) = Pki::client(&ca, "ops-laptop");
+        let issuer = Pki::ca("asyncored test CA");
+        let (client_cert, client_key) = Pki::client(&issuer, "ops-laptop");
         let (foreign_cert, foreign_key) = Pki::client(&Pki::ca("another CA"), "intruder");
-        let pki = Pki { dir, ca: ca.pem(), client_cert, client_key, foreign_cert, foreign_key };
+        let ca = issuer.pem();
+        let pki = Pki { dir, issuer, ca, client_cert, client_key, foreign_cert, foreign_key };
         for (name, text) in [
             ("ca.pem", pki.ca.clone()),
-            ("server.pem", server.pem()),
-            ("server.key", server_key.serialize_pem()),
             ("client.pem", pki.client_cert.clone()),
             ("client.key", pki.client_key.clone()),
         ] {
             std::fs::write(pki.dir.path().join(name), text).unwrap();
         }
+        pki.issue_server_cert("asyncored");
         pki
+    }
+
+    /// Signs a new server certificate (CN `name`) for `localhost` and
+    /// 127.0.0.1 with a new key, writes both to `server.pem` and
+    /// `server.key`, and returns the certificate (DER).
+    fn issue_server_cert(&self, name: &str) -> Vec<u8> {
+        let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        server.distinguished_name.push(DnType::CommonName, name);
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let server = server.signed_by(&key, &self.issuer).unwrap();
+        std::fs::write(self.dir.path().join("server.pem"), server.pem()).unwrap();
+        std::fs::write(self.dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        server.der().to_vec()
     }
 
     fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
@@ -923,6 +933,68 @@ fn mutual_tls_needs_a_certificate_of_the_client_ca_which_is_admin_and_audited() 
     let (code, stderr) = ctl_at(&control.to_string(), &["--ca", &ca, "listeners", "ls"]);
     assert_eq!(code, Some(3), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+/// The certificate the daemon's HTTP API presents in a new handshake.
+async fn presented_cert(pki: &Pki, http: SocketAddr) -> Vec<u8> {
+    let connector = tokio_rustls::TlsConnector::from(pki.rustls_client(None, b"http/1.1"));
+    within("a TLS handshake", async {
+        let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+        let stream = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+        stream.get_ref().1.peer_certificates().expect("a server certificate")[0].to_vec()
+    })
+    .await
+}
+
+#[test]
+fn a_config_reload_reads_the_token_file_and_the_tls_files_again() {
+    let pki = Pki::new();
+    let tokens = TempDir::new("security-rotate");
+    let token_file = token_file(&tokens);
+    let daemon = Daemon::start_with(Options {
+        config: format!("{}token_file = {token_file:?}\n", pki.config(false)),
+        ..Options::default()
+    });
+    let ca = pki.path("ca.pem");
+    let control = daemon.control().to_string();
+    let ctl = |secret: &str, args: &[&str]| {
+        let mut command = Command::new(binary("asyncorectl"));
+        command.args(["--control", &control, "--ca", &ca]).args(args).env("ASYNCORED_TOKEN", secret);
+        let output = output_within(&mut command);
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (output.status.code(), text(&output.stdout), text(&output.stderr))
+    };
+    let http = runtime().block_on(http_address_of(&daemon));
+    let first_cert = runtime().block_on(presented_cert(&pki, http));
+
+    // Rotated: the admin token revoked and another issued, the certificate
+    // renewed. Nothing changes until the reload.
+    const NEW_SECRET: &str = "rotated-admin-secret-0123456789";
+    std::fs::write(&token_file, format!("ops2 admin {NEW_SECRET}\nviewer read {READ_SECRET}\n")).unwrap();
+    let renewed = pki.issue_server_cert("asyncored renewed");
+    assert_eq!(runtime().block_on(presented_cert(&pki, http)), first_cert);
+    assert_eq!(ctl(NEW_SECRET, &["info"]).0, Some(1), "the new token is not in force yet");
+
+    let (code, stdout, stderr) = ctl(ADMIN_SECRET, &["config", "reload"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let pem = pki.path("server.pem");
+    assert!(stdout.contains(&format!("read again and in force: token_file {token_file}, tls_cert {pem}")), "{stdout}");
+    assert_eq!(runtime().block_on(presented_cert(&pki, http)), renewed, "new handshakes present the renewed one");
+    let (code, _, stderr) = ctl(ADMIN_SECRET, &["info"]);
+    assert_eq!(code, Some(1), "the revoked token");
+    assert!(stderr.starts_with("asyncorectl: unauthenticated: "), "{stderr}");
+    assert_eq!(ctl(NEW_SECRET, &["listeners", "ls"]).0, Some(0), "the new token");
+    assert_eq!(ctl(READ_SECRET, &["info"]).0, Some(0), "the kept token");
+
+    // A token file that no longer parses fails the reload, naming it, and
+    // the tokens in force stay.
+    std::fs::write(&token_file, format!("ops2 superuser {NEW_SECRET}\n")).unwrap();
+    let (code, _, stderr) = ctl(NEW_SECRET, &["config", "reload"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains(&format!("token file {token_file}: line 1: level \"superuser\"")), "{stderr}");
+    assert_eq!(ctl(NEW_SECRET, &["listeners", "ls"]).0, Some(0), "still in force");
+    let log = daemon.log();
+    assert!(log.contains("token file read again: its 2 tokens are in force"), "{log}");
 }
 
 #[test]
