@@ -10,8 +10,10 @@
 //! take effect at the next start: a reload names those that differ from
 //! the file the daemon started with, in its log line and its answer. The
 //! credential files in force (the token file, the TLS certificate, key and
-//! client CA) are read again: checked before anything is applied, put in
-//! force once the listeners are, and named in the answer.
+//! client CA) are read again first, on their own: when every one loads
+//! they are all put in force at once, even if the config file then cannot
+//! be applied (a revoked token must not wait for a listener's address); one
+//! that does not load fails the reload, and nothing changes.
 //!
 //! Reloads are serialised: the config's listeners and their ids are kept
 //! behind an async mutex held for a whole reload.
@@ -129,6 +131,10 @@ pub enum ReloadError {
     /// be applied; nothing changed.
     #[error("{0}; the old config stays in force")]
     Invalid(String),
+    /// A credential file (the token file, a TLS file) does not load;
+    /// nothing changed.
+    #[error("{0}; nothing changed: the tokens, certificates and config in force stay")]
+    Credentials(String),
     /// The daemon is draining, or its loop is gone.
     #[error("{0}")]
     Unavailable(CommandError),
@@ -227,16 +233,25 @@ impl ConfigReload {
     async fn reload_now(&self) -> Result<ReloadOutcome, ReloadError> {
         let path = self.path.clone().ok_or(ReloadError::NoFile)?;
         let mut running = self.running.lock().await;
+        // The credential files first, on their own: a token revoked or a
+        // certificate renewed takes effect even when the config file
+        // cannot be applied.
+        let reread = self.reread_credentials()?;
+        match self.apply_file(path, &mut running).await {
+            Ok(outcome) => Ok(ReloadOutcome { reread, ..outcome }),
+            Err(ReloadError::Invalid(why)) if !reread.is_empty() => {
+                Err(ReloadError::Invalid(format!("{why} ({} read again and in force)", reread.join(", "))))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the config file and applies the difference in listeners.
+    async fn apply_file(&self, path: PathBuf, running: &mut Vec<Running>) -> Result<ReloadOutcome, ReloadError> {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| ReloadError::Invalid(format!("cannot read {}: {e}", path.display())))?;
         let config = Config::from_text(&text, &path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let wanted = self.specs(&config).await?;
-        // Checked before anything changes; in force once the listeners are.
-        let invalid = |e: anyhow::Error| ReloadError::Invalid(format!("{e:#}"));
-        let auth = &self.credentials.auth;
-        let fresh_tokens = auth.as_ref().map(|auth| auth.reread()).transpose().map_err(invalid)?.flatten();
-        let tls = &self.credentials.tls;
-        let fresh_tls = tls.as_ref().map(Tls::reread).transpose().map_err(invalid)?;
         let settings = settings_of(&text);
         let mut restart_needed: Vec<String> = settings
             .iter()
@@ -283,7 +298,7 @@ impl ConfigReload {
                 Ok(info) => started.push((spec, info)),
                 Err(e) => {
                     let message = format!("{spec}: {e}");
-                    self.roll_back(&mut running, &stopped_running, &started).await;
+                    self.roll_back(running, &stopped_running, &started).await;
                     return Err(match e {
                         CommandError::Draining | CommandError::LoopGone => ReloadError::Unavailable(e),
                         _ => ReloadError::Invalid(message),
@@ -304,6 +319,23 @@ impl ConfigReload {
                 tracing::error!(error = %e, "cannot save the runtime state after a config reload");
             }
         }
+        Ok(ReloadOutcome {
+            path,
+            started: started.into_iter().map(|(_, info)| info).collect(),
+            stopped,
+            unchanged,
+            restart_needed,
+            reread: Vec::new(),
+        })
+    }
+
+    /// Reads the credential files again and, when every one loads, puts
+    /// them all in force. Returns them, each as `setting path`.
+    fn reread_credentials(&self) -> Result<Vec<String>, ReloadError> {
+        let refused = |e: anyhow::Error| ReloadError::Credentials(format!("{e:#}"));
+        let Credentials { auth, tls } = &self.credentials;
+        let fresh_tokens = auth.as_ref().map(|auth| auth.reread()).transpose().map_err(refused)?.flatten();
+        let fresh_tls = tls.as_ref().map(Tls::reread).transpose().map_err(refused)?;
         let mut reread = Vec::new();
         if let (Some(auth), Some(fresh)) = (auth, fresh_tokens) {
             let (file, n) = auth.replace(fresh);
@@ -315,14 +347,7 @@ impl ConfigReload {
             info!(cert = %cert.display(), "TLS files read again: new handshakes use them");
             reread.push(format!("tls_cert {}", cert.display()));
         }
-        Ok(ReloadOutcome {
-            path,
-            started: started.into_iter().map(|(_, info)| info).collect(),
-            stopped,
-            unchanged,
-            restart_needed,
-            reread,
-        })
+        Ok(reread)
     }
 
     /// The file's listeners, checked against what runs: addresses that

@@ -986,13 +986,37 @@ fn a_config_reload_reads_the_token_file_and_the_tls_files_again() {
     assert_eq!(ctl(NEW_SECRET, &["listeners", "ls"]).0, Some(0), "the new token");
     assert_eq!(ctl(READ_SECRET, &["info"]).0, Some(0), "the kept token");
 
-    // A token file that no longer parses fails the reload, naming it, and
-    // the tokens in force stay.
+    // A token file that no longer parses, or a key that is not PEM, fails
+    // the reload, naming it, and what is in force stays.
     std::fs::write(&token_file, format!("ops2 superuser {NEW_SECRET}\n")).unwrap();
     let (code, _, stderr) = ctl(NEW_SECRET, &["config", "reload"]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains(&format!("token file {token_file}: line 1: level \"superuser\"")), "{stderr}");
+    assert!(stderr.contains("nothing changed: the tokens, certificates and config in force stay"), "{stderr}");
     assert_eq!(ctl(NEW_SECRET, &["listeners", "ls"]).0, Some(0), "still in force");
+    std::fs::write(&token_file, format!("ops3 admin {NEW_SECRET}\n")).unwrap();
+    let key = pki.path("server.key");
+    let good_key = std::fs::read(&key).unwrap();
+    std::fs::write(&key, "not a key\n").unwrap();
+    let (code, _, stderr) = ctl(NEW_SECRET, &["config", "reload"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains(&format!("TLS key {key}")), "{stderr}");
+    assert_eq!(runtime().block_on(presented_cert(&pki, http)), renewed, "the certificate in force stays");
+
+    // Credentials that load are put in force even when the config file
+    // cannot be applied: a revoked token does not wait for a listener.
+    std::fs::write(&key, good_key).unwrap();
+    let config = daemon.dir().join("asyncored.toml");
+    let good_config = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good_config}\n[[listener]]\naddress = \"127.0.0.1:0\"\nplugin = \"nope\"\n"))
+        .unwrap();
+    std::fs::write(&token_file, format!("ops4 admin {NEW_SECRET}4\n")).unwrap();
+    let (code, _, stderr) = ctl(NEW_SECRET, &["config", "reload"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("nope"), "{stderr}");
+    assert!(stderr.contains(&format!("(token_file {token_file}, tls_cert {pem} read again and in force)")), "{stderr}");
+    assert_eq!(ctl(NEW_SECRET, &["info"]).0, Some(1), "revoked although the config was refused");
+    assert_eq!(ctl(&format!("{NEW_SECRET}4"), &["info"]).0, Some(0));
     let log = daemon.log();
     assert!(log.contains("token file read again: its 2 tokens are in force"), "{log}");
 }
