@@ -119,7 +119,10 @@ async fn list_all_plugins(client: &mut PluginsClient<Channel>) -> anyhow::Result
 async fn find_plugin(client: &mut PluginsClient<Channel>, name: &str) -> Result<v1::Plugin, tonic::Status> {
     let request = v1::ListPluginsRequest { name: name.to_string(), ..v1::ListPluginsRequest::default() };
     let plugins = client.list_plugins(request).await?.into_inner().plugins;
-    plugins.into_iter().next().ok_or_else(|| tonic::Status::not_found(format!("no plugin named {name:?} is loaded")))
+    plugins
+        .into_iter()
+        .find(|plugin| plugin.name == name)
+        .ok_or_else(|| tonic::Status::not_found(format!("no plugin named {name:?} is loaded")))
 }
 
 /// The current generation of plugin `name`; `None` when it is not loaded or

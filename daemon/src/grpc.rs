@@ -54,8 +54,8 @@ const DEFAULT_LISTENER_PAGE: usize = 100;
 const MAX_LISTENER_PAGE: usize = 200;
 
 /// Default and largest page of `ListPlugins`, and the bytes a page stops
-/// short of. One plugin's entry is at most about 1 MiB (13 generations of
-/// 64 metrics with 1 KiB of help each), so a page always holds one.
+/// short of. One plugin's entry is cut to fit them ([`fit_plugin`]), so a
+/// page always holds one.
 const DEFAULT_PLUGIN_PAGE: usize = 100;
 const MAX_PLUGIN_PAGE: usize = 200;
 const PLUGIN_PAGE_BYTES: usize = 3 << 20;
@@ -347,6 +347,40 @@ fn page_within<T>(
         page.push(item);
     }
     (page, items.peek().is_some())
+}
+
+/// Makes one plugin's entry fit in `budget` bytes. Only a plugin reloaded
+/// thousands of times while connections stay on its old generations (each
+/// one then drains) can pass it: the metrics of its generations but the
+/// current one go first, then its oldest generations but the current one,
+/// counted in `generations_omitted`.
+fn fit_plugin(mut plugin: v1::Plugin, budget: usize) -> v1::Plugin {
+    use prost::Message as _;
+    if plugin.encoded_len() <= budget {
+        return plugin;
+    }
+    let current = plugin.current_generation;
+    for generation in plugin.generations.iter_mut().filter(|g| g.generation != current) {
+        generation.metrics.clear();
+    }
+    // A generation's share: its tag, its length and itself.
+    let share = |generation: &v1::PluginGeneration| {
+        let len = generation.encoded_len();
+        1 + prost::length_delimiter_len(len) + len
+    };
+    let mut len = plugin.encoded_len();
+    let mut kept = Vec::with_capacity(plugin.generations.len());
+    // Oldest first: drop from the front until the rest fits.
+    for generation in std::mem::take(&mut plugin.generations) {
+        if len > budget && generation.generation != current {
+            len -= share(&generation);
+            plugin.generations_omitted += 1;
+        } else {
+            kept.push(generation);
+        }
+    }
+    plugin.generations = kept;
+    plugin
 }
 
 /// The position after which a page starts: a previous reply's
@@ -651,7 +685,10 @@ impl v1::plugins_server::Plugins for ControlApi {
         plugins.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         // The token is the last name of the previous page.
         let after = request.page_token;
-        let rest = plugins.into_iter().filter(|plugin| after.is_empty() || plugin.name > after).map(convert::plugin);
+        let rest = plugins
+            .into_iter()
+            .filter(|plugin| after.is_empty() || plugin.name > after)
+            .map(|plugin| fit_plugin(convert::plugin(plugin), PLUGIN_PAGE_BYTES));
         let (plugins, more) = page_within(rest, limit, PLUGIN_PAGE_BYTES, prost::Message::encoded_len);
         let next_page_token = match plugins.last() {
             Some(last) if more => last.name.clone(),
@@ -759,7 +796,9 @@ impl v1::daemon_server::Daemon for ControlApi {
                 reread: outcome.reread,
             })),
             Err(e @ crate::ReloadError::NoFile) => Err(Status::failed_precondition(e.to_string())),
-            Err(e @ crate::ReloadError::Invalid(_)) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ (crate::ReloadError::Invalid(_) | crate::ReloadError::Credentials(_))) => {
+                Err(Status::invalid_argument(e.to_string()))
+            }
             Err(crate::ReloadError::Unavailable(e)) => Err(status(e)),
         }
     }
@@ -767,7 +806,41 @@ impl v1::daemon_server::Daemon for ControlApi {
 
 #[cfg(test)]
 mod tests {
-    use super::page_within;
+    use asyncore_proto::v1;
+    use prost::Message as _;
+
+    use super::{fit_plugin, page_within};
+
+    #[test]
+    fn a_plugin_with_thousands_of_draining_generations_fits_its_budget_keeping_the_current_and_newest() {
+        let metric = |n| v1::PluginMetric { name: format!("m{n}"), help: "h".repeat(1000), ..Default::default() };
+        let generation = |n| v1::PluginGeneration {
+            generation: n,
+            path: "/plugins/libasyncore_plugin_echo.so".into(),
+            metrics: (0..64).map(metric).collect(),
+            ..Default::default()
+        };
+        let plugin = v1::Plugin {
+            name: "echo".into(),
+            current_generation: 3,
+            generations: (1..=2000).map(generation).collect(),
+            ..Default::default()
+        };
+        assert!(plugin.encoded_len() > 100 << 20, "{}", plugin.encoded_len());
+        let small = v1::Plugin { generations: vec![generation(1)], ..plugin.clone() };
+        assert_eq!(fit_plugin(small.clone(), 1 << 20), small, "an entry that fits is left alone");
+
+        // Without the other generations' metrics it is still about 190 KiB.
+        let fitted = fit_plugin(plugin, 100 << 10);
+        assert!(fitted.encoded_len() <= 100 << 10, "{}", fitted.encoded_len());
+        assert!(fitted.generations_omitted > 0);
+        let kept: Vec<u32> = fitted.generations.iter().map(|g| g.generation).collect();
+        assert_eq!(kept[0], 3, "the current generation stays");
+        assert_eq!(kept.last(), Some(&2000), "the newest stay");
+        assert_eq!(fitted.generations_omitted as usize + kept.len(), 2000);
+        assert_eq!(fitted.generations[0].metrics.len(), 64, "the current generation keeps its metrics");
+        assert!(fitted.generations[1..].iter().all(|g| g.metrics.is_empty()));
+    }
 
     #[test]
     fn a_page_ends_at_its_limit_or_before_its_budget_and_says_what_is_left() {

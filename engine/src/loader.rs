@@ -503,11 +503,6 @@ fn adopt(
     })
 }
 
-/// SHA-256 of what `reader` yields, lower-case hex, read in blocks.
-///
-/// # Errors
-///
-/// If reading fails.
 /// Refuses a descriptor whose texts are longer than [`MAX_DESCRIPTOR_TEXT`],
 /// or whose name is empty.
 fn check_descriptor_text<const N: usize>(path: &Path, texts: [(&'static str, &str); N]) -> Result<(), PluginLoadError> {
@@ -518,6 +513,11 @@ fn check_descriptor_text<const N: usize>(path: &Path, texts: [(&'static str, &st
     }
 }
 
+/// SHA-256 of what `reader` yields, lower-case hex, read in blocks.
+///
+/// # Errors
+///
+/// If reading fails.
 pub(crate) fn sha256_of(reader: &mut impl Read) -> io::Result<String> {
     let mut hasher = Sha256::new();
     io::copy(reader, &mut HashWriter(&mut hasher))?;

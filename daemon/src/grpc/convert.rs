@@ -88,6 +88,8 @@ pub(super) fn plugin(info: PluginInfo) -> v1::Plugin {
         loaded_at: Some(timestamp(headline.loaded_at)),
         current_generation: info.current_generation,
         generations: info.generations.into_iter().map(generation).collect(),
+        // Set by the list, where an entry too large is cut.
+        generations_omitted: 0,
     }
 }
 

@@ -107,7 +107,32 @@ pub(crate) struct Counters {
     /// ..., `http_connections_refused_per_ip_total`,
     /// `http_keepalive_closed_total`): each defined when first counted,
     /// then one atomic add each.
-    metrics: RefCell<Vec<(String, Counter)>>,
+    metrics: RefCell<Vec<(Metric, Counter)>>,
+}
+
+/// A metric the plugin exports, found without building its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    Responses(u16),
+    KeepaliveClosed,
+    RefusedPerIp,
+}
+
+impl Metric {
+    fn name_and_help(self) -> (String, String) {
+        match self {
+            Metric::Responses(code) => {
+                (format!("http_responses_{code}_total"), format!("Responses with status {code}."))
+            }
+            Metric::KeepaliveClosed => {
+                ("http_keepalive_closed_total".into(), "Kept-alive connections closed by keepalive_timeout.".into())
+            }
+            Metric::RefusedPerIp => (
+                "http_connections_refused_per_ip_total".into(),
+                "Connections refused by max_connections_per_ip.".into(),
+            ),
+        }
+    }
 }
 
 impl Counters {
@@ -122,35 +147,32 @@ impl Counters {
 
     /// Counts a response with `status` in the daemon's metrics.
     pub(crate) fn responded(&self, status: Status) {
-        let code = status.code();
-        self.export(&format!("http_responses_{code}_total"), || format!("Responses with status {code}."));
+        self.export(Metric::Responses(status.code()));
     }
 
     /// Counts a kept-alive connection closed for idling.
     pub(crate) fn keepalive_closed(&self) {
         self.keepalive_closed.set(self.keepalive_closed.get() + 1);
-        self.export("http_keepalive_closed_total", || "Kept-alive connections closed by keepalive_timeout.".into());
+        self.export(Metric::KeepaliveClosed);
     }
 
     /// Counts a connection refused by `max_connections_per_ip`.
     fn refused_per_ip(&self) -> u64 {
         let n = self.refused_per_ip.get() + 1;
         self.refused_per_ip.set(n);
-        self.export("http_connections_refused_per_ip_total", || {
-            "Connections refused by max_connections_per_ip.".into()
-        });
+        self.export(Metric::RefusedPerIp);
         n
     }
 
-    /// Adds one to the daemon's metric `name`, defined with `help` the
-    /// first time.
-    fn export(&self, name: &str, help: impl FnOnce() -> String) {
+    /// Adds one to the daemon's `metric`, defined the first time.
+    fn export(&self, metric: Metric) {
         let mut metrics = self.metrics.borrow_mut();
-        let counter = match metrics.iter().find(|(known, _)| known == name) {
+        let counter = match metrics.iter().find(|(known, _)| *known == metric) {
             Some((_, counter)) => *counter,
             None => {
-                let counter = Counter::new(name, &help());
-                metrics.push((name.to_string(), counter));
+                let (name, help) = metric.name_and_help();
+                let counter = Counter::new(&name, &help);
+                metrics.push((metric, counter));
                 counter
             }
         };

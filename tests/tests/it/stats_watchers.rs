@@ -543,6 +543,9 @@ fn watchers_of_what_changed_cost_what_changed() {
         println!("{CHEAP_WATCHERS} watchers of what changed: {changed_only}, {changed_only_ticks} ticks");
         println!("  messages read in the window: {:?}", reads.iter().map(|r| r.in_window).collect::<Vec<_>>());
         for read in &reads {
+            // Progress, not a rate: the window ran on until each had ten
+            // (or the patience ran out), so the loop's share was measured
+            // while the watchers were served.
             assert!(read.in_window >= 10, "a watcher read {} messages in {:?}", read.in_window, changed_only.wall);
             // The watchers that had not read since the ping see the talker
             // once or twice (see above; after what was already on its
